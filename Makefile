@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first (torch pinned to the
+# local CPU build, then the project), so they work from a fresh clone with only Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dataflex-installed
+export KEDRO_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test lint bench clean-demo
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/kedro run
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+bench: setup
+	$(BIN)/python bench/bench_static_step.py
+
+clean-demo:
+	rm -rf data/01_raw/demo data/01_raw/tiny_llama data/02_intermediate/* data/06_models/* data/08_reporting/*

@@ -1,0 +1,180 @@
+"""dataflex-cli: `train CONFIG.yaml [key=value ...]`, `version`, `make-demo-data`, `make-tiny-model`, `export`.
+
+`train` takes a DataFlex / LLaMA-Factory flat YAML, maps it onto the grouped Kedro parameters, validates
+everything it can before any heavy work, and runs the pipeline of its `train_type` in a Kedro session.
+A user mistake ends with one `dataflex-cli: error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dataflex import __version__
+from dataflex.core.errors import ConfigError, DataFlexError
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """The Kedro project to run in: the nearest parent with a dataflex pyproject, else this package's repo."""
+    candidates = [start or Path.cwd(), *(start or Path.cwd()).parents, Path(__file__).resolve().parents[2]]
+    for path in candidates:
+        pyproject = path / "pyproject.toml"
+        if pyproject.is_file() and (path / "conf" / "base").is_dir() and 'package_name = "dataflex"' in pyproject.read_text():
+            return path
+    raise ConfigError("no dataflex Kedro project found (a folder with pyproject.toml and conf/base); "
+                      "run from the project or pass --project-dir")
+
+
+def build_train_params(config: str, overrides: list[str], cwd: Path | None = None) -> dict[str, Any]:
+    from dataflex.config import flat_to_grouped, load_yaml_config, parse_overrides, resolve_paths, validate_params
+
+    flat = load_yaml_config(config)
+    flat.update(parse_overrides(overrides))
+    params = flat_to_grouped(flat)
+    # A DataFlex YAML is not the demo: build nothing implicitly unless it points at the demo folders.
+    params = resolve_paths(params, cwd or Path.cwd())
+    validate_params(params)
+    return params
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    params = build_train_params(ns.config, ns.overrides)
+    project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
+    # Demo folders resolve against the project, like the Kedro defaults.
+    params["demo"] = {**params["demo"], "data_dir": str(project / params["demo"]["data_dir"]),
+                      "model_dir": str(project / params["demo"]["model_dir"])}
+    runtime = dict(params)
+    if ns.mlflow_uri:
+        runtime["mlflow_uri"] = ns.mlflow_uri
+    summary = run_kedro(project, params["dataflex"]["train_type"], runtime)
+    out = Path(params["train"]["output_dir"]) / "run_summary.json"
+    print(f"run summary: {out}")
+    if summary is not None:
+        print(f"global_step={summary.get('global_step')} final_train_loss={summary.get('final_train_loss')}")
+    return 0
+
+
+def run_kedro(project: Path, pipeline: str, runtime_params: dict[str, Any]) -> dict[str, Any] | None:
+    import json
+
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, runtime_params=runtime_params) as session:
+        session.run(pipeline_names=[pipeline])
+    _end_mlflow_runs()
+    summary = Path(runtime_params["train"]["output_dir"]) / "run_summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def _end_mlflow_runs() -> None:
+    # kedro-mlflow leaves its run on mlflow's stack (it re-enters it per node); close it for in-process callers.
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def cmd_version(ns: argparse.Namespace) -> int:
+    import kedro
+    import torch
+    import transformers
+
+    print(f"dataflex {__version__} (kedro {kedro.__version__}, transformers {transformers.__version__}, "
+          f"torch {torch.__version__})")
+    return 0
+
+
+def cmd_make_demo_data(ns: argparse.Namespace) -> int:
+    from dataflex.data import make_demo_data
+
+    out = make_demo_data(ns.output, seed=ns.seed, train_per_domain=ns.train_per_domain,
+                         noise_domain=ns.noise_domain, noise_rate=ns.noise_rate)
+    print(f"demo corpus written to {out}")
+    return 0
+
+
+def cmd_make_tiny_model(ns: argparse.Namespace) -> int:
+    from dataflex.data import make_demo_data
+    from dataflex.train.tiny_model import make_tiny_model
+
+    data = Path(ns.data)
+    if not (data / "dataset_info.json").is_file():
+        make_demo_data(data, seed=ns.seed)
+    out = make_tiny_model(ns.output, data, size=ns.size, seed=ns.seed, pretrain_steps=ns.steps)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from dataflex.models import merge_and_export
+
+    out = merge_and_export(ns.adapter, ns.output, base_model=ns.base)
+    print(f"merged model written to {out}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user mistake
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dataflex-cli", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train from a DataFlex / LLaMA-Factory YAML")
+    p.add_argument("config", help="YAML config (flat DataFlex keys)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--project-dir", default=None, help="Kedro project to run in (default: found from the CWD)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("version", help="print versions")
+    p.set_defaults(func=cmd_version)
+
+    p = sub.add_parser("make-demo-data", help="write the seeded multi-domain demo corpus")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-per-domain", type=int, default=300)
+    p.add_argument("--noise-domain", default=None, help="inject label noise into this domain's train split")
+    p.add_argument("--noise-rate", type=float, default=0.0)
+    p.set_defaults(func=cmd_make_demo_data)
+
+    p = sub.add_parser("make-tiny-model", help="build and pre-train the tiny Llama on the demo corpus")
+    p.add_argument("--output", required=True)
+    p.add_argument("--data", default="data/01_raw/demo", help="demo corpus (built there if missing)")
+    p.add_argument("--size", default="default", choices=["default", "test"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300, help="pre-training steps")
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("export", help="merge a LoRA adapter into its base model")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except DataFlexError as exc:
+        print(f"dataflex-cli: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # the Kedro hook's validation line
+        if isinstance(exc.code, str):
+            print(f"dataflex-cli: {exc.code}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

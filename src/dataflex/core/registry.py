@@ -1,0 +1,142 @@
+"""One registry for selectors, mixers and weighters, with the seed page's decorators.
+
+`REGISTRY.build` passes component params (from the components config) plus runtime objects
+(dataset, accelerator, mixture_manager, ...) by constructor signature. Unlike DataFlex it never
+drops a key silently: a config key the constructor does not take is an error naming the accepted ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from dataflex.core.errors import ConfigError
+
+KINDS = ("selector", "mixer", "weighter")
+# Section names used by DataFlex's components.yaml for each kind.
+SECTIONS = {"selector": "selectors", "mixer": "mixers", "weighter": "weighters"}
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._store: dict[str, dict[str, type]] = {kind: {} for kind in KINDS}
+
+    def register(self, kind: str, name: str) -> Callable[[type], type]:
+        self._check_kind(kind)
+
+        def deco(cls: type) -> type:
+            known = self._store[kind].get(name)
+            # Re-importing the same module (reload, notebooks) re-registers the same class: allow that.
+            if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+                raise ConfigError(
+                    f"{kind} name '{name}' is already registered by {known.__module__}.{known.__qualname__}; "
+                    f"pick another name for {cls.__module__}.{cls.__qualname__}"
+                )
+            self._store[kind][name] = cls
+            return cls
+
+        return deco
+
+    def names(self, kind: str) -> list[str]:
+        self._check_kind(kind)
+        _import_builtin(kind)
+        return sorted(self._store[kind])
+
+    def get(self, kind: str, name: str) -> type:
+        self._check_kind(kind)
+        _import_builtin(kind)
+        try:
+            return self._store[kind][name]
+        except KeyError:
+            valid = ", ".join(sorted(self._store[kind])) or "(none registered)"
+            raise ConfigError(
+                f"unknown {kind} '{name}'; registered {SECTIONS[kind]}: {valid} "
+                f"(register your own with @register_{kind}('{name}') in a module listed in user_modules)"
+            ) from None
+
+    def build(self, kind: str, name: str, runtime: Mapping[str, Any] | None = None,
+              cfg: Mapping[str, Any] | None = None) -> Any:
+        """Instantiate `name` with `cfg` (user params, all must be accepted) and the `runtime` objects it asks for."""
+        cls = self.get(kind, name)
+        runtime = dict(runtime or {})
+        cfg = dict(cfg or {})
+        sig = inspect.signature(cls.__init__)
+        params = [p for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL,)]
+        takes_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+        accepted = [p.name for p in params if p.kind != p.VAR_KEYWORD]
+        if not takes_var_kw:
+            unknown = sorted(set(cfg) - set(accepted))
+            if unknown:
+                raise ConfigError(
+                    f"{kind} '{name}' does not accept parameter(s) {', '.join(unknown)}; "
+                    f"accepted: {', '.join(accepted) or '(none)'}"
+                )
+        # User params first, then runtime objects it names (runtime wins: a dataset is not a user setting).
+        kwargs = dict(cfg)
+        for key, value in runtime.items():
+            if takes_var_kw or key in accepted:
+                kwargs[key] = value
+        missing = [p.name for p in params if p.kind != p.VAR_KEYWORD and p.default is p.empty and p.name not in kwargs]
+        if missing:
+            raise ConfigError(
+                f"{kind} '{name}' needs parameter(s) {', '.join(missing)}; set them under "
+                f"{SECTIONS[kind]}.{name}.params in the components config"
+            )
+        return cls(**kwargs)
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in KINDS:
+            raise ConfigError(f"unknown component kind '{kind}'; valid: {', '.join(KINDS)}")
+
+
+REGISTRY = Registry()
+
+
+def register_selector(name: str) -> Callable[[type], type]:
+    return REGISTRY.register("selector", name)
+
+
+def register_mixer(name: str) -> Callable[[type], type]:
+    return REGISTRY.register("mixer", name)
+
+
+def register_weighter(name: str) -> Callable[[type], type]:
+    return REGISTRY.register("weighter", name)
+
+
+def _import_builtin(kind: str) -> None:
+    # The package __init__ of each kind imports its built-in components (seed page, step two).
+    importlib.import_module(f"dataflex.train.{kind}")
+
+
+def import_user_modules(modules: Iterable[str] | str | None) -> list[str]:
+    """Import user component modules: dotted names, or paths to .py files. Returns the module names."""
+    if not modules:
+        return []
+    if isinstance(modules, str):
+        modules = [m.strip() for m in modules.split(",") if m.strip()]
+    imported = []
+    for spec in modules:
+        path = Path(spec)
+        if spec.endswith(".py"):
+            if not path.is_file():
+                raise ConfigError(f"user module file '{spec}' does not exist; fix user_modules")
+            mod_name = f"dataflex_user_{path.stem}"
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            loader_spec.loader.exec_module(module)
+            imported.append(mod_name)
+        else:
+            try:
+                importlib.import_module(spec)
+            except ModuleNotFoundError as exc:
+                raise ConfigError(f"cannot import user module '{spec}': {exc}; fix user_modules or PYTHONPATH") from None
+            imported.append(spec)
+    return imported

@@ -1,0 +1,39 @@
+"""The train pool and the eval sets of a run, from the grouped `data` parameters (cached by content)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+
+from dataflex.data.dataset_info import parse_dataset_names
+from dataflex.data.processing import build_dataset_cached, split_validation
+
+
+def _build(names: list[str] | str, data: Mapping[str, Any], tokenizer: Any, seed: int) -> datasets.Dataset:
+    return build_dataset_cached(
+        data["cache_dir"],
+        dataset=names,
+        dataset_dir=data["dataset_dir"],
+        tokenizer=tokenizer,
+        template=data["template"],
+        cutoff_len=data["cutoff_len"],
+        stage=data["stage"],
+        train_on_prompt=data["train_on_prompt"],
+        max_samples=data["max_samples"],
+        packing=data["packing"],
+        seed=seed,
+    )
+
+
+def build_pools(data: Mapping[str, Any], tokenizer: Any, seed: int) -> tuple[datasets.Dataset, datasets.DatasetDict]:
+    """Train pool (domain id = position in `dataset`) and one eval set per `eval_dataset` name
+    (plus `validation` when `val_size` > 0)."""
+    train = _build(data["dataset"], data, tokenizer, seed)
+    evals: dict[str, datasets.Dataset] = {}
+    if data.get("val_size"):
+        train, evals["validation"] = split_validation(train, data["val_size"], seed)
+    for name in parse_dataset_names(data["eval_dataset"]) if data.get("eval_dataset") else []:
+        evals[name] = _build([name], data, tokenizer, seed)
+    return train, datasets.DatasetDict(evals)

@@ -1,0 +1,12 @@
+"""Node: static training with the one loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dataflex.tracking import mlflow_metrics_sink
+from dataflex.train.static import train_static
+
+
+def train(train_pool: Any, model: dict, train: dict) -> dict[str, Any]:
+    return train_static(train_pool, model, train, metrics_sink=mlflow_metrics_sink())

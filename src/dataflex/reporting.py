@@ -1,0 +1,61 @@
+"""Reports: the metrics table, the loss curve and run_summary.json (the output contract)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are files and MLflow artifacts
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dataflex.utils.io import atomic_write_json  # noqa: E402
+
+
+def metrics_table(eval_metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table: one row per eval set."""
+    lines = ["| eval set | loss | perplexity | accuracy | samples |", "|---|---|---|---|---|"]
+    for name, m in eval_metrics.items():
+        acc = f"{m['accuracy']:.3f}" if "accuracy" in m else "–"
+        lines.append(f"| {name} | {m['loss']:.4f} | {m['perplexity']:.2f} | {acc} | {m['num_samples']} |")
+    return "\n".join(lines) + "\n"
+
+
+def loss_curve(log_history: list[Mapping[str, Any]], title: str = "training loss") -> plt.Figure:
+    """Train loss per logging step, with per-domain train losses when there are several domains."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [h["step"] for h in log_history if "loss" in h]
+    ax.plot(steps, [h["loss"] for h in log_history if "loss" in h], label="loss", linewidth=2, color="black")
+    domains = sorted({k for h in log_history for k in h if k.startswith("train_loss/")})
+    if len(domains) > 1:
+        for key in domains:
+            pts = [(h["step"], h[key]) for h in log_history if key in h]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key.split("/", 1)[1], linewidth=1, alpha=0.8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("token-mean cross-entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def run_summary(train_result: Mapping[str, Any], eval_metrics: Mapping[str, Any], *,
+                component_name: str | None, mlflow_run_id: str | None) -> dict[str, Any]:
+    return {
+        "train_type": train_result.get("train_type"),
+        "component_name": component_name,
+        "global_step": train_result.get("global_step"),
+        "train_samples_seen": train_result.get("train_samples_seen"),
+        "final_train_loss": train_result.get("final_train_loss"),
+        "eval": {name: {k: m[k] for k in ("loss", "perplexity", "accuracy") if k in m}
+                 for name, m in eval_metrics.items()},
+        "mlflow_run_id": mlflow_run_id,
+        "output_dir": train_result.get("output_dir"),
+    }
+
+
+def write_run_summary(summary: Mapping[str, Any], output_dir: str | Path) -> Path:
+    return atomic_write_json(Path(output_dir) / "run_summary.json", dict(summary))

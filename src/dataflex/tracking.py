@@ -1,0 +1,39 @@
+"""MLflow helpers used by nodes: log only from the main process and only inside an active run."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import mlflow
+
+_BAD = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+def metric_key(name: str) -> str:
+    return _BAD.sub("_", name)
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None
+
+
+def mlflow_metrics_sink(prefix: str = "train/") -> Callable[[dict[str, float], int], None] | None:
+    """A sink for the training loop's step metrics, or None when no MLflow run is active."""
+    if mlflow.active_run() is None:
+        return None
+
+    def sink(metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({metric_key(prefix + k): float(v) for k, v in metrics.items()}, step=step)
+
+    return sink
+
+
+def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
+    if mlflow.active_run() is None:
+        return
+    flat = {metric_key(f"eval/{name}/{k}"): float(v) for name, m in eval_metrics.items() for k, v in m.items()
+            if isinstance(v, int | float)}
+    mlflow.log_metrics(flat)

@@ -1,0 +1,3 @@
+"""Mixers. Each component module is imported here so its @register_mixer runs (seed page, step two)."""
+
+from .base_mixer import Mixer  # noqa: F401

@@ -1,0 +1,50 @@
+"""Selector base class with the seed page's interface.
+
+`Selector(dataset, accelerator, data_collator, cache_dir)`; `select(model, step_id, num_samples, **kwargs)`
+returns pool indices; `warmup(num_samples, replacement)` picks the warmup data (random by default).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from dataflex.utils.logging import logger
+
+__all__ = ["Selector", "logger"]
+
+
+class Selector(ABC):
+    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None,
+                 seed: int = 42) -> None:
+        self.dataset = dataset
+        self.accelerator = accelerator
+        self.data_collator = data_collator
+        self.cache_dir = cache_dir
+        self.seed = seed
+
+    def warmup(self, num_samples: int, replacement: bool = False) -> list[int]:
+        """Random warmup indices, seeded (no global RNG is touched)."""
+        n = len(self.dataset)
+        gen = torch.Generator().manual_seed(self.seed)
+        if replacement:
+            return torch.randint(0, n, (num_samples,), generator=gen).tolist()
+        if num_samples > n:
+            from dataflex.core.errors import ConfigError
+
+            raise ConfigError(f"warmup needs {num_samples} samples but the pool has {n}; lower warmup_step or "
+                              "the batch size, or allow replacement")
+        return torch.randperm(n, generator=gen)[:num_samples].tolist()
+
+    @abstractmethod
+    def select(self, model: torch.nn.Module, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
+        """Indices into `dataset` of the samples to train on next."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state carried in TrainState (override when the selector keeps history)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

@@ -1,0 +1,364 @@
+"""The one training loop (accelerate), shared by every mode.
+
+Per optimizer step it takes the step's micro-batches from a data plan, counts the supervised tokens
+of the whole accumulation window, and per micro-batch runs one forward pass that yields per-sample
+losses (`MicroBatchLosses`). The loss to back-propagate comes from `loss_fn` (default: exactly the HF
+Trainer's token mean over the window; a weighter replaces it), and observers (mixers, domain
+statistics) see the same per-sample losses. Clipping, schedulers, mixed precision and DDP gradient
+sync behave as in the HF Trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from transformers.trainer_pt_utils import get_parameter_names
+
+from dataflex.core.errors import ConfigError
+from dataflex.train.trainer.args import TrainingArguments
+from dataflex.train.trainer.losses import MicroBatchLosses, count_supervised_tokens, forward_losses
+from dataflex.train.trainer.plan import DataPlan, EpochPlan
+from dataflex.train.trainer.state import (
+    check_compatible,
+    load_train_state,
+    prune_checkpoints,
+    read_manifest,
+    resolve_resume_path,
+    save_train_state,
+)
+from dataflex.utils.logging import logger
+
+TRAIN_COLUMNS = ("input_ids", "labels", "sample_id", "domain_id")
+
+
+@dataclass
+class TrainContext:
+    """What components see of the loop (the seed page's `ctx`)."""
+
+    global_step: int
+    max_steps: int
+    epoch: float
+    micro_step: int
+    num_micro_batches: int
+    accelerator: Accelerator
+    args: TrainingArguments
+    domain_names: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+LossFn = Callable[[MicroBatchLosses, TrainContext, torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class Observer(Protocol):
+    def on_micro_batch(self, losses: MicroBatchLosses, ctx: TrainContext) -> None: ...
+
+    def on_step_end(self, ctx: TrainContext, logs: dict[str, float]) -> None: ...
+
+
+def standard_loss(losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module,
+                  inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return losses.standard_loss()
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    train_samples_seen: int
+    train_tokens_seen: int
+    final_train_loss: float | None
+    train_loss_mean: float | None
+    runtime_s: float
+    log_history: list[dict[str, Any]]
+    last_checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
+    """AdamW with the HF Trainer's decay groups (no decay on biases and norms) and its default fused kernel."""
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm],
+                                    [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError("the model has no trainable parameters; check finetuning_type and lora_target")
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused kernels are not available for every device/dtype
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, num_steps: int) -> Any:
+    warmup = args.warmup_steps if args.warmup_steps > 0 else math.ceil(args.warmup_ratio * num_steps)
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
+
+
+def make_accelerator(args: TrainingArguments) -> Accelerator:
+    mixed = args.mixed_precision
+    if mixed == "fp16" and not torch.cuda.is_available():
+        logger.warning("fp16 mixed precision needs a GPU; training in fp32 on CPU instead (bf16 works on CPU)")
+        mixed = "no"
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+
+
+class Trainer:
+    """Train `model` on `train_dataset` (the data contract's columns) following `plan`.
+
+    `components` maps a name to an object with `state_dict()` / `load_state_dict()` (selector, mixer,
+    weighter): their state is part of every checkpoint.
+    """
+
+    def __init__(self, model: torch.nn.Module, train_dataset: Any, args: TrainingArguments, *,
+                 data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+                 plan: DataPlan | None = None, loss_fn: LossFn | None = None,
+                 observers: Iterable[Observer] = (), components: Mapping[str, Any] | None = None,
+                 metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+                 accelerator: Accelerator | None = None, domain_names: list[str] | None = None,
+                 model_fingerprint: str | None = None) -> None:
+        self.args = args
+        self.accelerator = accelerator or make_accelerator(args)
+        self.train_dataset = train_dataset.select_columns([c for c in TRAIN_COLUMNS if c in train_dataset.column_names])
+        self.data_collator = data_collator
+        self.plan = plan or EpochPlan(len(train_dataset), args.per_device_train_batch_size,
+                                      args.gradient_accumulation_steps, seed=args.seed,
+                                      num_epochs=args.num_train_epochs, max_steps=args.max_steps,
+                                      shuffle=not args.disable_shuffling)
+        self.loss_fn = loss_fn or standard_loss
+        self.observers = list(observers)
+        self.components = dict(components or {})
+        self.metrics_sink = metrics_sink
+        self.domain_names = domain_names or []
+        self.model_fingerprint = model_fingerprint
+        self.resume_path = resolve_resume_path(args.resume_from_checkpoint, args.output_dir)
+        if args.resume_from_checkpoint not in (None, False) and self.resume_path is None:
+            logger.info("resume_from_checkpoint: no checkpoint under %s yet, starting from scratch", args.output_dir)
+        if self.resume_path is not None:
+            # Refuse a truncated checkpoint or one from another model before any work.
+            check_compatible(read_manifest(self.resume_path), model, self.resume_path)
+        self.optimizer = make_optimizer(model, args)
+        self.scheduler = make_scheduler(self.optimizer, args, self.plan.num_steps)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.global_step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        self.log_history: list[dict[str, Any]] = []
+        self._loss_sum_all = 0.0
+        self._interval = _Interval()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def checkpoint_dir(self, step: int | None = None) -> Path:
+        return Path(self.args.output_dir) / "checkpoints" / f"checkpoint-{self.global_step if step is None else step}"
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
+        """Save TrainState (main process only); other processes wait for it."""
+        path = Path(path) if path else self.checkpoint_dir()
+        if self.accelerator.is_main_process:
+            save_train_state(path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
+                             scheduler=self.scheduler, trainer_state=self._trainer_state())
+            prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "max_steps": self.plan.num_steps,
+            "epoch": self.plan.epoch_at(self.global_step),
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "loss_sum_all": self._loss_sum_all,
+            "log_history": self.log_history,
+            "log_interval": self._interval.state_dict(),
+            "plan": self.plan.state_dict(),
+            "components": {k: c.state_dict() for k, c in self.components.items() if hasattr(c, "state_dict")},
+            "model_fingerprint": self.model_fingerprint,
+            "args": self.args.to_dict(),
+        }
+
+    def _restore(self, path: Path) -> None:
+        state = load_train_state(path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
+                                 scheduler=self.scheduler)
+        self.plan.load_state_dict(state["plan"])
+        for name, comp in self.components.items():
+            if hasattr(comp, "load_state_dict") and name in state.get("components", {}):
+                comp.load_state_dict(state["components"][name])
+        self.global_step = state["global_step"]
+        self.samples_seen = state["samples_seen"]
+        self.tokens_seen = state["tokens_seen"]
+        self._loss_sum_all = state["loss_sum_all"]
+        self.log_history = state["log_history"]
+        self._interval.load_state_dict(state["log_interval"])
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        columns = self.train_dataset[indices]
+        rows = [{k: columns[k][i] for k in columns} for i in range(len(indices))]
+        batch = self.data_collator(rows)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _window_tokens(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        local = sum(int(count_supervised_tokens(b["labels"]).sum()) for b in batches)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.gather(torch.tensor([local], device=self.accelerator.device)).sum()
+            return int(total)
+        return local
+
+    def train(self) -> TrainResult:
+        args = self.args
+        set_seed(args.seed)
+        if self.resume_path is not None:
+            self._restore(self.resume_path)
+        model, acc = self.model, self.accelerator
+        max_steps = self.plan.num_steps
+        model.train()
+        start = time.perf_counter()
+        bar = tqdm(total=max_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not (args.progress_bar and acc.is_local_main_process))
+        interval = self._interval
+        interval.start = time.perf_counter()
+        last_checkpoint = None
+        while self.global_step < max_steps:
+            micro = self.plan.step_batches(self.global_step)
+            batches = [self._collate(ix) for ix in micro]
+            window = self._window_tokens(batches)
+            step_loss = torch.zeros((), device=acc.device)
+            weighted = torch.zeros((), device=acc.device)
+            for i, batch in enumerate(batches):
+                ctx = TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), i, len(batches),
+                                   acc, args, self.domain_names)
+                sync = i == len(batches) - 1 or acc.num_processes == 1
+                with (acc.no_sync(model) if not sync else contextlib.nullcontext()), acc.autocast():
+                    losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
+                    loss = self.loss_fn(losses, ctx, model, batch)
+                    acc.backward(loss)
+                step_loss += losses.standard_loss().detach() / acc.num_processes
+                weighted += loss.detach() / acc.num_processes
+                interval.add_micro(losses, batch, self.domain_names)
+                for obs in self.observers:
+                    if hasattr(obs, "on_micro_batch"):
+                        obs.on_micro_batch(losses, ctx)
+            grad_norm = None
+            if args.max_grad_norm and args.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            step_loss_value = float(step_loss)
+            self._loss_sum_all += step_loss_value
+            self.samples_seen += sum(len(ix) for ix in micro) * acc.num_processes
+            interval.add_step(step_loss_value, float(weighted), grad_norm, lr)
+            logs: dict[str, float] = {}
+            if self.global_step % args.logging_steps == 0 or self.global_step == max_steps:
+                logs = self._log(interval)
+                interval = self._interval = _Interval()
+            ctx = TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), len(batches) - 1,
+                               len(batches), acc, args, self.domain_names)
+            for obs in self.observers:
+                if hasattr(obs, "on_step_end"):
+                    obs.on_step_end(ctx, logs)
+            bar.update(1)
+            if logs:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}")
+            if args.save_steps and (self.global_step % args.save_steps == 0 or self.global_step == max_steps):
+                last_checkpoint = str(self.save_checkpoint())
+        bar.close()
+        runtime = time.perf_counter() - start
+        last = next((h["loss"] for h in reversed(self.log_history) if "loss" in h), None)
+        return TrainResult(
+            global_step=self.global_step,
+            train_samples_seen=self.samples_seen,
+            train_tokens_seen=self.tokens_seen,
+            final_train_loss=last,
+            train_loss_mean=self._loss_sum_all / self.global_step if self.global_step else None,
+            runtime_s=runtime,
+            log_history=self.log_history,
+            last_checkpoint=last_checkpoint,
+        )
+
+    def _log(self, interval: _Interval) -> dict[str, float]:
+        tokens = interval.tokens
+        if self.accelerator.num_processes > 1:
+            tokens = int(self.accelerator.gather(torch.tensor([tokens], device=self.accelerator.device)).sum())
+        self.tokens_seen += tokens
+        elapsed = max(time.perf_counter() - interval.start, 1e-9)
+        logs = {
+            "loss": interval.loss_sum / interval.steps,
+            "learning_rate": interval.lr,
+            "epoch": round(self.plan.epoch_at(self.global_step), 4),
+            "tokens_per_second": tokens / elapsed,
+        }
+        if interval.grad_norm is not None:
+            logs["grad_norm"] = interval.grad_norm
+        if abs(interval.weighted_sum - interval.loss_sum) > 1e-12:
+            logs["weighted_loss"] = interval.weighted_sum / interval.steps
+        for name, (total, count) in interval.domain.items():
+            if count:
+                logs[f"train_loss/{name}"] = total / count
+        self.log_history.append({"step": self.global_step, **logs})
+        if self.metrics_sink is not None and self.accelerator.is_main_process:
+            self.metrics_sink(logs, self.global_step)
+        return logs
+
+
+class _Interval:
+    """Running sums between two log lines."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.loss_sum = 0.0
+        self.weighted_sum = 0.0
+        self.grad_norm: float | None = None
+        self.lr = 0.0
+        self.tokens = 0
+        self.domain: dict[str, list[float]] = {}
+
+    def add_micro(self, losses: MicroBatchLosses, batch: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if losses.domain_id is None or not names:
+            return
+        sums = losses.token_loss_sum.detach().float()
+        counts = losses.token_count
+        for d in losses.domain_id.unique().tolist():
+            sel = losses.domain_id == d
+            entry = self.domain.setdefault(names[d] if d < len(names) else str(d), [0.0, 0])
+            entry[0] += float(sums[sel].sum())
+            entry[1] += int(counts[sel].sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        # A resumed run logs the same numbers at the same steps as an uninterrupted one.
+        return {k: v for k, v in self.__dict__.items() if k != "start"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def add_step(self, loss: float, weighted: float, grad_norm: Any, lr: float) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.weighted_sum += weighted
+        self.lr = lr
+        if grad_norm is not None:
+            self.grad_norm = float(grad_norm)

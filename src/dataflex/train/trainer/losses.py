@@ -1,0 +1,72 @@
+"""Per-sample losses, computed once per micro-batch (fp32), and the default loss normalisation.
+
+The default loss equals the HF Trainer's for causal LMs: summed token cross-entropy divided by the
+number of supervised tokens in the whole accumulation window (all micro-batches, all processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class MicroBatchLosses:
+    """What one micro-batch's forward pass yields, shared by the loss, weighters and observers."""
+
+    token_loss_sum: torch.Tensor  # [B] fp32, summed CE over each row's supervised tokens (with graph)
+    token_count: torch.Tensor  # [B] int64, supervised tokens per row
+    window_tokens: int  # supervised tokens in the whole accumulation window, all processes
+    num_processes: int = 1
+    sample_id: torch.Tensor | None = None
+    domain_id: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_sample_loss(self) -> torch.Tensor:
+        """Token-mean loss of each row (0 for a fully masked row), with graph."""
+        return self.token_loss_sum / self.token_count.clamp(min=1).to(self.token_loss_sum.dtype)
+
+    def standard_loss(self) -> torch.Tensor:
+        """The HF Trainer's loss contribution of this micro-batch.
+
+        Multiplied by the number of processes because DDP averages gradients across ranks while the
+        window token count is global (HF does the same with average_tokens_across_devices).
+        """
+        return self.token_loss_sum.sum() * self.num_processes / max(self.window_tokens, 1)
+
+
+def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Supervised tokens per row after the causal shift (the first label never has a prediction)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+
+
+def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] fp32 cross-entropy of shifted logits; 0 where the label is ignored."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    vocab = shift_logits.size(-1)
+    tok = F.cross_entropy(shift_logits.reshape(-1, vocab), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return tok.view(shift_labels.shape)
+
+
+def forward_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, window_tokens: int,
+                   num_processes: int = 1) -> MicroBatchLosses:
+    """Run the model once (no labels: the model computes no loss of its own) and derive per-sample losses."""
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    labels = batch["labels"]
+    tok = per_token_losses(outputs.logits, labels)
+    return MicroBatchLosses(
+        token_loss_sum=tok.sum(dim=1),
+        token_count=count_supervised_tokens(labels),
+        window_tokens=window_tokens,
+        num_processes=num_processes,
+        sample_id=batch.get("sample_id"),
+        domain_id=batch.get("domain_id"),
+    )

@@ -1,0 +1,83 @@
+"""Data plans: which pool indices each optimizer step trains on.
+
+A plan is random access by step (`step_batches(step)`), so resuming is recomputing, not replaying:
+the plan for step g depends only on the seed and g. Select and mix plans (later modes) implement the
+same interface.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+
+
+class DataPlan(Protocol):
+    num_steps: int
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        """Micro-batches (lists of pool indices) of optimizer step `step` (0-based)."""
+
+    def epoch_at(self, step: int) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EpochPlan:
+    """Epochs over the whole pool, reshuffled per epoch from (seed, epoch), as the HF Trainer's sampler does.
+
+    An epoch has ceil(N / B) micro-batches (the last may be short) and ceil(that / A) optimizer steps
+    (the last may have fewer micro-batches); `max_steps` > 0 overrides `num_epochs`.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, grad_accum: int, *, seed: int, num_epochs: float = 1.0,
+                 max_steps: int = -1, shuffle: bool = True) -> None:
+        if num_samples < 1:
+            raise ValueError("EpochPlan needs a non-empty pool")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.seed = seed
+        self.shuffle = shuffle
+        self.micro_per_epoch = math.ceil(num_samples / batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / grad_accum)
+        self.num_steps = max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * self.steps_per_epoch))
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                self._perm = torch.randperm(self.num_samples, generator=gen).tolist()
+            else:
+                self._perm = list(range(self.num_samples))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        first = in_epoch * self.grad_accum
+        last = min(first + self.grad_accum, self.micro_per_epoch)
+        return [perm[m * self.batch_size:(m + 1) * self.batch_size] for m in range(first, last)]
+
+    def epoch_at(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        # Fully determined by its arguments: recorded so a resume with other settings is caught.
+        return {"kind": "epoch", "num_samples": self.num_samples, "batch_size": self.batch_size,
+                "grad_accum": self.grad_accum, "seed": self.seed, "num_steps": self.num_steps, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "num_steps" and state.get(k) != v}
+        if diff:
+            from dataflex.core.errors import CheckpointError
+
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"checkpoint was trained with another data plan ({detail}); resume with the same settings")
