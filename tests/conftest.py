@@ -33,8 +33,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> 
     from dataflex.train.tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("model") / "tiny"
-    make_tiny_model(out, demo_dir, size="test", seed=0, pretrain_steps=20, block_size=64, batch_size=8,
-                    progress_bar=False)
+    make_tiny_model(
+        out, demo_dir, size="test", seed=0, pretrain_steps=20, block_size=64, batch_size=8, progress_bar=False
+    )
     return out
 
 
@@ -49,8 +50,9 @@ def tokenizer(tiny_model_dir: Path):
 def sft_pool(demo_dir: Path, tokenizer):
     from dataflex.data import build_dataset
 
-    return build_dataset(dataset=TEST_DOMAINS, dataset_dir=demo_dir, tokenizer=tokenizer, template="default",
-                         cutoff_len=64, stage="sft")
+    return build_dataset(
+        dataset=TEST_DOMAINS, dataset_dir=demo_dir, tokenizer=tokenizer, template="default", cutoff_len=64, stage="sft"
+    )
 
 
 @pytest.fixture(scope="session")

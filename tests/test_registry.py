@@ -13,7 +13,7 @@ from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY, import_user_modules
 
 # The three examples exactly as the seed page (framework-design) shows them, as a user module.
-SEED_EXAMPLES = textwrap.dedent('''
+SEED_EXAMPLES = textwrap.dedent("""
     from dataflex.core.registry import register_selector, register_mixer, register_weighter
     from dataflex.train.selector.base_selector import logger, Selector
     from dataflex.train.mixer.base_mixer import Mixer
@@ -60,9 +60,9 @@ SEED_EXAMPLES = textwrap.dedent('''
                 return losses
             weights = torch.ones_like(losses) / losses.numel()
             return torch.sum(weights * losses)
-''')
+""")
 
-COMPONENTS_YAML = textwrap.dedent('''
+COMPONENTS_YAML = textwrap.dedent("""
     selectors:
       seed_custom:
         name: seed_custom
@@ -78,7 +78,7 @@ COMPONENTS_YAML = textwrap.dedent('''
         name: seed_custom
         params:
           strategy: uniform
-''')
+""")
 
 
 class _Manager:
@@ -98,8 +98,12 @@ def seed_module(tmp_path_factory):
 def test_seed_examples_register_and_build(seed_module):
     cfg = load_components_cfg(seed_module)
     name, params = component_spec(cfg, "selector", "seed_custom")
-    sel = REGISTRY.build("selector", name, runtime={"dataset": list(range(10)), "accelerator": None,
-                                                    "data_collator": None, "eval_dataset": None}, cfg=params)
+    sel = REGISTRY.build(
+        "selector",
+        name,
+        runtime={"dataset": list(range(10)), "accelerator": None, "data_collator": None, "eval_dataset": None},
+        cfg=params,
+    )
     assert sel.cache_dir == "../dataflex_saves/custom_output"
     assert sel.select(None, 0, 4) == [0, 1, 2, 3]
 
@@ -117,8 +121,12 @@ def test_seed_examples_register_and_build(seed_module):
 
 def test_unknown_param_is_an_error_naming_accepted(seed_module):
     with pytest.raises(ConfigError, match="does not accept parameter.*cache_dri.*accepted: dataset"):
-        REGISTRY.build("selector", "seed_custom", runtime={"dataset": [], "accelerator": None, "data_collator": None},
-                       cfg={"cache_dri": "x"})
+        REGISTRY.build(
+            "selector",
+            "seed_custom",
+            runtime={"dataset": [], "accelerator": None, "data_collator": None},
+            cfg={"cache_dri": "x"},
+        )
 
 
 def test_missing_param_and_unknown_name(seed_module):
@@ -138,6 +146,7 @@ def test_duplicate_name_from_another_class_is_refused(seed_module):
     from dataflex.train.selector.base_selector import Selector
 
     with pytest.raises(ConfigError, match="already registered"):
+
         @register_selector("seed_custom")
         class Other(Selector):  # noqa: F811
             def select(self, model, step_id, num_samples, **kwargs):

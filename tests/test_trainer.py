@@ -16,14 +16,32 @@ from dataflex.train.trainer.state import read_manifest
 
 
 def _lora(model_dir, seed=0, dropout=0.0, target="all"):
-    return load_model(str(model_dir), finetuning_type="lora", lora_target=target, lora_rank=4, lora_alpha=8,
-                      lora_dropout=dropout, dtype="fp32", seed=seed)
+    return load_model(
+        str(model_dir),
+        finetuning_type="lora",
+        lora_target=target,
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=dropout,
+        dtype="fp32",
+        seed=seed,
+    )
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                learning_rate=5e-3, max_steps=6, seed=3, logging_steps=2, lr_scheduler_type="linear",
-                warmup_steps=1, weight_decay=0.01, progress_bar=False)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        max_steps=6,
+        seed=3,
+        logging_steps=2,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        weight_decay=0.01,
+        progress_bar=False,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -76,10 +94,24 @@ def test_training_equals_hf_trainer(tmp_path, tiny_model_dir, sft_pool, tokenize
     result = Trainer(ours_model, pool, args, data_collator=collate).train()
 
     hf_model = _lora(tiny_model_dir)
-    hf_args = HFArgs(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                     learning_rate=5e-3, max_steps=4, seed=3, lr_scheduler_type="linear", warmup_steps=1,
-                     weight_decay=0.01, report_to=[], use_cpu=True, train_sampling_strategy="sequential",
-                     logging_steps=2, save_strategy="no", remove_unused_columns=False, disable_tqdm=True)
+    hf_args = HFArgs(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        max_steps=4,
+        seed=3,
+        lr_scheduler_type="linear",
+        warmup_steps=1,
+        weight_decay=0.01,
+        report_to=[],
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        logging_steps=2,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
 
     def hf_collate(rows):
         batch = collate(rows)
@@ -115,8 +147,9 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, sft_pool, tokeniz
 
     torch.manual_seed(12345)  # a different global RNG state: the checkpoint's must win
     resumed_model = _lora(tiny_model_dir, dropout=0.1, seed=99)  # other init: the checkpoint's weights must win
-    resumed = Trainer(resumed_model, sft_pool, _args(tmp_path / "b", resume_from_checkpoint=str(ckpt)),
-                      data_collator=collate).train()
+    resumed = Trainer(
+        resumed_model, sft_pool, _args(tmp_path / "b", resume_from_checkpoint=str(ckpt)), data_collator=collate
+    ).train()
     assert resumed.global_step == full.global_step == 6
     a, b = _trainable(full_model), _trainable(resumed_model)
     for name in a:
@@ -133,18 +166,27 @@ def test_latest_resume_and_checkpoint_errors(tmp_path, tiny_model_dir, sft_pool,
     ckpts = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
     # resume "latest" on a finished run trains nothing more
-    done = Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path, max_steps=4, resume_from_checkpoint="latest"),
-                   data_collator=collate).train()
+    done = Trainer(
+        _lora(tiny_model_dir),
+        sft_pool,
+        _args(tmp_path, max_steps=4, resume_from_checkpoint="latest"),
+        data_collator=collate,
+    ).train()
     assert done.global_step == 4
 
     ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-4"
     with pytest.raises(CheckpointError, match="another model"):
-        Trainer(_lora(tiny_model_dir, target="q_proj,v_proj"), sft_pool,
-                _args(tmp_path, resume_from_checkpoint=str(ckpt)), data_collator=collate)
+        Trainer(
+            _lora(tiny_model_dir, target="q_proj,v_proj"),
+            sft_pool,
+            _args(tmp_path, resume_from_checkpoint=str(ckpt)),
+            data_collator=collate,
+        )
     (ckpt / "optimizer.safetensors").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match="corrupt: optimizer.safetensors"):
-        Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path, resume_from_checkpoint=str(ckpt)),
-                data_collator=collate)
+        Trainer(
+            _lora(tiny_model_dir), sft_pool, _args(tmp_path, resume_from_checkpoint=str(ckpt)), data_collator=collate
+        )
     (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="truncated or not a dataflex checkpoint"):
         read_manifest(ckpt)
@@ -154,9 +196,14 @@ def test_latest_resume_and_checkpoint_errors(tmp_path, tiny_model_dir, sft_pool,
 
 def test_logs_per_domain_and_metrics_sink(tmp_path, tiny_model_dir, sft_pool, tokenizer):
     seen = []
-    result = Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path, max_steps=4),
-                     data_collator=DataCollatorForCausalLM(tokenizer), domain_names=["arith", "reverse", "sort"],
-                     metrics_sink=lambda m, s: seen.append((s, m))).train()
+    result = Trainer(
+        _lora(tiny_model_dir),
+        sft_pool,
+        _args(tmp_path, max_steps=4),
+        data_collator=DataCollatorForCausalLM(tokenizer),
+        domain_names=["arith", "reverse", "sort"],
+        metrics_sink=lambda m, s: seen.append((s, m)),
+    ).train()
     assert [s for s, _ in seen] == [2, 4]
     logs = seen[-1][1]
     assert {"loss", "learning_rate", "tokens_per_second", "grad_norm", "epoch"} <= logs.keys()
@@ -182,16 +229,19 @@ def test_weighting_hook_sees_per_sample_losses(tmp_path, tiny_model_dir, sft_poo
         torch.testing.assert_close(value, _trainable(m2)[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive integer"),
-    ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be a positive integer"),
-    ({"learning_rate": 0}, "learning_rate must be > 0"),
-    ({"learning_rate": -1e-4}, "learning_rate must be > 0"),
-    ({"max_steps": 0}, "max_steps must be a positive integer"),
-    ({"num_train_epochs": 0}, "num_train_epochs must be > 0"),
-    ({"lr_scheduler_type": "warmup_stable"}, "lr_scheduler_type 'warmup_stable' is not supported"),
-    ({"mixed_precision": "fp8"}, "mixed_precision 'fp8' is not valid"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive integer"),
+        ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be a positive integer"),
+        ({"learning_rate": 0}, "learning_rate must be > 0"),
+        ({"learning_rate": -1e-4}, "learning_rate must be > 0"),
+        ({"max_steps": 0}, "max_steps must be a positive integer"),
+        ({"num_train_epochs": 0}, "num_train_epochs must be > 0"),
+        ({"lr_scheduler_type": "warmup_stable"}, "lr_scheduler_type 'warmup_stable' is not supported"),
+        ({"mixed_precision": "fp8"}, "mixed_precision 'fp8' is not valid"),
+    ],
+)
 def test_bad_training_arguments(bad, match):
     with pytest.raises(ConfigError, match=match):
         TrainingArguments(**bad)

@@ -13,8 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
+
 from dataflex import __version__
 from dataflex.core.errors import ConfigError, DataFlexError
+
+# Kedro imports `<package>.cli` for project-specific `kedro` commands and needs a `cli` group there.
+# The project adds none: dataflex-cli is its own entry point (main below).
+cli = click.Group(name="dataflex", help="dataflex adds no kedro subcommands; use dataflex-cli.")
 
 
 def find_project_root(start: Path | None = None) -> Path:
@@ -22,10 +28,16 @@ def find_project_root(start: Path | None = None) -> Path:
     candidates = [start or Path.cwd(), *(start or Path.cwd()).parents, Path(__file__).resolve().parents[2]]
     for path in candidates:
         pyproject = path / "pyproject.toml"
-        if pyproject.is_file() and (path / "conf" / "base").is_dir() and 'package_name = "dataflex"' in pyproject.read_text():
+        if (
+            pyproject.is_file()
+            and (path / "conf" / "base").is_dir()
+            and 'package_name = "dataflex"' in pyproject.read_text()
+        ):
             return path
-    raise ConfigError("no dataflex Kedro project found (a folder with pyproject.toml and conf/base); "
-                      "run from the project or pass --project-dir")
+    raise ConfigError(
+        "no dataflex Kedro project found (a folder with pyproject.toml and conf/base); "
+        "run from the project or pass --project-dir"
+    )
 
 
 def build_train_params(config: str, overrides: list[str], cwd: Path | None = None) -> dict[str, Any]:
@@ -44,8 +56,11 @@ def cmd_train(ns: argparse.Namespace) -> int:
     params = build_train_params(ns.config, ns.overrides)
     project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
     # Demo folders resolve against the project, like the Kedro defaults.
-    params["demo"] = {**params["demo"], "data_dir": str(project / params["demo"]["data_dir"]),
-                      "model_dir": str(project / params["demo"]["model_dir"])}
+    params["demo"] = {
+        **params["demo"],
+        "data_dir": str(project / params["demo"]["data_dir"]),
+        "model_dir": str(project / params["demo"]["model_dir"]),
+    }
     runtime = dict(params)
     if ns.mlflow_uri:
         runtime["mlflow_uri"] = ns.mlflow_uri
@@ -85,16 +100,23 @@ def cmd_version(ns: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    print(f"dataflex {__version__} (kedro {kedro.__version__}, transformers {transformers.__version__}, "
-          f"torch {torch.__version__})")
+    print(
+        f"dataflex {__version__} (kedro {kedro.__version__}, transformers {transformers.__version__}, "
+        f"torch {torch.__version__})"
+    )
     return 0
 
 
 def cmd_make_demo_data(ns: argparse.Namespace) -> int:
     from dataflex.data import make_demo_data
 
-    out = make_demo_data(ns.output, seed=ns.seed, train_per_domain=ns.train_per_domain,
-                         noise_domain=ns.noise_domain, noise_rate=ns.noise_rate)
+    out = make_demo_data(
+        ns.output,
+        seed=ns.seed,
+        train_per_domain=ns.train_per_domain,
+        noise_domain=ns.noise_domain,
+        noise_rate=ns.noise_rate,
+    )
     print(f"demo corpus written to {out}")
     return 0
 

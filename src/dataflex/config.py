@@ -9,6 +9,7 @@ names). Keys DataFlex / LLaMA-Factory know but this project does not use are acc
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -86,25 +87,79 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {}
 for _group in ("model", "data", "train", "dataflex"):
     for _key in DEFAULTS[_group]:
         FLAT_KEYS[_key] = (_group, _key)
-FLAT_KEYS.update({
-    "max_new_tokens": ("eval", "max_new_tokens"),
-    "predict_with_generate": ("eval", "generate"),
-    "infer_dtype": ("model", "dtype"),
-})
+FLAT_KEYS.update(
+    {
+        "max_new_tokens": ("eval", "max_new_tokens"),
+        "predict_with_generate": ("eval", "generate"),
+        "infer_dtype": ("model", "dtype"),
+    }
+)
 # Flat keys that set a grouped key through a conversion.
 _CONVERTED = {"bf16", "fp16"}
 
-IGNORED_KEYS = frozenset({
-    "ddp_timeout", "plot_loss", "report_to", "overwrite_cache", "overwrite_output_dir",
-    "preprocessing_num_workers", "dataloader_num_workers", "do_train", "do_eval", "do_predict",
-    "trust_remote_code", "save_only_model", "eval_strategy", "evaluation_strategy", "eval_steps",
-    "metric_for_best_model", "greater_is_better", "load_best_model_at_end", "logging_dir", "run_name",
-    "flash_attn", "disable_version_check", "deepspeed", "ddp_find_unused_parameters", "resize_vocab",
-    "save_strategy", "include_num_input_tokens_seen", "gradient_checkpointing", "tokenized_path",
-    "streaming", "buffer_size", "mix_strategy", "interleave_probs", "neat_packing", "upcast_layernorm",
-    "use_unsloth", "enable_liger_kernel", "optim", "dataloader_pin_memory", "bf16_full_eval",
-    "early_stopping_steps", "early_stopping_min_delta", "save_safetensors", "freeze_gate", "quantization_bit",
-})
+IGNORED_KEYS = frozenset(
+    {
+        "ddp_timeout",
+        "plot_loss",
+        "report_to",
+        "overwrite_cache",
+        "overwrite_output_dir",
+        "preprocessing_num_workers",
+        "dataloader_num_workers",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "trust_remote_code",
+        "save_only_model",
+        "eval_strategy",
+        "evaluation_strategy",
+        "eval_steps",
+        "metric_for_best_model",
+        "greater_is_better",
+        "load_best_model_at_end",
+        "logging_dir",
+        "run_name",
+        "flash_attn",
+        "disable_version_check",
+        "deepspeed",
+        "ddp_find_unused_parameters",
+        "resize_vocab",
+        "save_strategy",
+        "include_num_input_tokens_seen",
+        "gradient_checkpointing",
+        "tokenized_path",
+        "streaming",
+        "buffer_size",
+        "mix_strategy",
+        "interleave_probs",
+        "neat_packing",
+        "upcast_layernorm",
+        "use_unsloth",
+        "enable_liger_kernel",
+        "optim",
+        "dataloader_pin_memory",
+        "bf16_full_eval",
+        "early_stopping_steps",
+        "early_stopping_min_delta",
+        "save_safetensors",
+        "freeze_gate",
+        "quantization_bit",
+    }
+)
+
+
+# YAML 1.1 reads `5e-5` (no dot) as a string; LLaMA-Factory's argument parser turns it into a float, so do we.
+_SCI_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, str) and _SCI_FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
 
 
 def default_params() -> dict[str, dict[str, Any]]:
@@ -125,7 +180,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' is empty")
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file '{path}' must be a mapping of keys to values, got {type(loaded).__name__}")
-    return loaded
+    return _numbers(loaded)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -136,7 +191,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like key=value")
         key, raw = item.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+            out[key.strip()] = _numbers(yaml.safe_load(raw)) if raw != "" else None
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out
@@ -147,8 +202,10 @@ def flat_to_grouped(flat: Mapping[str, Any], base: Mapping[str, Any] | None = No
     params = copy.deepcopy(dict(base)) if base is not None else default_params()
     unknown = [k for k in flat if k not in FLAT_KEYS and k not in IGNORED_KEYS and k not in _CONVERTED]
     if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))} "
-                          "(see the README's key table for the supported DataFlex / LLaMA-Factory keys)")
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(sorted(unknown))} "
+            "(see the README's key table for the supported DataFlex / LLaMA-Factory keys)"
+        )
     ignored = sorted(k for k in flat if k in IGNORED_KEYS)
     if ignored:
         logger.info("accepted but not used by dataflex: %s", ", ".join(ignored))
@@ -200,8 +257,10 @@ def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> N
             raise ConfigError(f"parameters need a '{group}' section")
         unknown = sorted(set(params[group]) - set(DEFAULTS[group]))
         if unknown:
-            raise ConfigError(f"unknown parameter(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
-                              f"valid: {', '.join(sorted(DEFAULTS[group]))}")
+            raise ConfigError(
+                f"unknown parameter(s) {', '.join(f'{group}.{k}' for k in unknown)}; "
+                f"valid: {', '.join(sorted(DEFAULTS[group]))}"
+            )
     model, data, flex = params["model"], params["data"], params["dataflex"]
     TrainingArguments.from_dict(dict(params["train"]))
 
@@ -209,13 +268,17 @@ def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> N
     if train_type not in TRAIN_TYPES:
         raise ConfigError(f"unknown train_type '{train_type}'; valid: {', '.join(TRAIN_TYPES)}")
     if train_type not in IMPLEMENTED_TRAIN_TYPES:
-        raise ConfigError(f"train_type '{train_type}' is recognised but not available in this version yet; "
-                          f"available: {', '.join(IMPLEMENTED_TRAIN_TYPES)}")
+        raise ConfigError(
+            f"train_type '{train_type}' is recognised but not available in this version yet; "
+            f"available: {', '.join(IMPLEMENTED_TRAIN_TYPES)}"
+        )
 
     if not model.get("model_name_or_path"):
         raise ConfigError("model_name_or_path is missing; set it to a local model directory or a hub id")
     if model.get("finetuning_type") not in FINETUNING_TYPES:
-        raise ConfigError(f"finetuning_type '{model.get('finetuning_type')}' is not valid; use {' or '.join(FINETUNING_TYPES)}")
+        raise ConfigError(
+            f"finetuning_type '{model.get('finetuning_type')}' is not valid; use {' or '.join(FINETUNING_TYPES)}"
+        )
     _positive_int(model, "lora_rank")
     if model.get("lora_alpha") is not None and not (_number(model["lora_alpha"]) and model["lora_alpha"] > 0):
         raise ConfigError(f"lora_alpha must be > 0, got {model['lora_alpha']!r}")
@@ -245,7 +308,7 @@ def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> N
 
 
 def _check_paths(params: Mapping[str, Any]) -> None:
-    from dataflex.data.dataset_info import parse_dataset_names, resolve_datasets
+    from dataflex.data.pools import check_sources
     from dataflex.models.loader import check_model_path
 
     model, data, demo = params["model"], params["data"], params.get("demo") or {}
@@ -255,12 +318,7 @@ def _check_paths(params: Mapping[str, Any]) -> None:
     if not (will_build and demo_model and not Path(model["model_name_or_path"]).exists()):
         check_model_path(model["model_name_or_path"])
     if not (will_build and demo_data and not (Path(data["dataset_dir"]) / "dataset_info.json").exists()):
-        names = parse_dataset_names(data["dataset"])
-        names += parse_dataset_names(data["eval_dataset"]) if data.get("eval_dataset") else []
-        for attr in resolve_datasets(names, data["dataset_dir"]):
-            path = Path(data["dataset_dir"]) / attr.file_name
-            if not path.exists():
-                raise ConfigError(f"dataset '{attr.name}': file {path} does not exist")
+        check_sources(data)
     from dataflex.train.trainer.state import read_manifest, resolve_resume_path
 
     train = params["train"]

@@ -26,6 +26,11 @@ def ensure_demo_assets(demo: Mapping[str, Any], data: Mapping[str, Any], model: 
         if not (Path(data_dir) / "dataset_info.json").exists():
             make_demo_data(data_dir, seed=demo.get("seed", 0))
         logger.info("tiny model missing: building it in %s (a few minutes on 2 CPU cores)", model_dir)
-        make_tiny_model(model_dir, data_dir, size=demo.get("model_size", "default"), seed=demo.get("seed", 0),
-                        pretrain_steps=demo.get("pretrain_steps", 300))
+        make_tiny_model(
+            model_dir,
+            data_dir,
+            size=demo.get("model_size", "default"),
+            seed=demo.get("seed", 0),
+            pretrain_steps=demo.get("pretrain_steps", 300),
+        )
     return {"dataset_dir": str(data["dataset_dir"]), "model_name_or_path": str(model["model_name_or_path"])}

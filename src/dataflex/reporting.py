@@ -42,16 +42,22 @@ def loss_curve(log_history: list[Mapping[str, Any]], title: str = "training loss
     return fig
 
 
-def run_summary(train_result: Mapping[str, Any], eval_metrics: Mapping[str, Any], *,
-                component_name: str | None, mlflow_run_id: str | None) -> dict[str, Any]:
+def run_summary(
+    train_result: Mapping[str, Any],
+    eval_metrics: Mapping[str, Any],
+    *,
+    component_name: str | None,
+    mlflow_run_id: str | None,
+) -> dict[str, Any]:
     return {
         "train_type": train_result.get("train_type"),
         "component_name": component_name,
         "global_step": train_result.get("global_step"),
         "train_samples_seen": train_result.get("train_samples_seen"),
         "final_train_loss": train_result.get("final_train_loss"),
-        "eval": {name: {k: m[k] for k in ("loss", "perplexity", "accuracy") if k in m}
-                 for name, m in eval_metrics.items()},
+        "eval": {
+            name: {k: m[k] for k in ("loss", "perplexity", "accuracy") if k in m} for name, m in eval_metrics.items()
+        },
         "mlflow_run_id": mlflow_run_id,
         "output_dir": train_result.get("output_dir"),
     }

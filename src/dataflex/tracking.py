@@ -34,6 +34,10 @@ def mlflow_metrics_sink(prefix: str = "train/") -> Callable[[dict[str, float], i
 def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
     if mlflow.active_run() is None:
         return
-    flat = {metric_key(f"eval/{name}/{k}"): float(v) for name, m in eval_metrics.items() for k, v in m.items()
-            if isinstance(v, int | float)}
+    flat = {
+        metric_key(f"eval/{name}/{k}"): float(v)
+        for name, m in eval_metrics.items()
+        for k, v in m.items()
+        if isinstance(v, int | float)
+    }
     mlflow.log_metrics(flat)

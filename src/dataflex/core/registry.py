@@ -32,7 +32,10 @@ class Registry:
         def deco(cls: type) -> type:
             known = self._store[kind].get(name)
             # Re-importing the same module (reload, notebooks) re-registers the same class: allow that.
-            if known is not None and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+            if (
+                known is not None
+                and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}"
+            ):
                 raise ConfigError(
                     f"{kind} name '{name}' is already registered by {known.__module__}.{known.__qualname__}; "
                     f"pick another name for {cls.__module__}.{cls.__qualname__}"
@@ -59,8 +62,9 @@ class Registry:
                 f"(register your own with @register_{kind}('{name}') in a module listed in user_modules)"
             ) from None
 
-    def build(self, kind: str, name: str, runtime: Mapping[str, Any] | None = None,
-              cfg: Mapping[str, Any] | None = None) -> Any:
+    def build(
+        self, kind: str, name: str, runtime: Mapping[str, Any] | None = None, cfg: Mapping[str, Any] | None = None
+    ) -> Any:
         """Instantiate `name` with `cfg` (user params, all must be accepted) and the `runtime` objects it asks for."""
         cls = self.get(kind, name)
         runtime = dict(runtime or {})
@@ -137,6 +141,8 @@ def import_user_modules(modules: Iterable[str] | str | None) -> list[str]:
             try:
                 importlib.import_module(spec)
             except ModuleNotFoundError as exc:
-                raise ConfigError(f"cannot import user module '{spec}': {exc}; fix user_modules or PYTHONPATH") from None
+                raise ConfigError(
+                    f"cannot import user module '{spec}': {exc}; fix user_modules or PYTHONPATH"
+                ) from None
             imported.append(spec)
     return imported

@@ -7,8 +7,11 @@ from typing import Any
 
 import datasets
 
-from dataflex.data.dataset_info import parse_dataset_names
+from dataflex.core.errors import DataError
+from dataflex.data.converters import row_to_messages, row_to_text
+from dataflex.data.dataset_info import parse_dataset_names, resolve_datasets
 from dataflex.data.processing import build_dataset_cached, split_validation
+from dataflex.data.readers import read_rows
 
 
 def _build(names: list[str] | str, data: Mapping[str, Any], tokenizer: Any, seed: int) -> datasets.Dataset:
@@ -37,3 +40,17 @@ def build_pools(data: Mapping[str, Any], tokenizer: Any, seed: int) -> tuple[dat
     for name in parse_dataset_names(data["eval_dataset"]) if data.get("eval_dataset") else []:
         evals[name] = _build([name], data, tokenizer, seed)
     return train, datasets.DatasetDict(evals)
+
+
+def check_sources(data: Mapping[str, Any]) -> None:
+    """Read and convert every raw row of the train and eval datasets (no tokenising): malformed lines, missing
+    columns and empty files are reported before any model is loaded."""
+    names = parse_dataset_names(data["dataset"])
+    names += parse_dataset_names(data["eval_dataset"]) if data.get("eval_dataset") else []
+    convert = row_to_messages if data["stage"] == "sft" else row_to_text
+    for attr in resolve_datasets(names, data["dataset_dir"]):
+        rows = read_rows(attr, data["dataset_dir"])
+        if not rows:
+            raise DataError(f"dataset '{attr.name}': {attr.path(data['dataset_dir'])} has no rows; add data or drop it")
+        for i, row in enumerate(rows):
+            convert(row, attr, i)

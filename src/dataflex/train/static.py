@@ -26,14 +26,21 @@ def build_model(model_params: Mapping[str, Any], seed: int, adapter_path: str | 
     )
 
 
-def train_static(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any], *,
-                 metrics_sink: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
+def train_static(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    *,
+    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
     """Train on `train_pool`; writes OUTPUT_DIR/adapter (LoRA) or OUTPUT_DIR/model (full) and train_result.json."""
     args = TrainingArguments.from_dict(dict(train_params))
     tokenizer = load_tokenizer(model_params["model_name_or_path"])
     model = build_model(model_params, seed=args.seed)
     trainer = Trainer(
-        model, train_pool, args,
+        model,
+        train_pool,
+        args,
         data_collator=DataCollatorForCausalLM(tokenizer),
         metrics_sink=metrics_sink,
         domain_names=domain_names(train_pool),

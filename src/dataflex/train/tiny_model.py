@@ -21,18 +21,29 @@ def pack_texts(tokenizer: object, texts: list[str], block_size: int) -> datasets
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-    blocks = [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
-    return datasets.Dataset.from_dict({
-        "input_ids": blocks,
-        "labels": [list(b) for b in blocks],
-        "sample_id": list(range(len(blocks))),
-        "domain_id": [0] * len(blocks),
-    })
+    blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    return datasets.Dataset.from_dict(
+        {
+            "input_ids": blocks,
+            "labels": [list(b) for b in blocks],
+            "sample_id": list(range(len(blocks))),
+            "domain_id": [0] * len(blocks),
+        }
+    )
 
 
-def make_tiny_model(output_dir: str | Path, data_dir: str | Path, *, size: str = "default", seed: int = 0,
-                    pretrain_steps: int = 300, block_size: int = 128, batch_size: int = 16,
-                    learning_rate: float = 3e-3, progress_bar: bool = True) -> Path:
+def make_tiny_model(
+    output_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    size: str = "default",
+    seed: int = 0,
+    pretrain_steps: int = 300,
+    block_size: int = 128,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    progress_bar: bool = True,
+) -> Path:
     """Initialise the tiny model on the demo corpus at `data_dir` and pre-train it; written atomically."""
     output_dir = Path(output_dir)
     texts = demo_texts(data_dir)
@@ -42,13 +53,25 @@ def make_tiny_model(output_dir: str | Path, data_dir: str | Path, *, size: str =
         pool = pack_texts(tokenizer, texts, block_size)
         model = load_model(str(init_dir), finetuning_type="full", dtype="fp32", seed=seed)
         if pretrain_steps > 0:
-            args = TrainingArguments(output_dir=str(Path(work) / "run"), per_device_train_batch_size=batch_size,
-                                     learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.05,
-                                     max_steps=pretrain_steps, seed=seed, logging_steps=max(pretrain_steps // 10, 1),
-                                     weight_decay=0.01, progress_bar=progress_bar)
+            args = TrainingArguments(
+                output_dir=str(Path(work) / "run"),
+                per_device_train_batch_size=batch_size,
+                learning_rate=learning_rate,
+                lr_scheduler_type="cosine",
+                warmup_ratio=0.05,
+                max_steps=pretrain_steps,
+                seed=seed,
+                logging_steps=max(pretrain_steps // 10, 1),
+                weight_decay=0.01,
+                progress_bar=progress_bar,
+            )
             result = Trainer(model, pool, args, data_collator=DataCollatorForCausalLM(tokenizer)).train()
-            logger.info("tiny model pre-trained %d steps on %d blocks, final loss %.3f",
-                        result.global_step, len(pool), result.final_train_loss)
+            logger.info(
+                "tiny model pre-trained %d steps on %d blocks, final loss %.3f",
+                result.global_step,
+                len(pool),
+                result.final_train_loss,
+            )
         with atomic_dir(output_dir) as tmp:
             for item in Path(init_dir).iterdir():
                 if item.is_file() and item.suffix != ".safetensors":

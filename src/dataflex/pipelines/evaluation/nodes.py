@@ -18,8 +18,15 @@ def evaluate(train_result: dict, eval_sets: Any, model: dict, data: dict, train:
         net = build_model(model, seed=train["seed"], adapter_path=train_result["adapter_dir"])
     else:
         net = build_model({**model, "model_name_or_path": train_result["model_dir"]}, seed=train["seed"])
-    metrics = evaluate_sets(net, tokenizer, eval_sets, batch_size=train["per_device_eval_batch_size"],
-                            generate=eval["generate"], max_new_tokens=eval["max_new_tokens"],
-                            max_generate_samples=eval["max_generate_samples"], stage=data["stage"])
+    metrics = evaluate_sets(
+        net,
+        tokenizer,
+        eval_sets,
+        batch_size=train["per_device_eval_batch_size"],
+        generate=eval["generate"],
+        max_new_tokens=eval["max_new_tokens"],
+        max_generate_samples=eval["max_generate_samples"],
+        stage=data["stage"],
+    )
     log_eval_metrics(metrics)
     return metrics

@@ -9,8 +9,9 @@ from dataflex.tracking import active_run_id
 
 
 def report(train_result: dict, eval_metrics: dict, dataflex: dict) -> tuple[dict, Any, str]:
-    summary = run_summary(train_result, eval_metrics, component_name=dataflex.get("component_name"),
-                          mlflow_run_id=active_run_id())
+    summary = run_summary(
+        train_result, eval_metrics, component_name=dataflex.get("component_name"), mlflow_run_id=active_run_id()
+    )
     write_run_summary(summary, train_result["output_dir"])
     title = f"{train_result.get('train_type')} training loss"
     return summary, loss_curve(train_result.get("log_history", []), title=title), metrics_table(eval_metrics)

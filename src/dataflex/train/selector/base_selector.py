@@ -17,8 +17,9 @@ __all__ = ["Selector", "logger"]
 
 
 class Selector(ABC):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None,
-                 seed: int = 42) -> None:
+    def __init__(
+        self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None, seed: int = 42
+    ) -> None:
         self.dataset = dataset
         self.accelerator = accelerator
         self.data_collator = data_collator
@@ -34,8 +35,10 @@ class Selector(ABC):
         if num_samples > n:
             from dataflex.core.errors import ConfigError
 
-            raise ConfigError(f"warmup needs {num_samples} samples but the pool has {n}; lower warmup_step or "
-                              "the batch size, or allow replacement")
+            raise ConfigError(
+                f"warmup needs {num_samples} samples but the pool has {n}; lower warmup_step or "
+                "the batch size, or allow replacement"
+            )
         return torch.randperm(n, generator=gen)[:num_samples].tolist()
 
     @abstractmethod

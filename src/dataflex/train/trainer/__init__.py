@@ -6,6 +6,15 @@ from dataflex.train.trainer.losses import MicroBatchLosses, forward_losses, per_
 from dataflex.train.trainer.plan import DataPlan, EpochPlan
 
 __all__ = [
-    "DataPlan", "EpochPlan", "MicroBatchLosses", "TrainContext", "TrainResult", "Trainer", "TrainingArguments",
-    "forward_losses", "make_accelerator", "per_token_losses", "standard_loss",
+    "DataPlan",
+    "EpochPlan",
+    "MicroBatchLosses",
+    "TrainContext",
+    "TrainResult",
+    "Trainer",
+    "TrainingArguments",
+    "forward_losses",
+    "make_accelerator",
+    "per_token_losses",
+    "standard_loss",
 ]

@@ -53,8 +53,12 @@ class TrainingArguments:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps")
+        positive = (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -64,9 +68,13 @@ class TrainingArguments:
         if not _is_number(self.num_train_epochs) or (self.num_train_epochs <= 0 and self.max_steps <= 0):
             raise ConfigError(f"num_train_epochs must be > 0 (or set max_steps > 0), got {self.num_train_epochs!r}")
         if not isinstance(self.max_steps, int) or self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be a positive integer (or -1 to train by epochs), got {self.max_steps!r}")
+            raise ConfigError(
+                f"max_steps must be a positive integer (or -1 to train by epochs), got {self.max_steps!r}"
+            )
         if self.lr_scheduler_type not in SCHEDULERS:
-            raise ConfigError(f"lr_scheduler_type '{self.lr_scheduler_type}' is not supported; valid: {', '.join(SCHEDULERS)}")
+            raise ConfigError(
+                f"lr_scheduler_type '{self.lr_scheduler_type}' is not supported; valid: {', '.join(SCHEDULERS)}"
+            )
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.warmup_steps < 0 or self.save_steps < 0:
@@ -76,7 +84,9 @@ class TrainingArguments:
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision '{self.mixed_precision}' is not valid; use one of {', '.join(MIXED_PRECISION)}")
+            raise ConfigError(
+                f"mixed_precision '{self.mixed_precision}' is not valid; use one of {', '.join(MIXED_PRECISION)}"
+            )
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit!r}")
 

@@ -66,8 +66,9 @@ class Observer(Protocol):
     def on_step_end(self, ctx: TrainContext, logs: dict[str, float]) -> None: ...
 
 
-def standard_loss(losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module,
-                  inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def standard_loss(
+    losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     return losses.standard_loss()
 
 
@@ -88,8 +89,11 @@ class TrainResult:
 
 def make_optimizer(model: torch.nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """AdamW with the HF Trainer's decay groups (no decay on biases and norms) and its default fused kernel."""
-    decay = set(get_parameter_names(model, [torch.nn.LayerNorm],
-                                    [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]))
+    decay = set(
+        get_parameter_names(
+            model, [torch.nn.LayerNorm], [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+        )
+    )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ConfigError("the model has no trainable parameters; check finetuning_type and lora_target")
@@ -125,21 +129,35 @@ class Trainer:
     weighter): their state is part of every checkpoint.
     """
 
-    def __init__(self, model: torch.nn.Module, train_dataset: Any, args: TrainingArguments, *,
-                 data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-                 plan: DataPlan | None = None, loss_fn: LossFn | None = None,
-                 observers: Iterable[Observer] = (), components: Mapping[str, Any] | None = None,
-                 metrics_sink: Callable[[dict[str, float], int], None] | None = None,
-                 accelerator: Accelerator | None = None, domain_names: list[str] | None = None,
-                 model_fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_dataset: Any,
+        args: TrainingArguments,
+        *,
+        data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+        plan: DataPlan | None = None,
+        loss_fn: LossFn | None = None,
+        observers: Iterable[Observer] = (),
+        components: Mapping[str, Any] | None = None,
+        metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+        accelerator: Accelerator | None = None,
+        domain_names: list[str] | None = None,
+        model_fingerprint: str | None = None,
+    ) -> None:
         self.args = args
         self.accelerator = accelerator or make_accelerator(args)
         self.train_dataset = train_dataset.select_columns([c for c in TRAIN_COLUMNS if c in train_dataset.column_names])
         self.data_collator = data_collator
-        self.plan = plan or EpochPlan(len(train_dataset), args.per_device_train_batch_size,
-                                      args.gradient_accumulation_steps, seed=args.seed,
-                                      num_epochs=args.num_train_epochs, max_steps=args.max_steps,
-                                      shuffle=not args.disable_shuffling)
+        self.plan = plan or EpochPlan(
+            len(train_dataset),
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            seed=args.seed,
+            num_epochs=args.num_train_epochs,
+            max_steps=args.max_steps,
+            shuffle=not args.disable_shuffling,
+        )
         self.loss_fn = loss_fn or standard_loss
         self.observers = list(observers)
         self.components = dict(components or {})
@@ -171,8 +189,13 @@ class Trainer:
         """Save TrainState (main process only); other processes wait for it."""
         path = Path(path) if path else self.checkpoint_dir()
         if self.accelerator.is_main_process:
-            save_train_state(path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
-                             scheduler=self.scheduler, trainer_state=self._trainer_state())
+            save_train_state(
+                path,
+                model=self.accelerator.unwrap_model(self.model),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                trainer_state=self._trainer_state(),
+            )
             prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
         return path
@@ -194,8 +217,9 @@ class Trainer:
         }
 
     def _restore(self, path: Path) -> None:
-        state = load_train_state(path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer,
-                                 scheduler=self.scheduler)
+        state = load_train_state(
+            path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+        )
         self.plan.load_state_dict(state["plan"])
         for name, comp in self.components.items():
             if hasattr(comp, "load_state_dict") and name in state.get("components", {}):
@@ -232,8 +256,14 @@ class Trainer:
         max_steps = self.plan.num_steps
         model.train()
         start = time.perf_counter()
-        bar = tqdm(total=max_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (args.progress_bar and acc.is_local_main_process))
+        bar = tqdm(
+            total=max_steps,
+            initial=self.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (args.progress_bar and acc.is_local_main_process),
+        )
         interval = self._interval
         interval.start = time.perf_counter()
         last_checkpoint = None
@@ -244,10 +274,18 @@ class Trainer:
             step_loss = torch.zeros((), device=acc.device)
             weighted = torch.zeros((), device=acc.device)
             for i, batch in enumerate(batches):
-                ctx = TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), i, len(batches),
-                                   acc, args, self.domain_names)
+                ctx = TrainContext(
+                    self.global_step,
+                    max_steps,
+                    self.plan.epoch_at(self.global_step),
+                    i,
+                    len(batches),
+                    acc,
+                    args,
+                    self.domain_names,
+                )
                 sync = i == len(batches) - 1 or acc.num_processes == 1
-                with (acc.no_sync(model) if not sync else contextlib.nullcontext()), acc.autocast():
+                with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
                     losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
                     loss = self.loss_fn(losses, ctx, model, batch)
                     acc.backward(loss)
@@ -273,8 +311,16 @@ class Trainer:
             if self.global_step % args.logging_steps == 0 or self.global_step == max_steps:
                 logs = self._log(interval)
                 interval = self._interval = _Interval()
-            ctx = TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), len(batches) - 1,
-                               len(batches), acc, args, self.domain_names)
+            ctx = TrainContext(
+                self.global_step,
+                max_steps,
+                self.plan.epoch_at(self.global_step),
+                len(batches) - 1,
+                len(batches),
+                acc,
+                args,
+                self.domain_names,
+            )
             for obs in self.observers:
                 if hasattr(obs, "on_step_end"):
                     obs.on_step_end(ctx, logs)

@@ -51,13 +51,15 @@ def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     vocab = shift_logits.size(-1)
-    tok = F.cross_entropy(shift_logits.reshape(-1, vocab), shift_labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none")
+    tok = F.cross_entropy(
+        shift_logits.reshape(-1, vocab), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return tok.view(shift_labels.shape)
 
 
-def forward_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, window_tokens: int,
-                   num_processes: int = 1) -> MicroBatchLosses:
+def forward_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, window_tokens: int, num_processes: int = 1
+) -> MicroBatchLosses:
     """Run the model once (no labels: the model computes no loss of its own) and derive per-sample losses."""
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
     labels = batch["labels"]

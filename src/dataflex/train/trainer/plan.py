@@ -33,8 +33,17 @@ class EpochPlan:
     (the last may have fewer micro-batches); `max_steps` > 0 overrides `num_epochs`.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, grad_accum: int, *, seed: int, num_epochs: float = 1.0,
-                 max_steps: int = -1, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        grad_accum: int,
+        *,
+        seed: int,
+        num_epochs: float = 1.0,
+        max_steps: int = -1,
+        shuffle: bool = True,
+    ) -> None:
         if num_samples < 1:
             raise ValueError("EpochPlan needs a non-empty pool")
         self.num_samples = num_samples
@@ -63,15 +72,22 @@ class EpochPlan:
         perm = self._permutation(epoch)
         first = in_epoch * self.grad_accum
         last = min(first + self.grad_accum, self.micro_per_epoch)
-        return [perm[m * self.batch_size:(m + 1) * self.batch_size] for m in range(first, last)]
+        return [perm[m * self.batch_size : (m + 1) * self.batch_size] for m in range(first, last)]
 
     def epoch_at(self, step: int) -> float:
         return step / self.steps_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
         # Fully determined by its arguments: recorded so a resume with other settings is caught.
-        return {"kind": "epoch", "num_samples": self.num_samples, "batch_size": self.batch_size,
-                "grad_accum": self.grad_accum, "seed": self.seed, "num_steps": self.num_steps, "shuffle": self.shuffle}
+        return {
+            "kind": "epoch",
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "seed": self.seed,
+            "num_steps": self.num_steps,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
@@ -80,4 +96,6 @@ class EpochPlan:
             from dataflex.core.errors import CheckpointError
 
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"checkpoint was trained with another data plan ({detail}); resume with the same settings")
+            raise CheckpointError(
+                f"checkpoint was trained with another data plan ({detail}); resume with the same settings"
+            )

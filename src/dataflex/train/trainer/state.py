@@ -82,8 +82,14 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_train_state(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, trainer_state: dict[str, Any]) -> Path:
+def save_train_state(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+) -> Path:
     """Write a checkpoint atomically: a temp dir that is renamed into place only when complete."""
     path = Path(path)
     weights = trainable_tensors(model)
@@ -139,14 +145,21 @@ def check_compatible(manifest: dict[str, Any], model: torch.nn.Module, path: str
         missing = sorted(set(mine) - set(theirs))
         extra = sorted(set(theirs) - set(mine))
         shape = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
-        first = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
-                 else f"shape of {shape[0]}: checkpoint {theirs[shape[0]]} vs model {mine[shape[0]]}")
-        raise CheckpointError(f"checkpoint '{path}' is from another model ({first}); "
-                              "resume with the same model and finetuning settings")
+        first = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {extra[0]}"
+            if extra
+            else f"shape of {shape[0]}: checkpoint {theirs[shape[0]]} vs model {mine[shape[0]]}"
+        )
+        raise CheckpointError(
+            f"checkpoint '{path}' is from another model ({first}); resume with the same model and finetuning settings"
+        )
 
 
-def load_train_state(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler: Any) -> dict[str, Any]:
+def load_train_state(
+    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     check_compatible(manifest, model, path)

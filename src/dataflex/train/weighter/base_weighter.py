@@ -25,8 +25,14 @@ class Weighter(ABC):
         self.runtime = dict(kwargs)
 
     @abstractmethod
-    def get_weighted_loss(self, losses: torch.Tensor, *, ctx: Any = None, model: nn.Module | None = None,
-                          inputs: dict[str, Any] | None = None) -> torch.Tensor:
+    def get_weighted_loss(
+        self,
+        losses: torch.Tensor,
+        *,
+        ctx: Any = None,
+        model: nn.Module | None = None,
+        inputs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
         """Weighted scalar loss from this micro-batch's per-sample losses (B,)."""
 
     @staticmethod
@@ -36,14 +42,16 @@ class Weighter(ABC):
         count = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
         return tok.sum(dim=1) / count
 
-    def loss_for_batch(self, losses: MicroBatchLosses, ctx: Any, model: nn.Module, inputs: dict[str, Any],
-                       use_weighter: bool = True) -> torch.Tensor:
+    def loss_for_batch(
+        self, losses: MicroBatchLosses, ctx: Any, model: nn.Module, inputs: dict[str, Any], use_weighter: bool = True
+    ) -> torch.Tensor:
         if not use_weighter:
             return losses.standard_loss()
         return self.get_weighted_loss(losses.per_sample_loss, ctx=ctx, model=model, inputs=inputs)
 
-    def training_step(self, ctx: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: int,
-                      use_weighter: bool = True) -> torch.Tensor:
+    def training_step(
+        self, ctx: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: int, use_weighter: bool = True
+    ) -> torch.Tensor:
         """Forward, (weighted) loss, backward for one micro-batch; returns the detached loss."""
         model.train()
         accelerator = getattr(ctx, "accelerator", None)

@@ -1,0 +1,210 @@
+"""DataFlex flat YAML -> grouped parameters, and every bad input: one clear line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dataflex.cli import main
+from dataflex.config import IGNORED_KEYS, default_params, flat_to_grouped, parse_overrides, validate_params
+from dataflex.core.errors import ConfigError
+
+
+def _flat(demo_dir: Path, model_dir: Path, out: Path, **kw) -> dict:
+    cfg = {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "dataset": "arith_train,reverse_train",
+        "eval_dataset": "arith_test",
+        "dataset_dir": str(demo_dir),
+        "template": "default",
+        "cutoff_len": 64,
+        "output_dir": str(out),
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1.0e-3,
+        "max_steps": 4,
+        "train_type": "static",
+        "report_to": "none",
+        "ddp_timeout": 180000000,
+        "plot_loss": True,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def _write(tmp_path: Path, cfg: dict | str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return path
+
+
+def test_flat_keys_map_to_groups(demo_dir, tiny_model_dir, tmp_path):
+    params = flat_to_grouped(
+        _flat(
+            demo_dir,
+            tiny_model_dir,
+            tmp_path / "out",
+            bf16=True,
+            warmup_step=3,
+            component_name="loss",
+            gradient_accumulation_steps=2,
+        )
+    )
+    assert params["model"]["lora_rank"] == 4
+    assert params["data"]["dataset"] == "arith_train,reverse_train"
+    assert params["train"]["gradient_accumulation_steps"] == 2
+    assert params["train"]["mixed_precision"] == "bf16"
+    assert params["dataflex"]["warmup_step"] == 3 and params["dataflex"]["component_name"] == "loss"
+    assert "ddp_timeout" not in json.dumps(params)
+    validate_params(params)
+
+
+def test_overrides_parse_yaml_scalars():
+    assert parse_overrides(["learning_rate=5e-5", "warmup_step=20", "bf16=true", "dataset=a,b", "x="]) == {
+        "learning_rate": 5e-5,
+        "warmup_step": 20,
+        "bf16": True,
+        "dataset": "a,b",
+        "x": None,
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["learning_rate"])
+
+
+def test_ignored_keys_are_not_mapped():
+    assert not IGNORED_KEYS & set(flat_to_grouped({})["train"])
+
+
+BAD = [
+    ({"lora_rnak": 8}, "unknown config key.*lora_rnak"),
+    ({"dataset": None}, "dataset is missing"),
+    ({"dataset": "arith_train,nope_train"}, "nope_train"),
+    ({"cutoff_len": 0}, "cutoff_len must be an integer >= 1"),
+    ({"template": "vicuna9"}, "unknown template 'vicuna9'"),
+    ({"train_type": "dynamic_foo"}, "unknown train_type 'dynamic_foo'; valid: static, dynamic_select"),
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive integer"),
+    ({"per_device_train_batch_size": -2}, "per_device_train_batch_size must be a positive integer"),
+    ({"learning_rate": -1.0}, "learning_rate must be > 0"),
+    ({"max_steps": 0}, "max_steps must be a positive integer"),
+    ({"lora_rank": 0}, "lora_rank must be a positive integer"),
+    ({"finetuning_type": "freeze"}, "finetuning_type 'freeze' is not valid"),
+    ({"stage": "dpo"}, "stage 'dpo' is not valid"),
+    ({"model_name_or_path": "/nonexistent/model"}, "does not exist"),
+    ({"model_name_or_path": "some-org/not-cached-model"}, "not in the Hugging Face cache.*offline"),
+    ({"resume_from_checkpoint": "/nonexistent/checkpoint-3"}, "checkpoint '/nonexistent/checkpoint-3' does not exist"),
+    ({"components_cfg_file": "/nonexistent/components.yaml"}, "components_cfg_file"),
+]
+
+
+@pytest.mark.parametrize("bad, match", BAD, ids=[next(iter(b)) + "-" + str(i) for i, (b, _) in enumerate(BAD)])
+def test_bad_config_one_line_exit_2(bad, match, demo_dir, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, out, **bad))
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dataflex-cli: error: ")
+    assert __import__("re").search(match, err), err
+    assert not out.exists()  # nothing written
+
+
+def _corpus_copy(demo_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(demo_dir, copy)
+    return copy
+
+
+@pytest.mark.parametrize("case", ["missing_file", "malformed_json", "malformed_jsonl", "missing_column", "empty"])
+def test_bad_data_one_line_exit_2(case, demo_dir, tiny_model_dir, tmp_path, capsys):
+    corpus = _corpus_copy(demo_dir, tmp_path)
+    info = json.loads((corpus / "dataset_info.json").read_text())
+    arith = corpus / info["arith_train"]["file_name"]
+    dataset = "arith_train,reverse_train"
+    if case == "missing_file":
+        arith.unlink()
+        match = "does not exist|not found|missing"
+    elif case == "malformed_json":
+        text = arith.read_text().splitlines()
+        text[3] = text[3] + ' "broken'
+        arith.write_text("\n".join(text))
+        match = r"arith_train\.json:4:"
+    elif case == "malformed_jsonl":
+        name = info["text_stories_train"]["file_name"]
+        lines = (corpus / name).read_text().splitlines()
+        lines[2] = "{not json"
+        (corpus / name).write_text("\n".join(lines) + "\n")
+        dataset = "text_stories_train"
+        match = r"text_stories_train\.jsonl:3"
+    elif case == "missing_column":
+        rows = json.loads(arith.read_text())
+        del rows[5]["output"]
+        arith.write_text(json.dumps(rows))
+        match = "output"
+    else:
+        arith.write_text("[]")
+        match = "no rows"
+    stage = "pt" if case == "malformed_jsonl" else "sft"
+    cfg = _write(
+        tmp_path, _flat(corpus, tiny_model_dir, tmp_path / "out", dataset=dataset, stage=stage, eval_dataset=None)
+    )
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dataflex-cli: error: "), err
+    assert __import__("re").search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("model_name_or_path: [unclosed\n", "not valid YAML at line"),
+        ("", "is empty"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_malformed_yaml(content, match, tmp_path, capsys):
+    assert main(["train", str(_write(tmp_path, content))]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_yaml_and_usage(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code == 2
+
+
+def test_recognised_but_unavailable_train_type(demo_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, tmp_path / "out", train_type="dynamic_select"))
+    assert main(["train", str(cfg)]) == 2
+    assert "not available in this version yet" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out.startswith("dataflex ")
+
+
+def test_relative_paths_resolve_against_cwd(demo_dir, tiny_model_dir, tmp_path, monkeypatch):
+    from dataflex.cli import build_train_params
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, Path("rel_out")))
+    params = build_train_params(str(cfg), [])
+    assert params["train"]["output_dir"] == str(tmp_path / "rel_out")
+
+
+def test_grouped_params_reject_unknown_keys():
+    params = default_params()
+    params["train"]["learning_rte"] = 1
+    with pytest.raises(ConfigError, match="train.learning_rte"):
+        validate_params(params, check_paths=False)

@@ -1,0 +1,213 @@
+"""End to end: `kedro run` on the demo and `dataflex-cli train` on a static YAML, each in a temporary project copy
+with a temporary MLflow database. Slow (they train), still run in CI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def make_project(root: Path, tmp_path: Path) -> Path:
+    """A copy of the Kedro project (pyproject + conf) with an empty src/: the package is installed already."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(root / "pyproject.toml", project)
+    shutil.copytree(root / "conf" / "base", project / "conf" / "base")
+    shutil.copy(root / "conf" / "logging.yml", project / "conf")
+    (project / "conf" / "local").mkdir()
+    (project / "src").mkdir()
+    return project
+
+
+def _end_runs() -> None:
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def _run_kedro(project: Path, runtime_params: dict, pipeline: str | None = None) -> None:
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    try:
+        with KedroSession.create(project_path=project, runtime_params=runtime_params) as session:
+            session.run(pipeline_names=[pipeline] if pipeline else None)
+    finally:
+        _end_runs()
+
+
+def _mlflow_run(db: Path, run_id: str):
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return client, client.get_run(run_id)
+
+
+def test_kedro_run_demo_end_to_end(project_root, tmp_path, monkeypatch):
+    """`kedro run` with no pipeline: builds the demo corpus and a tiny model in the project, processes, trains,
+    evaluates, reports, and logs everything to one MLflow run."""
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(project)
+    db = project / "mlflow.db"
+    params = {
+        "mlflow_uri": f"sqlite:///{db}",
+        "demo": {"model_size": "test", "pretrain_steps": 10},
+        "train": {"max_steps": 12, "logging_steps": 4, "per_device_train_batch_size": 8, "progress_bar": False},
+        "eval": {"max_generate_samples": 4, "max_new_tokens": 6},
+    }
+    _run_kedro(project, params)
+
+    out = project / "data" / "06_models" / "static"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["train_type"] == "static" and summary["global_step"] == 12
+    assert summary["train_samples_seen"] == 12 * 8
+    assert set(summary["eval"]) == {f"{d}_test" for d in ("arith", "reverse", "sort", "wordcount", "facts", "format")}
+    for metrics in summary["eval"].values():
+        assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-5)
+        assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert (project / "data" / "08_reporting" / "loss_curve.png").stat().st_size > 1000
+    assert "| arith_test |" in (project / "data" / "08_reporting" / "metrics_table.md").read_text()
+
+    # The adapter is standard peft and reloads onto the demo base model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(project / "data" / "01_raw" / "tiny_llama")
+    PeftModel.from_pretrained(base, out / "adapter")
+
+    client, run = _mlflow_run(db, summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.lora_rank"] == "8"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 3
+    assert "eval/arith_test/loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "run_summary.json", "metrics_table.md"} <= artifacts
+
+    # Processed data is reused when inputs are unchanged: the cache holds one entry per dataset build.
+    cache = project / "data" / "02_intermediate" / "cache"
+    before = sorted(p.name for p in cache.iterdir())
+    _run_kedro(project, params, pipeline="data_processing")
+    assert sorted(p.name for p in cache.iterdir()) == before
+
+
+def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+    from dataflex.cli import main
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "dataset": "arith_train,reverse_train",
+        "eval_dataset": "arith_test",
+        "dataset_dir": str(demo_dir),
+        "template": "default",
+        "cutoff_len": 64,
+        "output_dir": "saves/static",
+        "logging_steps": 2,
+        "save_steps": 3,
+        "plot_loss": True,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1.0e-4,
+        "num_train_epochs": 1.0,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+        "ddp_timeout": 180000000,
+        "report_to": "none",
+        "train_type": "static",
+        "max_new_tokens": 4,
+    }
+    (tmp_path / "static.yaml").write_text(yaml.safe_dump(cfg))
+    db = tmp_path / "mlflow.db"
+    rc = main(
+        [
+            "train",
+            "static.yaml",
+            "learning_rate=5e-4",
+            "max_steps=6",
+            "--project-dir",
+            str(project),
+            "--mlflow-uri",
+            f"sqlite:///{db}",
+        ]
+    )
+    _end_runs()
+    assert rc == 0
+    out = tmp_path / "saves" / "static"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["train_type"] == "static"
+    assert summary["train_samples_seen"] == 6 * 4 * 2
+    assert set(summary["eval"]["arith_test"]) == {"loss", "perplexity", "accuracy"}
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    _, run = _mlflow_run(db, summary["mlflow_run_id"])
+    assert float(run.data.params["train.learning_rate"]) == 5e-4
+
+    # Resume from the finished run's checkpoint-3 reproduces the same adapter (same YAML + resume key).
+    rc = main(
+        [
+            "train",
+            "static.yaml",
+            "learning_rate=5e-4",
+            "max_steps=6",
+            "output_dir=saves/resumed",
+            "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3",
+            "--project-dir",
+            str(project),
+            "--mlflow-uri",
+            f"sqlite:///{db}",
+        ]
+    )
+    _end_runs()
+    assert rc == 0
+    from safetensors.torch import load_file
+
+    a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "saves" / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+    # A checkpoint from another model is refused before training.
+    rc = main(
+        [
+            "train",
+            "static.yaml",
+            "lora_rank=2",
+            "output_dir=saves/other",
+            "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3",
+            "--project-dir",
+            str(project),
+            "--mlflow-uri",
+            f"sqlite:///{db}",
+        ]
+    )
+    _end_runs()
+    assert rc == 2
+    assert "from another model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "saves" / "other" / "adapter").exists()
+
+    # export merges the adapter into its base (llamafactory-cli export).
+    assert main(["export", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_kedro_run_bad_params_is_one_line(project_root, tmp_path, monkeypatch):
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit) as exc:
+        _run_kedro(project, {"mlflow_uri": f"sqlite:///{project / 'm.db'}", "train": {"learning_rate": -1}})
+    assert exc.value.code == "error: learning_rate must be > 0, got -1"
