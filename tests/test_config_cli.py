@@ -83,6 +83,8 @@ def test_ignored_keys_are_not_mapped():
 
 BAD = [
     ({"lora_rnak": 8}, "unknown config key.*lora_rnak"),
+    ({"quantization_bit": 4}, "quantization_bit are not supported by this version"),
+    ({"optim": "sgd"}, "optim are not supported"),
     ({"dataset": None}, "dataset is missing"),
     ({"dataset": "arith_train,nope_train"}, "nope_train"),
     ({"cutoff_len": 0}, "cutoff_len must be an integer >= 1"),
@@ -208,3 +210,13 @@ def test_grouped_params_reject_unknown_keys():
     params["train"]["learning_rte"] = 1
     with pytest.raises(ConfigError, match="train.learning_rte"):
         validate_params(params, check_paths=False)
+
+
+def test_readme_documents_every_key(project_root):
+    """The README's key table stays true: every grouped key, flat alias, ignored and refused key is named."""
+    from dataflex.config import DEFAULTS, FLAT_KEYS, UNSUPPORTED_KEYS
+
+    readme = (project_root / "README.md").read_text()
+    names = {k for group in DEFAULTS.values() for k in group} | set(FLAT_KEYS) | IGNORED_KEYS | UNSUPPORTED_KEYS
+    missing = sorted(k for k in names if f"`{k}`" not in readme)
+    assert not missing, f"README does not document: {missing}"

@@ -97,55 +97,24 @@ FLAT_KEYS.update(
 # Flat keys that set a grouped key through a conversion.
 _CONVERTED = {"bf16", "fp16"}
 
-IGNORED_KEYS = frozenset(
-    {
-        "ddp_timeout",
-        "plot_loss",
-        "report_to",
-        "overwrite_cache",
-        "overwrite_output_dir",
-        "preprocessing_num_workers",
-        "dataloader_num_workers",
-        "do_train",
-        "do_eval",
-        "do_predict",
-        "trust_remote_code",
-        "save_only_model",
-        "eval_strategy",
-        "evaluation_strategy",
-        "eval_steps",
-        "metric_for_best_model",
-        "greater_is_better",
-        "load_best_model_at_end",
-        "logging_dir",
-        "run_name",
-        "flash_attn",
-        "disable_version_check",
-        "deepspeed",
-        "ddp_find_unused_parameters",
-        "resize_vocab",
-        "save_strategy",
-        "include_num_input_tokens_seen",
-        "gradient_checkpointing",
-        "tokenized_path",
-        "streaming",
-        "buffer_size",
-        "mix_strategy",
-        "interleave_probs",
-        "neat_packing",
-        "upcast_layernorm",
-        "use_unsloth",
-        "enable_liger_kernel",
-        "optim",
-        "dataloader_pin_memory",
-        "bf16_full_eval",
-        "early_stopping_steps",
-        "early_stopping_min_delta",
-        "save_safetensors",
-        "freeze_gate",
-        "quantization_bit",
-    }
-)
+# Known keys that change nothing here (logging, hub, workers, memory tricks): accepted with a one-line notice.
+# fmt: off
+IGNORED_KEYS = frozenset({
+    "ddp_timeout", "plot_loss", "report_to", "overwrite_cache", "overwrite_output_dir",
+    "preprocessing_num_workers", "dataloader_num_workers", "do_train", "do_eval", "do_predict",
+    "trust_remote_code", "save_only_model", "eval_strategy", "evaluation_strategy", "eval_steps",
+    "metric_for_best_model", "greater_is_better", "load_best_model_at_end", "logging_dir", "run_name",
+    "flash_attn", "disable_version_check", "ddp_find_unused_parameters", "save_strategy",
+    "include_num_input_tokens_seen", "gradient_checkpointing", "enable_liger_kernel", "dataloader_pin_memory",
+    "bf16_full_eval", "early_stopping_steps", "early_stopping_min_delta", "save_safetensors",
+})
+# Known keys whose meaning this version does not implement: silently dropping them would change the run.
+UNSUPPORTED_KEYS = frozenset({
+    "quantization_bit", "deepspeed", "use_unsloth", "streaming", "buffer_size", "neat_packing", "mix_strategy",
+    "interleave_probs", "tokenized_path", "upcast_layernorm", "freeze_gate", "resize_vocab", "optim",
+})
+# fmt: on
+_SAME_OPTIMIZER = ("adamw_torch", "adamw_torch_fused")
 
 
 # YAML 1.1 reads `5e-5` (no dot) as a string; LLaMA-Factory's argument parser turns it into a float, so do we.
@@ -200,17 +169,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def flat_to_grouped(flat: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Map a flat DataFlex YAML onto grouped parameters (on top of `base`, default: library defaults)."""
     params = copy.deepcopy(dict(base)) if base is not None else default_params()
-    unknown = [k for k in flat if k not in FLAT_KEYS and k not in IGNORED_KEYS and k not in _CONVERTED]
+    unsupported = sorted(k for k in flat if k in UNSUPPORTED_KEYS and not (k == "optim" and flat[k] in _SAME_OPTIMIZER))
+    if unsupported:
+        raise ConfigError(
+            f"config key(s) {', '.join(unsupported)} are not supported by this version of dataflex; "
+            "remove them (see the README's key table)"
+        )
+    known = FLAT_KEYS.keys() | IGNORED_KEYS | UNSUPPORTED_KEYS | _CONVERTED
+    unknown = [k for k in flat if k not in known]
     if unknown:
         raise ConfigError(
             f"unknown config key(s): {', '.join(sorted(unknown))} "
             "(see the README's key table for the supported DataFlex / LLaMA-Factory keys)"
         )
-    ignored = sorted(k for k in flat if k in IGNORED_KEYS)
+    ignored = sorted(k for k in flat if k in IGNORED_KEYS or k == "optim")
     if ignored:
         logger.info("accepted but not used by dataflex: %s", ", ".join(ignored))
     for key, value in flat.items():
-        if key in IGNORED_KEYS:
+        if key in IGNORED_KEYS or key == "optim":
             continue
         if key in ("bf16", "fp16"):
             if value:
