@@ -13,7 +13,6 @@ from dataflex.data import (
     IGNORE_INDEX,
     build_dataset,
     build_dataset_cached,
-    build_generation_examples,
     dataset_fingerprint,
     dataset_metadata,
     domain_names,
@@ -242,11 +241,3 @@ def test_split_validation_stratified_and_keeps_metadata():
             split_validation(ds, bad)
 
 
-def test_generation_examples():
-    tok = tiny_tokenizer()
-    ex = build_generation_examples(dataset="arith_test,chat_train", dataset_dir=small_demo_dir(), tokenizer=tok,
-                                   template="chatml", max_samples=2)  # fmt: skip
-    assert [e["domain_id"] for e in ex] == [0, 0, 1, 1] and [e["sample_id"] for e in ex] == [0, 1, 2, 3]
-    assert tok.decode(ex[0]["prompt_ids"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
-    assert ex[0]["reference"] and ex[0]["domain"] == "arith_test"
-    assert tok.decode(ex[2]["prompt_ids"]).count("<|im_start|>assistant") >= 2  # history included

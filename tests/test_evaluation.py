@@ -31,6 +31,8 @@ def test_eval_loss_is_token_weighted_mean(tiny_model_dir, sft_pool, tokenizer):
 def test_prompt_answer_split():
     assert _prompt_and_answer([5, 6, 7, 8, 1], [-100, -100, -100, 8, 1]) == ([5, 6, 7], [8, 1])
     assert _prompt_and_answer([5, 6], [-100, -100]) is None
+    # multi-turn: the last assistant turn is the answer, earlier turns are part of the prompt
+    assert _prompt_and_answer([1, 2, 3, 4, 5, 6], [-100, 2, -100, -100, 5, 6]) == ([1, 2, 3, 4], [5, 6])
 
 
 def test_exact_match_counts_a_memorised_answer(tiny_model_dir, sft_pool, tokenizer):

@@ -35,12 +35,17 @@ def eval_loss(
 
 
 def _prompt_and_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]] | None:
-    """Split a single-turn sample at its first supervised token: prompt ids, reference answer ids."""
-    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), None)
-    if first is None or first == 0:
+    """Split a sample at its last supervised span (the last assistant turn): prompt ids, reference answer ids."""
+    supervised = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    if not supervised:
         return None
-    answer = [t for t, lab in zip(input_ids[first:], labels[first:]) if lab != IGNORE_INDEX]
-    return input_ids[:first], answer
+    end = supervised[-1] + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    if start == 0:
+        return None
+    return input_ids[:start], input_ids[start:end]
 
 
 @torch.no_grad()

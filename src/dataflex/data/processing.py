@@ -106,7 +106,7 @@ def _settings(**kw: Any) -> dict[str, Any]:
     return {k: kw[k] for k in ("stage", "template", "cutoff_len", "train_on_prompt", "max_samples", "packing", "seed")}
 
 
-def processing_fingerprint(
+def _prepare(
     *,
     dataset: DatasetArg,
     dataset_dir: str | os.PathLike,
@@ -118,15 +118,21 @@ def processing_fingerprint(
     max_samples: int | None = None,
     packing: bool = False,
     seed: int = 0,
-) -> str:
-    """The fingerprint `build_dataset` would give, without tokenizing (hashes raw files, settings, tokenizer)."""
-    _check_settings(template=template, cutoff_len=cutoff_len, stage=stage, max_samples=max_samples, packing=packing)
+) -> tuple[Any, list[DatasetAttr], dict[str, Any], str]:
+    """Checks and hashing shared by building, caching and fingerprinting: (template, attrs, settings, fingerprint)."""
+    tmpl = _check_settings(template=template, cutoff_len=cutoff_len, stage=stage, max_samples=max_samples,
+                           packing=packing)  # fmt: skip
     attrs = resolve_datasets(dataset, dataset_dir)
     settings = _settings(
         stage=stage, template=template, cutoff_len=cutoff_len, train_on_prompt=bool(train_on_prompt),
         max_samples=max_samples, packing=bool(packing), seed=seed,
     )  # fmt: skip
-    return _fingerprint(attrs, dataset_dir, tokenizer, settings)
+    return tmpl, attrs, settings, _fingerprint(attrs, dataset_dir, tokenizer, settings)
+
+
+def processing_fingerprint(**kwargs: Any) -> str:
+    """The fingerprint `build_dataset(**kwargs)` would give, without tokenizing (raw files, settings, tokenizer)."""
+    return _prepare(**kwargs)[3]
 
 
 # ----------------------------------------------------------------------------- building
@@ -188,19 +194,15 @@ def build_dataset(
 
     `seed` is recorded (and fingerprinted) but nothing here is random: order is file order, domain by domain.
     """
-    tmpl = _check_settings(template=template, cutoff_len=cutoff_len, stage=stage, max_samples=max_samples,
-                           packing=packing)  # fmt: skip
-    attrs = resolve_datasets(dataset, dataset_dir)
+    tmpl, attrs, settings, fingerprint = _prepare(
+        dataset=dataset, dataset_dir=dataset_dir, tokenizer=tokenizer, template=template, cutoff_len=cutoff_len,
+        stage=stage, train_on_prompt=train_on_prompt, max_samples=max_samples, packing=packing, seed=seed,
+    )  # fmt: skip
     names = [a.name for a in attrs]
     if stage == "sft":
         tmpl.check_tokenizer(tokenizer)
     elif tokenizer.eos_token_id is None:
         raise ConfigError("stage pt appends eos to every text but the tokenizer has no eos token; set eos_token")
-    settings = _settings(
-        stage=stage, template=template, cutoff_len=cutoff_len, train_on_prompt=bool(train_on_prompt),
-        max_samples=max_samples, packing=bool(packing), seed=seed,
-    )  # fmt: skip
-    fingerprint = _fingerprint(attrs, dataset_dir, tokenizer, settings)
     sources = _load_sources(attrs, dataset_dir, max_samples)
 
     # Convert every row first: column errors surface before any tokenization.
@@ -341,25 +343,8 @@ def _with_metadata(ds: datasets.Dataset, meta: dict[str, Any]) -> datasets.Datas
 
 
 # ----------------------------------------------------------------------------- cache
-def build_dataset_cached(
-    cache_dir: str | os.PathLike,
-    *,
-    dataset: DatasetArg,
-    dataset_dir: str | os.PathLike,
-    tokenizer: Any,
-    template: str = "default",
-    cutoff_len: int = 1024,
-    stage: str = "sft",
-    train_on_prompt: bool = False,
-    max_samples: int | None = None,
-    packing: bool = False,
-    seed: int = 0,
-) -> datasets.Dataset:
-    """`build_dataset`, reusing `cache_dir/<fingerprint>` when present (a changed input or setting is a miss)."""
-    kwargs = dict(
-        dataset=dataset, dataset_dir=dataset_dir, tokenizer=tokenizer, template=template, cutoff_len=cutoff_len,
-        stage=stage, train_on_prompt=train_on_prompt, max_samples=max_samples, packing=packing, seed=seed,
-    )  # fmt: skip
+def build_dataset_cached(cache_dir: str | os.PathLike, **kwargs: Any) -> datasets.Dataset:
+    """`build_dataset(**kwargs)`, reusing `cache_dir/<fingerprint>` when present (a changed input or setting misses)."""
     fp = processing_fingerprint(**kwargs)
     path = Path(cache_dir) / fp
     if (path / "dataset_info.json").is_file():
@@ -427,35 +412,3 @@ def split_validation(
 
 
 # ----------------------------------------------------------------------------- generation (evaluation)
-def build_generation_examples(
-    *,
-    dataset: DatasetArg,
-    dataset_dir: str | os.PathLike,
-    tokenizer: Any,
-    template: str = "default",
-    cutoff_len: int = 1024,
-    max_samples: int | None = None,
-) -> list[dict[str, Any]]:
-    """Prompts for greedy generation + reference answers (the last assistant turn), for exact-match eval.
-
-    Each item: prompt_ids (the last cutoff_len tokens of the prompt, so the assistant header is kept),
-    reference (str), domain_id, domain, sample_id (0..N-1 over the returned list).
-    """
-    tmpl = _check_settings(template=template, cutoff_len=cutoff_len, stage="sft", max_samples=max_samples,
-                           packing=False)  # fmt: skip
-    tmpl.check_tokenizer(tokenizer)
-    attrs = resolve_datasets(dataset, dataset_dir)
-    sources = _load_sources(attrs, dataset_dir, max_samples)
-    out: list[dict[str, Any]] = []
-    for d, (attr, rows) in enumerate(zip(attrs, sources)):
-        for i, row in enumerate(rows):
-            messages, system = row_to_messages(row, attr, i)
-            if not messages or messages[-1]["role"] != "assistant":
-                continue
-            try:
-                prompt = tmpl.encode_prompt(tokenizer, messages[:-1], system)
-            except InvalidConversation:
-                continue
-            out.append({"prompt_ids": prompt[-cutoff_len:], "reference": messages[-1]["content"],
-                        "domain_id": d, "domain": attr.name, "sample_id": len(out)})  # fmt: skip
-    return out
