@@ -239,5 +239,3 @@ def test_split_validation_stratified_and_keeps_metadata():
     for bad in (0, 0.0, 1.0, 60, -1, True, "0.1"):
         with pytest.raises(ConfigError, match="val_size"):
             split_validation(ds, bad)
-
-

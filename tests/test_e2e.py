@@ -131,20 +131,14 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     }
     (tmp_path / "static.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
-    rc = main(
-        [
-            "train",
-            "static.yaml",
-            "learning_rate=5e-4",
-            "max_steps=6",
-            "--project-dir",
-            str(project),
-            "--mlflow-uri",
-            f"sqlite:///{db}",
-        ]
-    )
-    _end_runs()
-    assert rc == 0
+
+    def train(*overrides: str) -> int:
+        argv = ["train", "static.yaml", "learning_rate=5e-4", "max_steps=6", *overrides]
+        rc = main([*argv, "--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"])
+        _end_runs()
+        return rc
+
+    assert train() == 0
     out = tmp_path / "saves" / "static"
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["global_step"] == 6 and summary["train_type"] == "static"
@@ -156,22 +150,7 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     assert float(run.data.params["train.learning_rate"]) == 5e-4
 
     # Resume from the finished run's checkpoint-3 reproduces the same adapter (same YAML + resume key).
-    rc = main(
-        [
-            "train",
-            "static.yaml",
-            "learning_rate=5e-4",
-            "max_steps=6",
-            "output_dir=saves/resumed",
-            "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3",
-            "--project-dir",
-            str(project),
-            "--mlflow-uri",
-            f"sqlite:///{db}",
-        ]
-    )
-    _end_runs()
-    assert rc == 0
+    assert train("output_dir=saves/resumed", "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3") == 0
     from safetensors.torch import load_file
 
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -179,23 +158,15 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
 
     # A checkpoint from another model is refused before training.
-    rc = main(
-        [
-            "train",
-            "static.yaml",
-            "lora_rank=2",
-            "output_dir=saves/other",
-            "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3",
-            "--project-dir",
-            str(project),
-            "--mlflow-uri",
-            f"sqlite:///{db}",
-        ]
-    )
-    _end_runs()
-    assert rc == 2
+    ckpt = "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3"
+    assert train("lora_rank=2", "output_dir=saves/other", ckpt) == 2
     assert "from another model" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "saves" / "other" / "adapter").exists()
+
+    # Every sample fully masked (the prompt fills cutoff_len): one line, before training, nothing written.
+    assert train("cutoff_len=1", "output_dir=saves/masked") == 2
+    assert "fully masked" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "saves" / "masked").exists()
 
     # export merges the adapter into its base (llamafactory-cli export).
     assert main(["export", "--adapter", str(out / "adapter"), "--output", str(tmp_path / "merged")]) == 0
