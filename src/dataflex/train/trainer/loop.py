@@ -119,7 +119,18 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
     if mixed == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 mixed precision needs a GPU; training in fp32 on CPU instead (bf16 works on CPU)")
         mixed = "no"
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    kwargs = {"mixed_precision": mixed, "cpu": not torch.cuda.is_available()}
+    try:
+        return Accelerator(**kwargs)
+    except ValueError:
+        # accelerate keeps one global state per process; a later run in the same process (notebook, tests,
+        # the demo's pre-training then fine-tuning) may ask for another precision: start that state afresh.
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
 
 
 class Trainer:
