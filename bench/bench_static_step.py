@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore")
 
+    load_before = os.getloadavg()[0]
+    if load_before > 1.0:
+        print(f"warning: 1-min load average is {load_before:.2f} before the run: other processes may compete for the "
+              "CPU and make both timings noisy (ratios are side by side, but bursts do not hit both equally)")
     total_steps = args.steps + args.warmup_steps_untimed
     runners = {"ours": run_ours, "hf": run_hf}
     times: dict[str, list[float]] = {"ours": [], "hf": []}  # per run: median step interval
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train loss check:  ours {losses['ours'][0]:.6f}  HF {losses['hf'][0]:.6f}  max |diff| {loss_gap:.2e}")
     print(f"torch {torch.__version__} (threads {torch.get_num_threads()}), transformers {transformers.__version__}, "
           f"python {platform.python_version()}")
-    print(f"machine:           {machine}")
+    print(f"machine:           {machine}  (1-min load average before/after: {load_before:.2f} / "
+          f"{os.getloadavg()[0]:.2f}; the run itself adds ~{torch.get_num_threads()})")
     print(f"date:              {date}")
     if args.out:
         row = (f"| {date} | {machine} | {config_label(args)} | torch {torch.__version__}, "
