@@ -22,7 +22,7 @@ from dataflex.utils.logging import logger
 
 TRAIN_TYPES = ("static", "dynamic_select", "dynamic_mix", "dynamic_weight")
 # Modes whose pipelines exist in this version; the others are recognised but refused with a clear line.
-IMPLEMENTED_TRAIN_TYPES = ("static",)
+IMPLEMENTED_TRAIN_TYPES = ("static", "dynamic_weight")
 FINETUNING_TYPES = ("lora", "full")
 STAGES = ("sft", "pt")
 DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "auto")
@@ -281,6 +281,25 @@ def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> N
     get_template(data.get("template"))
     if check_paths:
         _check_paths(params)
+    if train_type != "static":
+        _check_dynamic(params)
+
+
+def _check_dynamic(params: Mapping[str, Any]) -> None:
+    """Component name and params, and the schedule, of a dynamic mode (before any model is loaded)."""
+    from dataflex.train.runner import component_for
+
+    flex, data = params["dataflex"], params["data"]
+    for key in ("warmup_step", "update_step", "train_step"):
+        value = flex.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+    kind, name, _ = component_for(flex)
+    if flex["train_step"] and flex["warmup_step"] > flex["train_step"]:
+        raise ConfigError(f"warmup_step ({flex['warmup_step']}) > train_step ({flex['train_step']}): the {kind} "
+                          "would never start; lower warmup_step or raise train_step")  # fmt: skip
+    if name == "adapt" and not (data.get("eval_dataset") or data.get("val_size")):
+        raise ConfigError("weighter 'adapt' needs an eval_dataset (its anchor set); set eval_dataset or val_size")
 
 
 def _check_paths(params: Mapping[str, Any]) -> None:

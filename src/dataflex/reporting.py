@@ -42,6 +42,29 @@ def loss_curve(log_history: list[Mapping[str, Any]], title: str = "training loss
     return fig
 
 
+def weights_plot(log_history: list[Mapping[str, Any]], title: str = "sample weights") -> plt.Figure:
+    """Relative weights (mean 1) per logging step: min / max / std, normalised entropy, and mean weight by domain."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    rows = [h for h in log_history if "weights/min" in h]
+    steps = [h["step"] for h in rows]
+    for key in ("weights/min", "weights/max", "weights/std", "weights/entropy"):
+        ax.plot(steps, [h[key] for h in rows], label=key.split("/", 1)[1])
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_title(f"{title}: spread")
+    domains = sorted({k for h in rows for k in h if k.startswith("weights/domain/")})
+    for key in domains:
+        pts = [(h["step"], h[key]) for h in rows if key in h]
+        bx.plot([p[0] for p in pts], [p[1] for p in pts], label=key.rsplit("/", 1)[1])
+    bx.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    bx.set_title("mean relative weight by domain")
+    for a in (ax, bx):
+        a.set_xlabel("optimizer step")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def run_summary(
     train_result: Mapping[str, Any],
     eval_metrics: Mapping[str, Any],

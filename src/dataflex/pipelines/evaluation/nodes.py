@@ -7,7 +7,7 @@ from typing import Any
 from dataflex.evaluation import evaluate_sets
 from dataflex.models import load_tokenizer
 from dataflex.tracking import log_eval_metrics
-from dataflex.train.static import build_model
+from dataflex.train.runner import build_model
 
 
 def evaluate(train_result: dict, eval_sets: Any, model: dict, data: dict, train: dict, eval: dict) -> dict:

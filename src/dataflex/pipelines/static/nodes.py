@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dataflex.tracking import mlflow_metrics_sink
-from dataflex.train.static import train_static
+from dataflex.train.runner import train_model
 
 
 def train(train_pool: Any, model: dict, train: dict) -> dict[str, Any]:
-    return train_static(train_pool, model, train, metrics_sink=mlflow_metrics_sink())
+    return train_model(train_pool, model, train, {"train_type": "static"}, metrics_sink=mlflow_metrics_sink())

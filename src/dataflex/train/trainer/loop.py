@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from dataflex.core.errors import ConfigError
+from dataflex.core.errors import ConfigError, DataFlexError
 from dataflex.train.trainer.args import TrainingArguments
 from dataflex.train.trainer.losses import MicroBatchLosses, count_supervised_tokens, forward_losses
 from dataflex.train.trainer.plan import DataPlan, EpochPlan
@@ -42,6 +42,14 @@ from dataflex.utils.logging import logger
 TRAIN_COLUMNS = ("input_ids", "labels", "sample_id", "domain_id")
 
 
+class WeighterError(DataFlexError):
+    """A weighter produced an unusable loss (non-scalar, NaN, negative)."""
+
+
+def _local_count(batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(b["input_ids"].shape[0] for b in batches)
+
+
 @dataclass
 class TrainContext:
     """What components see of the loop (the seed page's `ctx`)."""
@@ -55,6 +63,16 @@ class TrainContext:
     args: TrainingArguments
     domain_names: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+    # Set while a weighter is active (see `Trainer(weighter=...)`):
+    warmup_step: int = 0
+    batch_losses: MicroBatchLosses | None = None  # this micro-batch's losses (token sums, counts, domain ids)
+    step_scores: torch.Tensor | None = None  # every sample's score in the optimizer step, all processes
+    step_domains: torch.Tensor | None = None  # their domain ids, same order
+    sample_offset: int = 0  # where this micro-batch's samples start in `step_scores`
+
+    @property
+    def domain_ids(self) -> torch.Tensor | None:
+        return self.batch_losses.domain_id if self.batch_losses is not None else None
 
 
 LossFn = Callable[[MicroBatchLosses, TrainContext, torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -155,6 +173,9 @@ class Trainer:
         accelerator: Accelerator | None = None,
         domain_names: list[str] | None = None,
         model_fingerprint: str | None = None,
+        weighter: Any = None,
+        weighter_name: str = "weighter",
+        weighting_warmup_steps: int = 0,
     ) -> None:
         self.args = args
         self.accelerator = accelerator or make_accelerator(args)
@@ -170,6 +191,12 @@ class Trainer:
             shuffle=not args.disable_shuffling,
         )
         self.loss_fn = loss_fn or standard_loss
+        # A weighter (seed interface `get_weighted_loss`) replaces the loss from `weighting_warmup_steps` on.
+        self.weighter = weighter
+        self.weighter_name = weighter_name
+        self.weighting_warmup_steps = weighting_warmup_steps
+        if weighter is not None:
+            components = {"weighter": weighter, **dict(components or {})}
         self.observers = list(observers)
         self.components = dict(components or {})
         self.metrics_sink = metrics_sink
@@ -284,6 +311,9 @@ class Trainer:
             window = self._window_tokens(batches)
             step_loss = torch.zeros((), device=acc.device)
             weighted = torch.zeros((), device=acc.device)
+            weighting = self.weighter is not None and self.global_step >= self.weighting_warmup_steps
+            step_scores = self._prepass_scores(batches, max_steps) if weighting else None
+            offset = 0
             for i, batch in enumerate(batches):
                 ctx = TrainContext(
                     self.global_step,
@@ -294,12 +324,21 @@ class Trainer:
                     acc,
                     args,
                     self.domain_names,
+                    warmup_step=self.weighting_warmup_steps,
                 )
                 sync = i == len(batches) - 1 or acc.num_processes == 1
                 with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
                     losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
-                    loss = self.loss_fn(losses, ctx, model, batch)
+                    if weighting:
+                        if step_scores is None:  # one micro-batch: the training forward's losses are the scores
+                            step_scores = self._gather_scores([losses.per_sample_loss.detach()], [losses.domain_id])
+                        ctx.batch_losses, (ctx.step_scores, ctx.step_domains) = losses, step_scores
+                        ctx.sample_offset = self.accelerator.process_index * _local_count(batches) + offset
+                        loss = self._weighted_loss(losses, ctx, model, batch)
+                    else:
+                        loss = self.loss_fn(losses, ctx, model, batch)
                     acc.backward(loss)
+                offset += batch["input_ids"].shape[0]
                 step_loss += losses.standard_loss().detach() / acc.num_processes
                 weighted += loss.detach() / acc.num_processes
                 interval.add_micro(losses, batch, self.domain_names)
@@ -354,6 +393,49 @@ class Trainer:
             last_checkpoint=last_checkpoint,
         )
 
+    # -- weighting ----------------------------------------------------------------------------------
+
+    def _gather_scores(self, scores: list[torch.Tensor], domains: list[torch.Tensor | None]) -> tuple[Any, Any]:
+        """Concatenate this process's per-sample scores of the step and gather them from every process
+        (rank order), so weights are normalised over the whole optimizer step."""
+        local = torch.cat([s.float() for s in scores])
+        dom = torch.cat(
+            [d if d is not None else torch.zeros_like(s, dtype=torch.long) for s, d in zip(scores, domains)]
+        )
+        if self.accelerator.num_processes > 1:
+            local, dom = self.accelerator.gather(local), self.accelerator.gather(dom.to(local.device))
+        return local, dom
+
+    def _prepass_scores(self, batches: list[dict[str, torch.Tensor]], max_steps: int) -> tuple[Any, Any] | None:
+        """With several micro-batches, weights need every sample's score before the first backward: a no-grad
+        pass scores them (`score_batch`, by default the per-sample loss). One micro-batch needs no pre-pass."""
+        if not getattr(self.weighter, "needs_step_scores", False):
+            return None
+        if len(batches) == 1 and getattr(self.weighter, "scores_from_losses", True):
+            return None
+        ctx = TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), 0, len(batches),
+                           self.accelerator, self.args, self.domain_names,
+                           warmup_step=self.weighting_warmup_steps)  # fmt: skip
+        with torch.no_grad(), self.accelerator.autocast():
+            scores = [self.weighter.score_batch(self.model, b, ctx) for b in batches]
+        return self._gather_scores(scores, [b.get("domain_id") for b in batches])
+
+    def _weighted_loss(self, losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module,
+                       batch: Mapping[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+        loss = self.weighter.get_weighted_loss(losses.per_sample_loss, ctx=ctx, model=model, inputs=batch)
+        where = f"weighter '{self.weighter_name}' at step {self.global_step}"
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
+            raise WeighterError(f"{where} returned {shape}, not a scalar loss; return one number per micro-batch")
+        if not torch.isfinite(loss):
+            raise WeighterError(f"{where} returned a non-finite loss ({float(loss)}); check its weights")
+        if loss.detach() < 0:
+            raise WeighterError(f"{where} returned a negative loss ({float(loss):.4g}): weights must be >= 0")
+        if not getattr(self.weighter, "needs_step_scores", False):
+            # A per-micro-batch weighter (the seed page's interface) gives a micro-batch mean; the step averages them.
+            loss = loss / ctx.num_micro_batches
+        return loss
+
     def _log(self, interval: _Interval) -> dict[str, float]:
         tokens = interval.tokens
         if self.accelerator.num_processes > 1:
@@ -373,6 +455,9 @@ class Trainer:
         for name, (total, count) in interval.domain.items():
             if count:
                 logs[f"train_loss/{name}"] = total / count
+        for comp in [*self.components.values(), *self.observers]:
+            if hasattr(comp, "log_metrics"):
+                logs.update(comp.log_metrics())
         self.log_history.append({"step": self.global_step, **logs})
         if self.metrics_sink is not None and self.accelerator.is_main_process:
             self.metrics_sink(logs, self.global_step)

@@ -1,13 +1,19 @@
-"""Weighter base class with the seed page's interface.
+"""Weighter base classes.
 
-Subclasses implement `get_weighted_loss(losses, *, ctx, model, inputs) -> scalar`. The base class owns
-`training_step`, which runs the one loop's forward pass (per-sample losses computed once, fp32), applies
-the weighting when `use_weighter` is true, and back-propagates. The loop itself uses `loss_for_batch`,
-the same logic without the forward/backward, so there is one implementation of each.
+`Weighter` has the seed page's interface: subclasses implement `get_weighted_loss(losses, *, ctx, model,
+inputs) -> scalar` for one micro-batch, and the base class owns `training_step` (forward with per-sample
+losses computed once in fp32, weighting, backward). Such a weighter's loss is a micro-batch quantity; the
+loop averages it over the accumulation window, as DataFlex does.
+
+`StepWeighter` is what the built-in weighters use. It fixes two DataFlex problems (spec B3, B14, B15):
+weights are computed over the whole optimizer step (every micro-batch, every process) rather than per
+micro-batch, and they are relative weights with mean 1 applied to each sample's token-sum loss over the
+window's token count, so uniform weights give exactly the standard loss (no scale jump at `warmup_step`).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -16,10 +22,13 @@ from torch import nn
 
 from dataflex.train.trainer.losses import IGNORE_INDEX, MicroBatchLosses, forward_losses, per_token_losses
 
-__all__ = ["Weighter"]
+__all__ = ["StepWeighter", "Weighter"]
 
 
 class Weighter(ABC):
+    # A StepWeighter needs every sample's score of the optimizer step before the first backward.
+    needs_step_scores = False
+
     def __init__(self, **kwargs: Any) -> None:
         # DataFlex passes runtime objects by keyword; keep what arrives so subclasses can use it.
         self.runtime = dict(kwargs)
@@ -69,3 +78,91 @@ class Weighter(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+class StepWeighter(Weighter):
+    """Weights normalised over the whole optimizer step; subclasses implement `compute_weights`."""
+
+    needs_step_scores = True
+    # The score of a sample is its loss, so with one micro-batch the training forward provides it.
+    scores_from_losses = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._weights_step: int | None = None
+        self._weights: torch.Tensor | None = None
+        self._reset_stats()
+
+    @abstractmethod
+    def compute_weights(self, scores: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Non-negative weights (any scale) for the step's samples from their scores (all processes, rank order)."""
+
+    def score_batch(self, model: nn.Module, inputs: dict[str, Any], ctx: Any) -> torch.Tensor:
+        """Per-sample scores of one micro-batch for the no-grad pre-pass (default: the token-mean loss)."""
+        return forward_losses(model, inputs, window_tokens=1).per_sample_loss.detach()
+
+    def step_weights(self, ctx: Any) -> torch.Tensor:
+        """Relative weights (mean 1) of every sample in the step; computed once per optimizer step."""
+        if self._weights_step != ctx.global_step:
+            raw = self.compute_weights(ctx.step_scores, ctx).detach().float()
+            if raw.shape != ctx.step_scores.shape or not torch.isfinite(raw).all() or (raw < 0).any() or raw.sum() <= 0:
+                from dataflex.train.trainer.loop import WeighterError
+
+                raise WeighterError(
+                    f"weighter '{type(self).__name__}' at step {ctx.global_step} gave invalid weights "
+                    f"(need {tuple(ctx.step_scores.shape)} finite, >= 0, not all 0): {raw.tolist()[:8]}"
+                )
+            self._weights = raw * (raw.numel() / raw.sum())
+            self._weights_step = ctx.global_step
+            self._record(self._weights, ctx.step_domains, ctx.domain_names)
+        return self._weights
+
+    def get_weighted_loss(self, losses: torch.Tensor, *, ctx: Any = None, model: nn.Module | None = None,
+                          inputs: dict[str, Any] | None = None) -> torch.Tensor:  # fmt: skip
+        m = self.step_weights(ctx)[ctx.sample_offset : ctx.sample_offset + losses.numel()].to(losses.device)
+        batch = ctx.batch_losses
+        # sum_b m_b * (token-sum loss of b) / window tokens: the standard loss when every m_b = 1
+        return (m * losses * batch.token_count).sum() * batch.num_processes / max(batch.window_tokens, 1)
+
+    # -- weight statistics, averaged over the steps of a logging interval ----------------------------
+
+    def _reset_stats(self) -> None:
+        self._stats: dict[str, float] = {"steps": 0, "min": 0.0, "max": 0.0, "std": 0.0, "entropy": 0.0}
+        self._domain_stats: dict[str, list[float]] = {}
+
+    def _record(self, w: torch.Tensor, domains: torch.Tensor | None, names: list[str]) -> None:
+        p = w / w.sum()
+        entropy = float(-(p * p.clamp_min(1e-30).log()).sum()) / math.log(max(w.numel(), 2))
+        st = self._stats
+        st["steps"] += 1
+        st["min"] += float(w.min())
+        st["max"] += float(w.max())
+        st["std"] += float(w.std()) if w.numel() > 1 else 0.0
+        st["entropy"] += entropy
+        if domains is not None:
+            for d in domains.unique().tolist():
+                name = names[d] if d < len(names) else str(d)
+                acc = self._domain_stats.setdefault(name, [0.0, 0.0])
+                sel = w[domains.to(w.device) == d]
+                acc[0] += float(sel.sum())
+                acc[1] += sel.numel()
+
+    def log_metrics(self) -> dict[str, float]:
+        """Weight statistics since the last log line: relative weights have mean 1 by construction;
+        `entropy` is normalised to [0, 1] (1 = uniform)."""
+        st = self._stats
+        if not st["steps"]:
+            return {}
+        n = st["steps"]
+        out = {"weights/mean": 1.0, "weights/min": st["min"] / n, "weights/max": st["max"] / n,
+               "weights/std": st["std"] / n, "weights/entropy": st["entropy"] / n}  # fmt: skip
+        out.update({f"weights/domain/{k}": v[0] / v[1] for k, v in self._domain_stats.items() if v[1]})
+        self._reset_stats()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stats": self._stats, "domain_stats": self._domain_stats}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._stats = dict(state.get("stats", self._stats))
+        self._domain_stats = {k: list(v) for k, v in state.get("domain_stats", {}).items()}
