@@ -101,6 +101,11 @@ BAD = [
     ({"model_name_or_path": "some-org/not-cached-model"}, "not in the Hugging Face cache.*offline"),
     ({"resume_from_checkpoint": "/nonexistent/checkpoint-3"}, "checkpoint '/nonexistent/checkpoint-3' does not exist"),
     ({"components_cfg_file": "/nonexistent/components.yaml"}, "components_cfg_file"),
+    ({"train_type": "dynamic_weight"}, "needs component_name"),
+    ({"train_type": "dynamic_weight", "component_name": "lossy"}, "unknown weighter 'lossy'"),
+    ({"train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 9, "train_step": 4}, "warmup_step"),
+    ({"train_type": "dynamic_weight", "component_name": "loss", "warmup_step": -1}, "warmup_step must be"),
+    ({"train_type": "dynamic_weight", "component_name": "adapt", "eval_dataset": None}, "adapt' needs an eval_data"),
 ]
 
 

@@ -182,3 +182,46 @@ def test_kedro_run_bad_params_is_one_line(project_root, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         _run_kedro(project, {"mlflow_uri": f"sqlite:///{project / 'm.db'}", "train": {"learning_rate": -1}})
     assert exc.value.code == "error: learning_rate must be > 0, got -1"
+
+
+def test_cli_dynamic_weight_with_components_file(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+    """train_type: dynamic_weight through dataflex-cli with a DataFlex components YAML; weight stats reach MLflow."""
+    from dataflex.cli import main
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "components.yaml").write_text(
+        "weighters:\n  loss:\n    name: loss\n    params:\n      strategy: linupper\n      delta: 1.0\n"
+        "  bad:\n    name: loss\n    params:\n      strategy: hardest\n"
+    )
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir), "dataset": "arith_train,reverse_train", "eval_dataset": "arith_dev",
+        "dataset_dir": str(demo_dir), "cutoff_len": 64, "output_dir": "saves/weight", "logging_steps": 2,
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1.0e-3,
+        "train_type": "dynamic_weight", "component_name": "loss", "components_cfg_file": "components.yaml",
+        "warmup_step": 2, "train_step": 6,
+    }  # fmt: skip
+    (tmp_path / "weight.yaml").write_text(yaml.safe_dump(cfg))
+    db = tmp_path / "mlflow.db"
+    argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
+    rc = main(["train", "weight.yaml", *argv])
+    _end_runs()
+    assert rc == 0
+    summary = json.loads((tmp_path / "saves" / "weight" / "run_summary.json").read_text())
+    assert summary["train_type"] == "dynamic_weight" and summary["component_name"] == "loss"
+    assert summary["global_step"] == 6
+    result = json.loads((tmp_path / "saves" / "weight" / "train_result.json").read_text())
+    weighted_logs = [h for h in result["log_history"] if "weights/max" in h]
+    assert [h["step"] for h in weighted_logs] == [4, 6]  # weighting starts after warmup_step=2
+    assert weighted_logs[0]["weights/max"] > 1.0 > weighted_logs[0]["weights/min"]
+    assert (project / "data" / "08_reporting" / "weights.png").stat().st_size > 1000
+    client, run = _mlflow_run(db, summary["mlflow_run_id"])
+    assert len(client.get_metric_history(run.info.run_id, "train/weights/entropy")) == 2
+    assert "weights.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # A bad strategy is refused before training, in one line.
+    rc = main(["train", "weight.yaml", "component_name=bad", "output_dir=saves/bad", *argv])
+    _end_runs()
+    assert rc == 2
+    assert "unknown strategy 'hardest'" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "saves" / "bad" / "adapter").exists()

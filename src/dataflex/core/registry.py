@@ -62,24 +62,33 @@ class Registry:
                 f"(register your own with @register_{kind}('{name}') in a module listed in user_modules)"
             ) from None
 
+    @staticmethod
+    def _signature(cls: type) -> tuple[list[inspect.Parameter], bool, list[str]]:
+        params = [
+            p for p in list(inspect.signature(cls.__init__).parameters.values())[1:] if p.kind != p.VAR_POSITIONAL
+        ]
+        takes_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+        return params, takes_var_kw, [p.name for p in params if p.kind != p.VAR_KEYWORD]
+
+    def check(self, kind: str, name: str, cfg: Mapping[str, Any] | None = None) -> None:
+        """The errors `build` raises for `cfg` alone (unknown name or parameter), without building anything."""
+        _, takes_var_kw, accepted = self._signature(self.get(kind, name))
+        unknown = sorted(set(cfg or {}) - set(accepted))
+        if unknown and not takes_var_kw:
+            raise ConfigError(
+                f"{kind} '{name}' does not accept parameter(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(accepted) or '(none)'}"
+            )
+
     def build(
         self, kind: str, name: str, runtime: Mapping[str, Any] | None = None, cfg: Mapping[str, Any] | None = None
     ) -> Any:
         """Instantiate `name` with `cfg` (user params, all must be accepted) and the `runtime` objects it asks for."""
+        self.check(kind, name, cfg)
         cls = self.get(kind, name)
         runtime = dict(runtime or {})
         cfg = dict(cfg or {})
-        sig = inspect.signature(cls.__init__)
-        params = [p for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL,)]
-        takes_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
-        accepted = [p.name for p in params if p.kind != p.VAR_KEYWORD]
-        if not takes_var_kw:
-            unknown = sorted(set(cfg) - set(accepted))
-            if unknown:
-                raise ConfigError(
-                    f"{kind} '{name}' does not accept parameter(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(accepted) or '(none)'}"
-                )
+        params, takes_var_kw, accepted = self._signature(cls)
         # User params first, then runtime objects it names (runtime wins: a dataset is not a user setting).
         kwargs = dict(cfg)
         for key, value in runtime.items():
