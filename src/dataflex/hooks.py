@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from dataflex.config import validate_params
+from dataflex.config import TRAIN_TYPES, validate_params
 from dataflex.core.errors import DataFlexError
 from dataflex.utils.logging import logger
 
@@ -19,14 +19,26 @@ def get_params() -> dict[str, Any] | None:
     return _PARAMS
 
 
+def _validate(params: dict[str, Any]) -> None:
+    try:
+        validate_params(params)
+    except DataFlexError as exc:
+        logger.error("%s", exc)
+        # SystemExit with a message: kedro's CLI exits non-zero with this one line, no traceback.
+        raise SystemExit(f"error: {exc}") from None
+
+
 class ProjectHooks:
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         global _PARAMS
         _PARAMS = dict(context.config_loader["parameters"])
-        try:
-            validate_params(_PARAMS)
-        except DataFlexError as exc:
-            logger.error("%s", exc)
-            # SystemExit with a message: kedro's CLI exits non-zero with this one line, no traceback.
-            raise SystemExit(f"error: {exc}") from None
+        _validate(_PARAMS)
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        """A mode's pipeline run by name (`--pipelines=dynamic_weight`) is that train_type: check its component."""
+        names = run_params.get("pipeline_names") or []
+        modes = [n for n in names if n in TRAIN_TYPES and n != "static"]
+        if _PARAMS is not None and modes:
+            _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})

@@ -428,9 +428,9 @@ class Trainer:
             shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
             raise WeighterError(f"{where} returned {shape}, not a scalar loss; return one number per micro-batch")
         if not torch.isfinite(loss):
-            raise WeighterError(f"{where} returned a non-finite loss ({float(loss)}); check its weights")
+            raise WeighterError(f"{where} returned a non-finite loss ({float(loss.detach())}); check its weights")
         if loss.detach() < 0:
-            raise WeighterError(f"{where} returned a negative loss ({float(loss):.4g}): weights must be >= 0")
+            raise WeighterError(f"{where} returned a negative loss ({float(loss.detach()):.4g}): weights must be >= 0")
         if not getattr(self.weighter, "needs_step_scores", False):
             # A per-micro-batch weighter (the seed page's interface) gives a micro-batch mean; the step averages them.
             loss = loss / ctx.num_micro_batches
