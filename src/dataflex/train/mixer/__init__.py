@@ -1,3 +1,5 @@
 """Mixers. Each component module is imported here so its @register_mixer runs (seed page, step two)."""
 
 from .base_mixer import Mixer  # noqa: F401
+from .random_mixer import RandomMixer  # noqa: F401
+from .static_mixer import StaticMixer  # noqa: F401

@@ -99,3 +99,39 @@ class EpochPlan:
             raise CheckpointError(
                 f"checkpoint was trained with another data plan ({detail}); resume with the same settings"
             )
+
+
+class MixturePlan:
+    """Steps drawn from a `MixedProportionManager`: each step takes B x A samples at the current proportions.
+
+    Unlike `EpochPlan` it is sequential (the manager's draw counts advance), so the loop calls `step_batches`
+    once per step in order; its state (the manager's) is in every checkpoint, so a resume continues exactly.
+    `domain_offsets[d]` is the pool index of domain d's first row (the pool is built domain by domain).
+    """
+
+    def __init__(self, manager: Any, domain_offsets: list[int], batch_size: int, grad_accum: int, *,
+                 num_steps: int) -> None:  # fmt: skip
+        self.manager = manager
+        self.offsets = list(domain_offsets)
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.num_steps = num_steps
+        self._next = 0
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        if step != self._next:
+            raise RuntimeError(f"MixturePlan is sequential: asked for step {step}, next is {self._next}")
+        pairs = self.manager.draw(self.batch_size * self.grad_accum, step)
+        self._next += 1
+        idx = [self.offsets[d] + row for d, row in pairs]
+        return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+
+    def epoch_at(self, step: int) -> float:
+        return step * self.batch_size * self.grad_accum / max(sum(self.manager.sizes), 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "mixture", "next": self._next, "manager": self.manager.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.manager.load_state_dict(state["manager"])
+        self._next = int(state["next"])

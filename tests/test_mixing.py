@@ -1,0 +1,142 @@
+"""Mixed sampling core: proportion rules, apportionment without last-domain bias, determinism, resume;
+the random and static mixers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from dataflex.core.errors import CheckpointError, ConfigError
+from dataflex.core.registry import REGISTRY
+from dataflex.data import DataCollatorForCausalLM
+from dataflex.models import load_model
+from dataflex.train.dataset.mixed_proportion_manager import MixedProportionManager, apportion, check_proportions
+from dataflex.train.trainer import Trainer, TrainingArguments
+from dataflex.train.trainer.plan import MixturePlan
+
+
+def test_apportion_is_exact_and_unbiased():
+    rng = np.random.default_rng(0)
+    assert apportion(10, np.array([0.5, 0.3, 0.2]), rng).tolist() == [5, 3, 2]
+    p = np.array([0.6, 0.3, 0.1])
+    carry = np.zeros(3)
+    totals = np.zeros(3)
+    for step in range(1, 301):
+        c = apportion(8, p, rng, carry)
+        assert c.sum() == 8 and c.min() >= 0
+        totals += c
+        # DataFlex's floor-then-last rule drifts by a sample per step; the carry keeps every domain within one
+        assert np.abs(totals - 8 * step * p).max() <= 1
+
+
+def test_manager_rules_and_errors():
+    m = MixedProportionManager(["a", "b"], [30, 10], rule="stratified")
+    assert m.proportions.tolist() == [0.75, 0.25] and m.fixed
+    with pytest.raises(ConfigError, match="fixes the proportions"):
+        m.set_proportions([0.5, 0.5])
+    assert MixedProportionManager(["a", "b"], [30, 10], rule="uniform").proportions.tolist() == [0.5, 0.5]
+    m = MixedProportionManager(["a", "b"], [30, 10], init_proportions=[7, 3])
+    assert m.proportions.tolist() == pytest.approx([0.7, 0.3])
+    with pytest.raises(ConfigError, match="3 value"):
+        m.set_proportions([0.2, 0.3, 0.5])
+    with pytest.raises(ConfigError, match=">= 0"):
+        check_proportions([-1, 2], 2)
+    with pytest.raises(ConfigError, match="sum to zero"):
+        check_proportions([0, 0], 2)
+    with pytest.raises(ConfigError, match="no samples"):
+        MixedProportionManager(["a", "b"], [3, 0])
+    with pytest.raises(ConfigError, match="mixture_sample_rule 'temperature'"):
+        MixedProportionManager(["a"], [3], rule="temperature")
+
+
+def test_draws_are_deterministic_follow_proportions_and_cover_each_domain():
+    def run(seed):
+        m = MixedProportionManager(["a", "b", "c"], [7, 20, 5], init_proportions=[0.2, 0.5, 0.3], seed=seed)
+        return [m.draw(10, step) for step in range(20)], m
+
+    a, m = run(0)
+    assert a == run(0)[0] and a != run(1)[0]
+    counts = Counter(d for step in a for d, _ in step)
+    assert [counts[d] for d in range(3)] == [40, 100, 60]  # exact: 10 per step x proportions
+    rows_a = Counter(r for step in a for d, r in step if d == 0)  # 40 draws from 7 rows: 5 full epochs + 5
+    assert sorted(rows_a.values()) == [5, 5, 6, 6, 6, 6, 6]  # without replacement within each epoch
+    assert m.drawn == [40, 100, 60]
+
+
+def test_mixture_plan_resume_continues_identically():
+    def plan():
+        return MixturePlan(MixedProportionManager(["a", "b"], [9, 6], seed=3), [0, 9], 2, 2, num_steps=8)
+
+    full = plan()
+    steps = [full.step_batches(s) for s in range(8)]
+    assert all(len(mb) == 2 and all(len(b) == 2 for b in mb) for mb in steps)
+    assert all(0 <= i < 15 for mb in steps for b in mb for i in b)
+    first = plan()
+    for s in range(5):
+        first.step_batches(s)
+    resumed = plan()
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.step_batches(s) for s in range(5, 8)] == steps[5:]
+    with pytest.raises(RuntimeError, match="sequential"):
+        resumed.step_batches(2)
+    other = MixturePlan(MixedProportionManager(["a", "b"], [9, 6], seed=4), [0, 9], 2, 2, num_steps=8)
+    with pytest.raises(CheckpointError, match="other domains, seed"):
+        other.load_state_dict(first.state_dict())
+
+
+def test_trainer_on_a_mixture_resumes_exactly(tmp_path, tiny_model_dir, sft_pool, tokenizer):
+    from dataflex.data import domain_names
+
+    names = domain_names(sft_pool)
+    ids = sft_pool["domain_id"]
+    sizes = [sum(1 for d in ids if d == k) for k in range(len(names))]
+    offsets = [int(np.sum(sizes[:k])) for k in range(len(names))]
+    collate = DataCollatorForCausalLM(tokenizer)
+
+    def run(out, resume=None, stop=None):
+        manager = MixedProportionManager(names, sizes, init_proportions=[0.6, 0.3, 0.1], seed=5)
+        plan = MixturePlan(manager, offsets, 4, 2, num_steps=6)
+        model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, seed=0)
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                 max_steps=6, save_steps=3, logging_steps=3, progress_bar=False,
+                                 resume_from_checkpoint=resume)  # fmt: skip
+        seen = []
+
+        class Watch:
+            def on_micro_batch(self, losses, ctx):
+                seen.extend(losses.domain_id.tolist())
+
+            def on_step_end(self, ctx, logs):
+                if ctx.global_step == stop:
+                    raise KeyboardInterrupt
+
+        Trainer(model, sft_pool, args, data_collator=collate, plan=plan, observers=[Watch()]).train()
+        return model, seen
+
+    full, seen = run(tmp_path / "a")
+    counts = Counter(seen)  # 48 samples at 0.6 / 0.3 / 0.1: within one sample of 28.8 / 14.4 / 4.8
+    assert all(abs(counts[d] - 48 * p) <= 1 for d, p in enumerate([0.6, 0.3, 0.1])), counts
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop=4)
+    resumed, _ = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoints" / "checkpoint-3"))
+    for name, p in full.named_parameters():
+        if p.requires_grad:
+            assert (p - resumed.get_parameter(name)).abs().max() <= 1e-6
+
+
+def test_random_and_static_mixers():
+    manager = MixedProportionManager(["a", "b", "c"], [3, 3, 3])
+    state = np.random.get_state()
+    mixer = REGISTRY.build("mixer", "random", runtime={"mixture_manager": manager}, cfg={"seed": 7})
+    p1, p2 = mixer.mix(None, 10), mixer.mix(None, 20)
+    assert p1.shape == (3,) and p1.sum() == pytest.approx(1) and not np.allclose(p1, p2)
+    assert np.allclose(p1, mixer.mix(None, 10))  # reproducible per (seed, step)
+    assert np.array_equal(np.random.get_state()[1], state[1])  # the global numpy RNG is untouched
+    static = REGISTRY.build("mixer", "static", runtime={"mixture_manager": manager}, cfg={"proportions": [2, 1, 1]})
+    assert static.mix(None, 0).tolist() == [0.5, 0.25, 0.25]
+    with pytest.raises(ConfigError, match="static mixer proportions has 2 value"):
+        REGISTRY.build("mixer", "static", runtime={"mixture_manager": manager}, cfg={"proportions": [1, 1]})
+    assert torch.is_tensor(torch.as_tensor(p1))
