@@ -307,44 +307,7 @@ class Trainer:
         last_checkpoint = None
         while self.global_step < max_steps:
             micro = self.plan.step_batches(self.global_step)
-            batches = [self._collate(ix) for ix in micro]
-            window = self._window_tokens(batches)
-            step_loss = torch.zeros((), device=acc.device)
-            weighted = torch.zeros((), device=acc.device)
-            weighting = self.weighter is not None and self.global_step >= self.weighting_warmup_steps
-            step_scores = self._prepass_scores(batches, max_steps) if weighting else None
-            offset = 0
-            for i, batch in enumerate(batches):
-                ctx = TrainContext(
-                    self.global_step,
-                    max_steps,
-                    self.plan.epoch_at(self.global_step),
-                    i,
-                    len(batches),
-                    acc,
-                    args,
-                    self.domain_names,
-                    warmup_step=self.weighting_warmup_steps,
-                )
-                sync = i == len(batches) - 1 or acc.num_processes == 1
-                with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
-                    losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
-                    if weighting:
-                        if step_scores is None:  # one micro-batch: the training forward's losses are the scores
-                            step_scores = self._gather_scores([losses.per_sample_loss.detach()], [losses.domain_id])
-                        ctx.batch_losses, (ctx.step_scores, ctx.step_domains) = losses, step_scores
-                        ctx.sample_offset = self.accelerator.process_index * _local_count(batches) + offset
-                        loss = self._weighted_loss(losses, ctx, model, batch)
-                    else:
-                        loss = self.loss_fn(losses, ctx, model, batch)
-                    acc.backward(loss)
-                offset += batch["input_ids"].shape[0]
-                step_loss += losses.standard_loss().detach() / acc.num_processes
-                weighted += loss.detach() / acc.num_processes
-                interval.add_micro(losses, batch, self.domain_names)
-                for obs in self.observers:
-                    if hasattr(obs, "on_micro_batch"):
-                        obs.on_micro_batch(losses, ctx)
+            step_loss, weighted, n_micro = self._accumulate(micro, max_steps, interval)
             grad_norm = None
             if args.max_grad_norm and args.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -361,16 +324,7 @@ class Trainer:
             if self.global_step % args.logging_steps == 0 or self.global_step == max_steps:
                 logs = self._log(interval)
                 interval = self._interval = _Interval()
-            ctx = TrainContext(
-                self.global_step,
-                max_steps,
-                self.plan.epoch_at(self.global_step),
-                len(batches) - 1,
-                len(batches),
-                acc,
-                args,
-                self.domain_names,
-            )
+            ctx = self._context(n_micro - 1, n_micro, max_steps)
             for obs in self.observers:
                 if hasattr(obs, "on_step_end"):
                     obs.on_step_end(ctx, logs)
@@ -393,6 +347,44 @@ class Trainer:
             last_checkpoint=last_checkpoint,
         )
 
+    def _context(self, micro_step: int, num_micro: int, max_steps: int) -> TrainContext:
+        return TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), micro_step, num_micro,
+                            self.accelerator, self.args, self.domain_names,
+                            warmup_step=self.weighting_warmup_steps)  # fmt: skip
+
+    def _accumulate(self, micro: list[list[int]], max_steps: int, interval: _Interval) -> tuple[Any, Any, int]:
+        """Forward and backward every micro-batch of one optimizer step; returns (standard loss, loss used, count)."""
+        acc, model = self.accelerator, self.model
+        batches = [self._collate(ix) for ix in micro]
+        window = self._window_tokens(batches)
+        step_loss = torch.zeros((), device=acc.device)
+        weighted = torch.zeros((), device=acc.device)
+        weighting = self.weighter is not None and self.global_step >= self.weighting_warmup_steps
+        step_scores = self._prepass_scores(batches, max_steps) if weighting else None
+        offset = 0
+        for i, batch in enumerate(batches):
+            ctx = self._context(i, len(batches), max_steps)
+            sync = i == len(batches) - 1 or acc.num_processes == 1
+            with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
+                losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
+                if weighting:
+                    if step_scores is None:  # one micro-batch: the training forward's losses are the scores
+                        step_scores = self._gather_scores([losses.per_sample_loss.detach()], [losses.domain_id])
+                    ctx.batch_losses, (ctx.step_scores, ctx.step_domains) = losses, step_scores
+                    ctx.sample_offset = acc.process_index * _local_count(batches) + offset
+                    loss = self._weighted_loss(losses, ctx, model, batch)
+                else:
+                    loss = self.loss_fn(losses, ctx, model, batch)
+                acc.backward(loss)
+            offset += batch["input_ids"].shape[0]
+            step_loss += losses.standard_loss().detach() / acc.num_processes
+            weighted += loss.detach() / acc.num_processes
+            interval.add_micro(losses, batch, self.domain_names)
+            for obs in self.observers:
+                if hasattr(obs, "on_micro_batch"):
+                    obs.on_micro_batch(losses, ctx)
+        return step_loss, weighted, len(batches)
+
     # -- weighting ----------------------------------------------------------------------------------
 
     def _gather_scores(self, scores: list[torch.Tensor], domains: list[torch.Tensor | None]) -> tuple[Any, Any]:
@@ -413,9 +405,7 @@ class Trainer:
             return None
         if len(batches) == 1 and getattr(self.weighter, "scores_from_losses", True):
             return None
-        ctx = TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), 0, len(batches),
-                           self.accelerator, self.args, self.domain_names,
-                           warmup_step=self.weighting_warmup_steps)  # fmt: skip
+        ctx = self._context(0, len(batches), max_steps)
         with torch.no_grad(), self.accelerator.autocast():
             scores = [self.weighter.score_batch(self.model, b, ctx) for b in batches]
         return self._gather_scores(scores, [b.get("domain_id") for b in batches])
