@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -225,3 +226,86 @@ def test_cli_dynamic_weight_with_components_file(demo_dir, tiny_model_dir, proje
     assert rc == 2
     assert "unknown strategy 'hardest'" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "saves" / "bad" / "adapter").exists()
+
+
+def test_dynamic_mix_pipeline_shape():
+    from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline, rounds_from_params
+
+    names = {n.name for n in create_pipeline(n_rounds=3).nodes}
+    assert {"dynamic_mix.round_0.train_segment", "dynamic_mix.round_1.compute_mixture",
+            "dynamic_mix.round_2.train_segment", "dynamic_mix.finalize"} <= names  # fmt: skip
+    assert "dynamic_mix.round_3.compute_mixture" not in names
+    flex = {"warmup_step": 5, "update_step": 10, "update_times": 0, "train_step": 31}
+    assert rounds_from_params({"dataflex": flex}) == 4  # 5 | 15 | 25 | 31
+    assert rounds_from_params({"dataflex": {**flex, "update_times": 2}}) == 3
+    assert rounds_from_params({"dataflex": {"static_mix": True}}) == 1
+
+
+SEED_RANDOM_MIXER = """
+from dataflex.core.registry import register_mixer
+from dataflex.utils.logging import logger
+from dataflex.train.mixer.base_mixer import Mixer
+
+import numpy as np
+
+@register_mixer("user_random")
+class RandomMixer(Mixer):
+    def __init__(self, mixture_manager, seed):
+        super().__init__(mixture_manager)
+        self.seed = seed
+
+    def mix(self, model, step_id: int, **kwargs) -> np.ndarray:
+        k = len(self.mixture_manager.names)
+        np.random.seed(self.seed)
+        raw = np.random.random(k)
+        probs = raw / raw.sum()
+        logger.info(f"[RandomMixer] Step {step_id} Generated proportions: {probs}")
+
+        return probs
+"""
+
+
+def test_cli_dynamic_mix_with_the_seed_mixer(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+    """The seed page's mixer, in a user module, drives an unrolled dynamic_mix run on the pt text domains."""
+    from dataflex.cli import main
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_mixers.py").write_text(SEED_RANDOM_MIXER)
+    (tmp_path / "components.yaml").write_text(
+        "mixers:\n  user_random:\n    name: user_random\n    params:\n      seed: 42\n"
+    )
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir), "stage": "pt", "dataset_dir": str(demo_dir), "cutoff_len": 32,
+        "dataset": "text_stories_train,text_numbers_train,text_noisy_train", "eval_dataset": "text_noisy_test",
+        "output_dir": "saves/mix", "per_device_train_batch_size": 4, "logging_steps": 2, "learning_rate": 1.0e-3,
+        "train_type": "dynamic_mix", "component_name": "user_random", "components_cfg_file": "components.yaml",
+        "user_modules": ["my_mixers.py"], "mixture_sample_rule": "mixture", "init_mixture_proportions": [0.6, 0.2, 0.2],
+        "warmup_step": 2, "update_step": 2, "update_times": 2,
+    }  # fmt: skip
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(cfg))
+    db = tmp_path / "mlflow.db"
+    argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
+    assert main(["train", "mix.yaml", *argv]) == 0
+    _end_runs()
+    out = tmp_path / "saves" / "mix"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["train_type"] == "dynamic_mix" and summary["global_step"] == 6
+    lines = [json.loads(x) for x in (out / "mixture" / "proportions.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 2, 4]
+    raw = np.random.RandomState(42).random_sample(3)
+    assert lines[1]["proportions"] == pytest.approx((raw / raw.sum()).tolist())
+    assert lines[1]["proportions"] == lines[2]["proportions"]  # the seed's mixer re-seeds: the same vector each call
+    for k in range(3):
+        assert (project / "data" / "06_models" / "dynamic_mix" / f"round_{k}" / "state.json").is_file()
+    assert (project / "data" / "08_reporting" / "mixture_proportions.png").stat().st_size > 1000
+    client, run = _mlflow_run(db, summary["mlflow_run_id"])
+    assert len(client.get_metric_history(run.info.run_id, "mixture/text_noisy_train")) == 3
+
+    # A fixed sampling rule with a dynamic mixer, and one domain only, are config errors.
+    assert main(["train", "mix.yaml", "mixture_sample_rule=uniform", *argv]) == 2
+    assert "fixes the proportions" in capsys.readouterr().err
+    assert main(["train", "mix.yaml", "init_mixture_proportions=[1.0, 0.0]", *argv]) == 2
+    assert "init_mixture_proportions has 2 value" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["train", "mix.yaml", "dataset=text_stories_train", "init_mixture_proportions=null", *argv]) == 2
+    assert "at least two domains" in capsys.readouterr().err

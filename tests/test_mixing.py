@@ -3,6 +3,7 @@ the random and static mixers."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -140,3 +141,80 @@ def test_random_and_static_mixers():
     with pytest.raises(ConfigError, match="static mixer proportions has 2 value"):
         REGISTRY.build("mixer", "static", runtime={"mixture_manager": manager}, cfg={"proportions": [1, 1]})
     assert torch.is_tensor(torch.as_tensor(p1))
+
+
+def _mix_params(tmp_path, tiny_model_dir, **flex):
+    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
+             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
+    train = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                              gradient_accumulation_steps=1, max_steps=-1, logging_steps=2,
+                              progress_bar=False).to_dict()  # fmt: skip
+    base = {"train_type": "dynamic_mix", "component_name": "random", "components_cfg_file": None,
+            "components": {"mixers": {"random": {"name": "random", "params": {"seed": 11}}}}, "user_modules": [],
+            "warmup_step": 2, "update_step": 2, "update_times": 2, "train_step": 0, "static_mix": False,
+            "mixture_sample_rule": "mixture", "init_mixture_proportions": [0.8, 0.1, 0.1]}  # fmt: skip
+    base.update(flex)
+    return model, train, base
+
+
+def test_mix_schedule_arithmetic():
+    from dataflex.train.mix import mix_schedule
+
+    train = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": -1, "num_train_epochs": 1}
+    flex = {"warmup_step": 3, "update_step": 5, "update_times": 2, "train_step": 0, "static_mix": False}
+    assert mix_schedule(flex, train, 100).boundaries == [3, 8, 13]
+    assert mix_schedule({**flex, "update_times": 0, "train_step": 11}, train, 100).boundaries == [3, 8, 11]
+    assert mix_schedule({**flex, "update_times": -1}, train, 100).boundaries == [3, 8, 12]  # floor(100/8) = 12
+    assert mix_schedule({**flex, "static_mix": True, "train_step": 7}, train, 100).boundaries == [7]
+    with pytest.raises(ConfigError, match="warmup_step >= 1 and update_step >= 1"):
+        mix_schedule({**flex, "update_step": 0}, train, 100)
+
+
+def test_rounds_chained_equal_one_run(tmp_path, tiny_model_dir, sft_pool, tokenizer):
+    """warmup -> mix -> segment -> mix -> segment through checkpoints == one run that changes proportions in-loop."""
+    from dataflex.train.mix import build_manager, build_mixer, compute_mixture, finalize, train_segment
+
+    model_p, train_p, flex = _mix_params(tmp_path / "rounds", tiny_model_dir)
+    state = train_segment(sft_pool, model_p, train_p, flex, 0)
+    mixtures = []
+    for k in (1, 2):
+        mixtures.append(compute_mixture(sft_pool, model_p, train_p, flex, state))
+        state = train_segment(sft_pool, model_p, train_p, flex, k, previous=state, mixture=mixtures[-1])
+    result = finalize(state, mixtures, sft_pool, model_p, train_p, flex)
+    assert result["global_step"] == 6 and [m["step"] for m in mixtures] == [2, 4]
+    lines = (tmp_path / "rounds" / "out" / "mixture" / "proportions.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["proportions"] == pytest.approx([0.8, 0.1, 0.1])
+
+    # The same run in one Trainer, the mixer called in-loop at steps 2 and 4.
+    manager, offsets = build_manager(sft_pool, flex, seed=42)
+    mixer = build_mixer(flex, manager, {})
+
+    class Mix:
+        def on_step_end(self, ctx, logs):
+            if ctx.global_step in (2, 4):
+                manager.set_proportions(mixer.mix(None, ctx.global_step))
+
+    model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, lora_alpha=8, seed=42)
+    args = TrainingArguments(**{**train_p, "output_dir": str(tmp_path / "one")})
+    Trainer(model, sft_pool, args, data_collator=DataCollatorForCausalLM(tokenizer),
+            plan=MixturePlan(manager, offsets, 4, 1, num_steps=6), observers=[Mix()]).train()  # fmt: skip
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "rounds" / "out" / "adapter" / "adapter_model.safetensors"))
+    from peft import get_peft_model_state_dict
+
+    one = get_peft_model_state_dict(model)
+    for key, value in adapter.items():
+        assert (one[key] - value).abs().max() <= 1e-6, key
+
+
+def test_mix_config_errors(tmp_path, tiny_model_dir, sft_pool):
+    from dataflex.train.mix import check_mix_config, train_segment
+
+    with pytest.raises(ConfigError, match="fixes the proportions"):
+        check_mix_config({"mixture_sample_rule": "uniform", "static_mix": False})
+    with pytest.raises(ConfigError, match="at least two domains"):
+        check_mix_config({"mixture_sample_rule": "mixture"}, num_domains=1)
+    model_p, train_p, flex = _mix_params(tmp_path, tiny_model_dir, init_mixture_proportions=[0.5, 0.5])
+    with pytest.raises(ConfigError, match="init_mixture_proportions has 2 value"):
+        train_segment(sft_pool, model_p, train_p, flex, 0)

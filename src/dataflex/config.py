@@ -22,7 +22,7 @@ from dataflex.utils.logging import logger
 
 TRAIN_TYPES = ("static", "dynamic_select", "dynamic_mix", "dynamic_weight")
 # Modes whose pipelines exist in this version; the others are recognised but refused with a clear line.
-IMPLEMENTED_TRAIN_TYPES = ("static", "dynamic_weight")
+IMPLEMENTED_TRAIN_TYPES = ("static", "dynamic_mix", "dynamic_weight")
 FINETUNING_TYPES = ("lora", "full")
 STAGES = ("sft", "pt")
 DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "auto")
@@ -294,6 +294,20 @@ def _check_dynamic(params: Mapping[str, Any]) -> None:
         value = flex.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+    if flex["train_type"] == "dynamic_mix":
+        from dataflex.data.dataset_info import parse_dataset_names
+        from dataflex.train.dataset.mixed_proportion_manager import check_proportions
+        from dataflex.train.mix import check_mix_config
+
+        k = len(parse_dataset_names(data["dataset"]))
+        check_mix_config(flex, num_domains=k)
+        if flex.get("init_mixture_proportions") is not None:
+            check_proportions(flex["init_mixture_proportions"], k, "init_mixture_proportions")
+        if flex.get("static_mix"):
+            return
+        for key in ("warmup_step", "update_step"):
+            if flex[key] < 1:
+                raise ConfigError(f"dynamic_mix needs {key} >= 1, got {flex[key]}")
     kind, name, _ = component_for(flex)
     if flex["train_step"] and flex["warmup_step"] > flex["train_step"]:
         raise ConfigError(f"warmup_step ({flex['warmup_step']}) > train_step ({flex['train_step']}): the {kind} "

@@ -65,6 +65,24 @@ def weights_plot(log_history: list[Mapping[str, Any]], title: str = "sample weig
     return fig
 
 
+def mixture_plot(history: list[Mapping[str, Any]], total_steps: int) -> plt.Figure:
+    """Domain proportions over training: each update holds until the next one (a step plot)."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    names = history[0]["names"]
+    steps = [h["step"] for h in history] + [total_steps]
+    for d, name in enumerate(names):
+        values = [h["proportions"][d] for h in history]
+        ax.step(steps, values + values[-1:], where="post", label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("sampling proportion")
+    ax.set_ylim(0, 1)
+    ax.set_title("mixture proportions")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
 def run_summary(
     train_result: Mapping[str, Any],
     eval_metrics: Mapping[str, Any],

@@ -41,3 +41,12 @@ def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
         if isinstance(v, int | float)
     }
     mlflow.log_metrics(flat)
+
+
+def log_mixture(history: list[Mapping[str, Any]]) -> None:
+    """Proportions per domain at each update step (`mixture/<domain>`)."""
+    if mlflow.active_run() is None:
+        return
+    for entry in history:
+        metrics = {metric_key(f"mixture/{n}"): float(p) for n, p in zip(entry["names"], entry["proportions"])}
+        mlflow.log_metrics(metrics, step=int(entry["step"]))

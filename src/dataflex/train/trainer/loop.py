@@ -217,6 +217,7 @@ class Trainer:
         self.log_history: list[dict[str, Any]] = []
         self._loss_sum_all = 0.0
         self._interval = _Interval()
+        self._restored = False
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -285,13 +286,22 @@ class Trainer:
             return int(total)
         return local
 
-    def train(self) -> TrainResult:
-        args = self.args
-        set_seed(args.seed)
-        if self.resume_path is not None:
+    def restore(self) -> None:
+        """Load the resume checkpoint now (once), e.g. to change a component or the mixture before training."""
+        if self.resume_path is not None and not self._restored:
             self._restore(self.resume_path)
+            self._restored = True
+
+    def train(self, until_step: int | None = None) -> TrainResult:
+        """Train to the plan's end, or stop after `until_step` (a segment of a longer run; the LR schedule and
+        logging are those of the whole run, so segments chained through checkpoints equal one run)."""
+        args = self.args
+        if self.resume_path is None:
+            set_seed(args.seed)
+        self.restore()
         model, acc = self.model, self.accelerator
         max_steps = self.plan.num_steps
+        stop = max_steps if until_step is None else min(until_step, max_steps)
         model.train()
         start = time.perf_counter()
         bar = tqdm(
@@ -305,7 +315,7 @@ class Trainer:
         interval = self._interval
         interval.start = time.perf_counter()
         last_checkpoint = None
-        while self.global_step < max_steps:
+        while self.global_step < stop:
             micro = self.plan.step_batches(self.global_step)
             step_loss, weighted, n_micro = self._accumulate(micro, max_steps, interval)
             grad_norm = None
