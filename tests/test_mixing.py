@@ -218,3 +218,104 @@ def test_mix_config_errors(tmp_path, tiny_model_dir, sft_pool):
     model_p, train_p, flex = _mix_params(tmp_path, tiny_model_dir, init_mixture_proportions=[0.5, 0.5])
     with pytest.raises(ConfigError, match="init_mixture_proportions has 2 value"):
         train_segment(sft_pool, model_p, train_p, flex, 0)
+
+
+class _Ctx:
+    def __init__(self, step):
+        self.global_step = step
+        self.accelerator = None
+
+
+def _losses(domain_ids, sums, counts):
+    from dataflex.train.trainer.losses import MicroBatchLosses
+
+    return MicroBatchLosses(token_loss_sum=torch.tensor(sums), token_count=torch.tensor(counts), window_tokens=1,
+                            domain_id=torch.tensor(domain_ids))  # fmt: skip
+
+
+def test_odm_formulas_and_credit_to_each_domain():
+    from dataflex.train.mixer.odm_mixer import exploration_rate, odm_policy
+
+    assert exploration_rate(1, 3, 0.03) == pytest.approx(1 / 3)
+    assert exploration_rate(400, 3, 0.03) == pytest.approx(max(0.03, (np.log(3) / 1200) ** 0.5))
+    pi = odm_policy(np.array([1.0, 2.0, 4.0]), 0.2, 0.1)
+    soft = np.exp(0.2 * np.array([1.0, 2.0, 4.0]))
+    assert pi.tolist() == pytest.approx((0.7 * soft / soft.sum() + 0.1).tolist())
+
+    manager = MixedProportionManager(["a", "b", "c"], [5, 5, 5])
+    mixer = REGISTRY.build(
+        "mixer",
+        "odm",
+        runtime={"mixture_manager": manager},
+        cfg={"alpha": 0.5, "warmup_steps": 1, "reward_scale": 2.0, "min_exploration_rate": 0.0},
+    )
+    # a mixed micro-batch: domain 0 has mean loss 1, domain 1 mean 3, domain 2 absent
+    mixer.on_micro_batch(_losses([1, 0, 1], [4.0, 2.0, 8.0], [2, 2, 2]), _Ctx(0))
+    mixer.on_step_end(_Ctx(1), {})  # still warming up: nothing learned, the sums are cleared
+    assert mixer.rewards.tolist() == [0, 0, 0]
+    mixer.on_micro_batch(_losses([1, 0, 1], [4.0, 2.0, 8.0], [2, 2, 2]), _Ctx(1))
+    mixer.on_step_end(_Ctx(2), {})
+    assert mixer.rewards.tolist() == pytest.approx([0.5 * 2.0 * 1.0, 0.5 * 2.0 * 3.0, 0.0])
+    assert manager.proportions.tolist() == pytest.approx([1 / 3] * 3)  # eps_1 = 1/k: pure exploration at first
+    for step in range(3, 10):
+        mixer.on_micro_batch(_losses([1, 0, 1], [4.0, 2.0, 8.0], [2, 2, 2]), _Ctx(step - 1))
+        mixer.on_step_end(_Ctx(step), {})
+    p = manager.proportions
+    assert p[1] > p[0] > p[2]  # the highest-loss domain gets the most; the unseen one keeps reward 0
+    assert mixer.mix(None, 2).tolist() == manager.proportions.tolist()
+
+
+def test_doremi_update_formula():
+    from dataflex.train.mixer.doremi_mixer import doremi_update
+
+    alpha, excess = np.array([0.5, 0.3, 0.2]), np.array([1.0, 0.0, 2.0])
+    raw = alpha * np.exp(0.5 * excess)
+    assert doremi_update(alpha, excess, 0.5, 0.01).tolist() == pytest.approx(
+        (0.99 * raw / raw.sum() + 0.01 / 3).tolist()
+    )
+
+
+def test_doremi_excess_and_weighted_proxy_loss(tiny_model_dir, sft_pool, tokenizer):
+    from dataflex.train.trainer import forward_losses
+
+    manager = MixedProportionManager(["a", "b", "c"], [40, 40, 40])
+    mixer = REGISTRY.build("mixer", "doremi", runtime={"mixture_manager": manager},
+                           cfg={"reference_model_path": str(tiny_model_dir), "reweight_eta": 1.0})  # fmt: skip
+    proxy = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, seed=0)
+    with torch.no_grad():  # move the proxy away from the reference (the base model) so the excess is not all 0
+        for name, p in proxy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    batch = DataCollatorForCausalLM(tokenizer)([sft_pool[i] for i in (0, 1, 45, 90)])
+    window = int((batch["labels"][:, 1:] != -100).sum())
+    losses = forward_losses(proxy, batch, window_tokens=window)
+    standard = losses.standard_loss()
+    assert torch.allclose(mixer.loss_fn(losses, None, proxy, batch), standard)  # alpha = p: the standard loss
+    with torch.no_grad(), proxy.disable_adapter():
+        ref = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # = the reference
+    from dataflex.train.trainer.losses import per_token_losses
+
+    mask = (batch["labels"][:, 1:] != -100).float()
+    excess_rows = ((losses.token_losses.detach() - per_token_losses(ref, batch["labels"])).clamp(min=0) * mask).sum(1)
+    dom = batch["domain_id"]
+    expected = [float(excess_rows[dom == d].sum() / losses.token_count[dom == d].sum()) for d in range(3)]
+    mixer.on_step_end(_Ctx(1), {})
+    assert mixer.excess.tolist() == pytest.approx(expected, rel=1e-5)
+    assert mixer.alpha.argmax() == int(np.argmax(expected)) and mixer.updates == 1
+
+    # The proxy really trains on the weighted loss: other alpha, other loss and gradient.
+    mixer.alpha = np.array([0.8, 0.1, 0.1])
+    weighted = mixer.loss_fn(losses, None, proxy, batch)
+    assert not torch.allclose(weighted, standard)
+    g_w = torch.autograd.grad(weighted, [p for p in proxy.parameters() if p.requires_grad], retain_graph=True)[0]
+    g_s = torch.autograd.grad(standard, [p for p in proxy.parameters() if p.requires_grad])[0]
+    assert not torch.allclose(g_w, g_s)
+
+
+def test_doremi_needs_a_reference(tmp_path):
+    manager = MixedProportionManager(["a", "b"], [5, 5])
+    with pytest.raises(ConfigError, match="needs reference_model_path"):
+        REGISTRY.build("mixer", "doremi", runtime={"mixture_manager": manager}, cfg={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        REGISTRY.build("mixer", "doremi", runtime={"mixture_manager": manager},
+                       cfg={"reference_model_path": str(tmp_path / "nope")})  # fmt: skip

@@ -128,7 +128,9 @@ class _Segment:
         self.trainer = Trainer(
             build_model(model_params, seed=self.args.seed), train_pool, self.args,
             data_collator=self.collator, plan=plan, components=components,
-            observers=[self.mixer] if hasattr(self.mixer, "on_micro_batch") else [],
+            # Mixers that observe training (ODM, DoReMi) see every step; DoReMi also trains the proxy on its loss.
+            observers=[self.mixer] if hasattr(self.mixer, "on_step_end") else [],
+            loss_fn=getattr(self.mixer, "loss_fn", None),
             metrics_sink=metrics_sink, domain_names=domain_names(train_pool), accelerator=accelerator,
             model_fingerprint=model_fingerprint(model_params["model_name_or_path"]),
         )  # fmt: skip

@@ -84,8 +84,8 @@ class MixedProportionManager:
     def set_proportions(self, p: Any) -> np.ndarray:
         if self.fixed:
             raise ConfigError(f"mixture_sample_rule '{self.rule}' fixes the proportions; use 'mixture' with a mixer")
+        # The carry is kept: it is "drawn so far minus the target so far" whatever proportions were in force.
         self.proportions = check_proportions(p, len(self.names))
-        self.carry[:] = 0.0
         return self.proportions
 
     def _row(self, domain: int, k: int) -> int:

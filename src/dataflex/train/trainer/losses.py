@@ -25,6 +25,8 @@ class MicroBatchLosses:
     num_processes: int = 1
     sample_id: torch.Tensor | None = None
     domain_id: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None  # [B, L-1] fp32 per-token CE (0 where ignored), with graph
+    labels: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -71,4 +73,6 @@ def forward_losses(
         num_processes=num_processes,
         sample_id=batch.get("sample_id"),
         domain_id=batch.get("domain_id"),
+        token_losses=tok,
+        labels=labels,
     )

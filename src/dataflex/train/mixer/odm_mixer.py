@@ -1,0 +1,96 @@
+"""`odm` mixer: online data mixing as a multi-armed bandit (Albalak et al., 2023).
+
+Every optimizer step after `warmup_steps` (global steps), each domain's reward is its own token-mean training
+loss over that step (all micro-batches, all processes; the batches are mixtures, so every domain present is
+observed; DataFlex credited the whole micro-batch loss to the first sample's domain, spec B9):
+  R_i <- alpha R_i + (1 - alpha) * reward_scale * L_i          (domains absent from the step keep R_i)
+  eps_t = max(min_exploration_rate, min(1/k, sqrt(ln k / (k t))))     t = steps since warmup
+  pi_i  = (1 - k eps_t) softmax(eps_{t-1} R)_i + eps_t
+The policy is applied to the sampler at once (every step, as in the paper); `mix()` returns the current policy.
+Because every domain's loss is observed each step, the reward needs no 1/pi importance weight (the EXP3 estimator
+for bandit feedback); this follows the original repository's mixed-minibatch `SmoothedMeanWeightUpdater`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataflex.core.errors import ConfigError
+from dataflex.core.registry import register_mixer
+from dataflex.train.dataset.mixed_proportion_manager import check_proportions
+
+from .base_mixer import Mixer
+from .domain_losses import domain_sums, reduce_across_processes
+
+
+def odm_policy(rewards: np.ndarray, eps_prev: float, eps: float) -> np.ndarray:
+    k = len(rewards)
+    x = eps_prev * rewards
+    soft = np.exp(x - x.max())
+    soft /= soft.sum()
+    pi = max(1.0 - k * eps, 0.0) * soft + eps
+    return pi / pi.sum()
+
+
+def exploration_rate(t: int, k: int, floor: float) -> float:
+    return max(floor, min(1.0 / k, math.sqrt(math.log(k) / (k * max(t, 1)))))
+
+
+@register_mixer("odm")
+class ODMMixer(Mixer):
+    def __init__(self, mixture_manager: Any, accelerator: Any = None, alpha: float = 0.9, warmup_steps: int = 2000,
+                 reward_scale: float = 15.0, min_exploration_rate: float = 0.03,
+                 initial_proportions: Sequence[float] | None = None) -> None:  # fmt: skip
+        super().__init__(mixture_manager)
+        k = len(mixture_manager.names)
+        if k < 2:
+            raise ConfigError("mixer 'odm' needs at least two domains")
+        if not 0 <= alpha < 1 or warmup_steps < 0 or reward_scale <= 0 or not 0 <= min_exploration_rate <= 1 / k:
+            raise ConfigError("mixer 'odm': need 0 <= alpha < 1, warmup_steps >= 0, reward_scale > 0, "
+                              f"0 <= min_exploration_rate <= 1/k ({1 / k:.3g})")  # fmt: skip
+        self.accelerator = accelerator
+        self.alpha, self.warmup_steps = alpha, warmup_steps
+        self.reward_scale, self.min_exploration_rate = reward_scale, min_exploration_rate
+        if initial_proportions is not None:
+            mixture_manager.set_proportions(check_proportions(initial_proportions, k, "odm initial_proportions"))
+        self.rewards = np.zeros(k)
+        self.eps = 1.0 / k
+        self._step_sums = torch.zeros(2, k, dtype=torch.float64)
+
+    def on_micro_batch(self, losses: Any, ctx: Any) -> None:
+        if losses.domain_id is not None:
+            sums = domain_sums(losses.token_loss_sum, losses.token_count, losses.domain_id, len(self.rewards))
+            self._step_sums += sums.cpu()
+
+    def on_step_end(self, ctx: Any, logs: dict[str, float]) -> None:
+        sums = reduce_across_processes(self._step_sums, ctx.accelerator)
+        self._step_sums.zero_()
+        if ctx.global_step <= self.warmup_steps:
+            return
+        seen = sums[1] > 0
+        losses = (sums[0] / sums[1].clamp(min=1)).numpy()
+        reward = self.reward_scale * losses
+        self.rewards = np.where(seen.numpy(), self.alpha * self.rewards + (1 - self.alpha) * reward, self.rewards)
+        eps_prev = self.eps
+        self.eps = exploration_rate(ctx.global_step - self.warmup_steps, len(self.rewards), self.min_exploration_rate)
+        self.mixture_manager.set_proportions(odm_policy(self.rewards, eps_prev, self.eps))
+
+    def mix(self, model: torch.nn.Module, step_id: int, **kwargs: Any) -> np.ndarray:
+        return self.mixture_manager.proportions.copy()
+
+    def stats(self) -> dict[str, Any]:
+        return {"rewards": self.rewards.tolist(), "exploration_rate": self.eps}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rewards": self.rewards.tolist(), "eps": self.eps, "step_sums": self._step_sums.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.rewards = np.asarray(state["rewards"], dtype=np.float64)
+            self.eps = float(state["eps"])
+            self._step_sums = torch.tensor(state["step_sums"], dtype=torch.float64)
