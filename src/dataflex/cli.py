@@ -64,7 +64,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     runtime = dict(params)
     if ns.mlflow_uri:
         runtime["mlflow_uri"] = ns.mlflow_uri
-    summary = run_kedro(project, params["dataflex"]["train_type"], runtime)
+    summary = run_kedro(project, ns.pipeline or params["dataflex"]["train_type"], runtime)
     out = Path(params["train"]["output_dir"]) / "run_summary.json"
     print(f"run summary: {out}")
     if summary is not None:
@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--project-dir", default=None, help="Kedro project to run in (default: found from the CWD)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.add_argument(
+        "--pipeline",
+        default=None,
+        choices=["doremi"],
+        help="run this pipeline instead of the train_type's (doremi: reference -> proxy -> final)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("version", help="print versions")

@@ -83,6 +83,23 @@ def mixture_plot(history: list[Mapping[str, Any]], total_steps: int) -> plt.Figu
     return fig
 
 
+def doremi_plot(log_history: list[Mapping[str, Any]], names: list[str], average: list[float]) -> plt.Figure:
+    """DoReMi's domain weights alpha over the proxy run (solid) and their average, the result (dashed)."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for d, name in enumerate(names):
+        key = f"doremi/alpha/{name}"
+        pts = [(h["step"], h[key]) for h in log_history if key in h]
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)[0]
+        ax.axhline(average[d], color=line.get_color(), linestyle="--", linewidth=1)
+    ax.set_xlabel("proxy optimizer step")
+    ax.set_ylabel("domain weight alpha")
+    ax.set_title("DoReMi domain weights (dashed: average = the learned mixture)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def run_summary(
     train_result: Mapping[str, Any],
     eval_metrics: Mapping[str, Any],

@@ -52,7 +52,8 @@ def mix_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size: i
         default_steps = train["max_steps"]
     else:
         default_steps = max(1, math.floor(pool_size / g) * train["num_train_epochs"])
-    if flex.get("static_mix"):
+    if flex.get("static_mix") or flex.get("single_segment"):
+        # one segment: static mixing, or a mixer that acts inside the loop only (the DoReMi proxy)
         total = flex["train_step"] if flex.get("train_step", 0) > 0 else int(default_steps)
         return MixSchedule(total, [total])
     w, u, t = flex["warmup_step"], flex["update_step"], flex["update_times"]
@@ -183,6 +184,14 @@ def finalize(last: Mapping[str, Any], mixtures: list[Mapping[str, Any]], train_p
     atomic_write_text(out / "mixture" / "proportions.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
     state = json.loads((Path(last["checkpoint"]) / "trainer_state.json").read_text())
     history = state["log_history"]
+    mixer_state = state.get("components", {}).get("mixer") or {}
+    extra: dict[str, Any] = {}
+    if "alpha_sum" in mixer_state:  # DoReMi: the averaged domain weights are the result of the proxy run
+        alpha_sum = mixer_state["alpha_sum"]
+        extra["doremi_average_weights"] = [a / sum(alpha_sum) for a in alpha_sum]
+        atomic_write_text(out / "mixture" / "doremi_weights.json", json.dumps(
+            {"names": last["names"], "average_weights": extra["doremi_average_weights"],
+             "final_alpha": mixer_state["alpha"], "updates": mixer_state["updates"]}, indent=2) + "\n")  # fmt: skip
     final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     return {
         "train_type": "dynamic_mix", "component_name": None if flex.get("static_mix") else flex.get("component_name"),
@@ -191,8 +200,35 @@ def finalize(last: Mapping[str, Any], mixtures: list[Mapping[str, Any]], train_p
         "domains": last["names"], "global_step": state["global_step"], "train_samples_seen": state["samples_seen"],
         "train_tokens_seen": state["tokens_seen"], "final_train_loss": final_loss,
         "train_loss_mean": state["loss_sum_all"] / max(state["global_step"], 1), "log_history": history,
-        "mixture_history": lines, "last_checkpoint": last["checkpoint"],
+        "mixture_history": lines, "last_checkpoint": last["checkpoint"], **extra,
     }  # fmt: skip
+
+
+MetricsSink = Callable[[dict[str, float], int], None]
+
+
+def run_single_segment(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
+                       flex: Mapping[str, Any], metrics_sink: MetricsSink | None = None) -> dict[str, Any]:  # fmt: skip
+    """A whole mixed run in one segment (static mixing, or the DoReMi proxy), finalized."""
+    state = train_segment(train_pool, model_params, train_params, flex, 0, metrics_sink=metrics_sink)
+    return finalize(state, [], train_pool, model_params, train_params, flex)
+
+
+def doremi_flex(flex: Mapping[str, Any], step: str, reference_dir: str | None = None,
+                weights: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The config of each DoReMi step: 'reference' and 'final' are static mixes (at the initial proportions, at
+    the proxy's averaged weights); 'proxy' trains with the doremi mixer against the reference."""
+    base = {**flex, "train_type": "dynamic_mix", "mixture_sample_rule": "mixture"}
+    if step == "reference":
+        return {**base, "static_mix": True}
+    if step == "final":
+        return {**base, "static_mix": True, "init_mixture_proportions": weights}
+    mixers = dict((flex.get("components") or {}).get("mixers") or {})
+    entry = mixers.get("doremi") or {"name": "doremi", "params": {}}
+    params = {**(entry.get("params") or {}), "reference_model_path": reference_dir}
+    components = {**(flex.get("components") or {}), "mixers": {**mixers, "doremi": {**entry, "params": params}}}
+    return {**base, "static_mix": False, "single_segment": True, "component_name": "doremi",
+            "components": components}  # fmt: skip
 
 
 def _initial(train_pool: Any, flex: Mapping[str, Any], seed: int) -> list[float]:

@@ -1,0 +1,28 @@
+"""`doremi`: process -> reference -> proxy -> final -> evaluate -> report, with no manual copying of weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kedro.pipeline import Node, Pipeline
+
+from dataflex.pipelines.data_processing import create_pipeline as data_processing
+from dataflex.pipelines.evaluation import create_pipeline as evaluation
+from dataflex.pipelines.reporting import create_pipeline as reporting
+
+from .nodes import final, plot, proxy, reference
+
+PARAMS = ["train_pool", "params:model", "params:train", "params:dataflex"]
+
+
+def create_pipeline(**kwargs: Any) -> Pipeline:
+    steps = Pipeline(
+        [
+            Node(reference, PARAMS, "doremi.reference_result", name="doremi.reference"),
+            Node(proxy, [*PARAMS, "doremi.reference_result"], "doremi.proxy_result", name="doremi.proxy"),
+            Node(final, [*PARAMS, "doremi.proxy_result"], "train_result", name="doremi.final"),
+            Node(plot, "doremi.proxy_result", "doremi_plot", name="doremi.plot_weights"),
+        ],
+        tags="doremi",
+    )
+    return data_processing() + steps + evaluation() + reporting()
