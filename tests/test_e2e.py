@@ -309,3 +309,40 @@ def test_cli_dynamic_mix_with_the_seed_mixer(demo_dir, tiny_model_dir, project_r
     assert "init_mixture_proportions has 2 value" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(["train", "mix.yaml", "dataset=text_stories_train", "init_mixture_proportions=null", *argv]) == 2
     assert "at least two domains" in capsys.readouterr().err
+
+
+def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch):
+    """The three DoReMi steps chained by one command, the learned weights reaching step 3; and an ODM run."""
+    from dataflex.cli import main
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir), "stage": "pt", "dataset_dir": str(demo_dir), "cutoff_len": 32,
+        "dataset": "text_stories_train,text_numbers_train,text_noisy_train", "eval_dataset": "text_noisy_test",
+        "output_dir": "saves/doremi", "per_device_train_batch_size": 4, "logging_steps": 2, "learning_rate": 1.0e-3,
+        "train_type": "dynamic_mix", "static_mix": True, "train_step": 4,
+    }  # fmt: skip
+    (tmp_path / "doremi.yaml").write_text(yaml.safe_dump(cfg))
+    db = tmp_path / "mlflow.db"
+    argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
+    assert main(["train", "doremi.yaml", "--pipeline", "doremi", *argv]) == 0
+    _end_runs()
+    out = tmp_path / "saves" / "doremi"
+    weights = json.loads((out / "proxy" / "mixture" / "doremi_weights.json").read_text())
+    assert weights["updates"] == 4 and sum(weights["average_weights"]) == pytest.approx(1.0)
+    final = [json.loads(x) for x in (out / "mixture" / "proportions.jsonl").read_text().splitlines()]
+    assert final[0]["proportions"] == pytest.approx(weights["average_weights"])  # step 3 trains on them
+    assert (out / "reference" / "adapter").is_dir() and (out / "adapter").is_dir()
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 4
+    assert (project / "data" / "08_reporting" / "doremi_weights.png").stat().st_size > 1000
+
+    odm = {**cfg, "output_dir": "saves/odm", "static_mix": False, "component_name": "odm", "warmup_step": 2,
+           "update_step": 2, "update_times": 2, "train_step": 0}  # fmt: skip
+    (tmp_path / "odm.yaml").write_text(yaml.safe_dump(odm))
+    components = {"mixers": {"odm": {"name": "odm", "params": {"warmup_steps": 1, "min_exploration_rate": 0.0}}}}
+    (tmp_path / "odm_components.yaml").write_text(yaml.safe_dump(components))
+    assert main(["train", "odm.yaml", "components_cfg_file=odm_components.yaml", *argv]) == 0
+    _end_runs()
+    lines = [json.loads(x) for x in (tmp_path / "saves" / "odm" / "mixture" / "proportions.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 2, 4] and "rewards" in lines[1]["stats"]
