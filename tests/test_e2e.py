@@ -344,5 +344,6 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
     (tmp_path / "odm_components.yaml").write_text(yaml.safe_dump(components))
     assert main(["train", "odm.yaml", "components_cfg_file=odm_components.yaml", *argv]) == 0
     _end_runs()
-    lines = [json.loads(x) for x in (tmp_path / "saves" / "odm" / "mixture" / "proportions.jsonl").read_text().splitlines()]
+    jsonl = tmp_path / "saves" / "odm" / "mixture" / "proportions.jsonl"
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 2, 4] and "rewards" in lines[1]["stats"]

@@ -213,6 +213,8 @@ def test_mix_config_errors(tmp_path, tiny_model_dir, sft_pool):
 
     with pytest.raises(ConfigError, match="fixes the proportions"):
         check_mix_config({"mixture_sample_rule": "uniform", "static_mix": False})
+    with pytest.raises(ConfigError, match="mixture_sample_rule 'temp' is not valid"):
+        check_mix_config({"mixture_sample_rule": "temp", "static_mix": True})
     with pytest.raises(ConfigError, match="at least two domains"):
         check_mix_config({"mixture_sample_rule": "mixture"}, num_domains=1)
     model_p, train_p, flex = _mix_params(tmp_path, tiny_model_dir, init_mixture_proportions=[0.5, 0.5])

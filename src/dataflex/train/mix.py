@@ -98,6 +98,11 @@ def build_mixer(flex: Mapping[str, Any], manager: MixedProportionManager, runtim
 
 def check_mix_config(flex: Mapping[str, Any], num_domains: int | None = None) -> None:
     """Mix-specific config errors, before any work."""
+    from dataflex.train.dataset.mixed_proportion_manager import RULES
+
+    rule = flex.get("mixture_sample_rule") or "mixture"
+    if rule not in RULES:
+        raise ConfigError(f"mixture_sample_rule '{rule}' is not valid; use one of {', '.join(RULES)}")
     if flex.get("static_mix"):
         return
     if (flex.get("mixture_sample_rule") or "mixture") != "mixture":
