@@ -35,10 +35,9 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import machine_label, quiet_offline_env  # noqa: E402
+
+quiet_offline_env()
 
 import torch  # noqa: E402
 
@@ -163,14 +162,6 @@ def run_hf(model_dir, tokenizer, pool, args, total_steps: int, out_dir: Path) ->
 # ------------------------------------------------------------------------------------------------ report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config_label(args: argparse.Namespace) -> str:
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_ratio = statistics.median(o / h for o, h in zip(means["ours"], means["hf"]))
     loss_gap = max(abs(a - b) for a, b in zip(losses["ours"], losses["hf"]))
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    machine = machine_label()
     print()
     print(f"config:            {config_label(args)}")
     print(f"median ours:       {med_ours:.4f} s/step")

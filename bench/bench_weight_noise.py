@@ -31,11 +31,9 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")
+from _common import machine_label, quiet_offline_env  # noqa: E402
+
+quiet_offline_env()
 
 import torch  # noqa: E402
 
@@ -147,14 +145,6 @@ def run_one(label: str, strategy: str | None, pool, eval_sets, tokenizer, args, 
 # ------------------------------------------------------------------------------------------------ report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def tables(results: list[dict], noisy: str) -> str:
@@ -229,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(steps) != 1:
         print(f"warning: runs differ in optimizer steps {sorted(steps)}: not an equal-steps comparison")
     table = tables(results, args.noise_domain)
-    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    machine = machine_label()
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     print()
     print(table)

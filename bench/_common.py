@@ -1,0 +1,30 @@
+"""Helpers shared by the bench scripts (imported as `_common`: a script's own folder is sys.path[0])."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quiet_offline_env() -> None:
+    """Benchmarks never download and never draw progress bars (they would skew timings and logs)."""
+    for key, value in {"KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}.items():  # fmt: skip
+        os.environ.setdefault(key, value)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_label() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} cores"
