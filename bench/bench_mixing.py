@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile

@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile

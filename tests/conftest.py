@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> 
 
     out = tmp_path_factory.mktemp("model") / "tiny"
     make_tiny_model(
-        out, demo_dir, size="test", seed=0, pretrain_steps=20, block_size=64, batch_size=8, progress_bar=False
+        out, demo_dir, size="test", seed=0, pretrain_steps=100, block_size=64, batch_size=8, progress_bar=False
     )
     return out
 

@@ -38,7 +38,7 @@ def _build(**kw):
 
 def test_columns_ids_and_domain_order():
     ds = _build(dataset=SFT, cutoff_len=64)
-    assert set(ds.column_names) == {"input_ids", "labels", "sample_id", "domain_id"}
+    assert set(ds.column_names) == {"input_ids", "labels", "sample_id", "domain_id", "source_row"}
     assert ds.features["sample_id"].dtype == "int64" and ds.features["domain_id"].dtype == "int64"
     assert ds["sample_id"] == list(range(len(ds)))
     assert ds["domain_id"] == [0] * 20 + [1] * 20 + [2] * 20

@@ -4,6 +4,7 @@ with a temporary MLflow database. Slow (they train), still run in CI."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -347,3 +348,116 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
     jsonl = tmp_path / "saves" / "odm" / "mixture" / "proportions.jsonl"
     lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 2, 4] and "rewards" in lines[1]["stats"]
+
+
+def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
+    demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch
+):
+    """LESS end to end through a flat YAML: warm-up -> datastore -> target features -> select -> final training.
+    The selection comes from the target's domain, its model beats a random selection of the same size on the
+    target, and a second run with another target reuses the warm-up and the pool's datastore."""
+    from dataflex.cli import main
+    from dataflex.evaluation import evaluate_sets
+    from dataflex.pipelines.data_processing.nodes import process_data
+    from dataflex.train.less import warmup_subset
+    from dataflex.train.runner import build_model, train_model
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    domains = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(demo_dir), "cutoff_len": 64,
+        "dataset": ",".join(f"{d}_train" for d in domains), "eval_dataset": "arith_test",
+        "output_dir": "saves/less", "per_device_train_batch_size": 4, "logging_steps": 3, "learning_rate": 2.0e-3,
+        "lora_rank": 4, "lora_alpha": 8, "max_new_tokens": 4,
+        "less_targets": ["arith_dev"], "less_proj_dim": 1024, "less_shard_size": 100,
+        "less_datastore_dir": "store", "less_warmup_dir": "warmup", "less_output_dir": "selection",
+    }  # fmt: skip
+    (tmp_path / "less.yaml").write_text(yaml.safe_dump(cfg))
+    db = tmp_path / "mlflow.db"
+    argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}", "--pipeline", "less"]
+    assert main(["train", "less.yaml", *argv]) == 0
+    _end_runs()
+
+    sel = json.loads((tmp_path / "selection" / "selections" / "arith_dev.json").read_text())
+    pool_size = 6 * 40
+    assert len(sel["indices"]) == int(0.05 * pool_size) == 12
+    assert sel["scores"] == sorted(sel["scores"], reverse=True)
+    assert sel["domain_counts"]["arith_train"] >= 0.8 * 12, sel["domain_counts"]
+    # The selected rows are written back verbatim in their raw format.
+    raw = json.loads((demo_dir / "arith_train.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "selection" / "selected" / "arith_dev.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and sum(row in raw for row in lines) == sel["domain_counts"]["arith_train"]
+    table = (tmp_path / "selection" / "scores.csv").read_text().splitlines()
+    assert table[0] == "sample_id,domain,source_row,arith_dev" and len(table) == 1 + pool_size
+    summary = json.loads((tmp_path / "saves" / "less" / "run_summary.json").read_text())
+    assert summary["train_type"] == "less" and summary["global_step"] == 4 * 3  # 12 samples, batch 4, 4 epochs
+    for plot in ("less_selected_domains.png", "less_scores.png"):
+        assert (project / "data" / "08_reporting" / plot).stat().st_size > 1000
+    client, run = _mlflow_run(db, summary["mlflow_run_id"])
+    assert run.data.metrics["less/warmup_cache_hit"] == 0.0
+    assert "selection.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # A random 5% of the same size, trained the same way, is worse on the target task.
+    from dataflex.models import load_tokenizer
+
+    data = {"dataset": cfg["dataset"], "eval_dataset": "arith_test", "dataset_dir": str(demo_dir),
+            "template": "default", "cutoff_len": 64, "stage": "sft", "train_on_prompt": False, "max_samples": None,
+            "val_size": 0.0, "packing": False, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    pool, evals = process_data({"model_name_or_path": str(tiny_model_dir)}, data, {"seed": 42})
+    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
+             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
+    train = {"output_dir": str(tmp_path / "saves" / "random"), "per_device_train_batch_size": 4, "learning_rate": 2e-3,
+             "num_train_epochs": 4.0, "logging_steps": 3, "progress_bar": False}  # fmt: skip
+    random_subset = pool.select(warmup_subset(len(pool), 0.05, seed=7))
+    result = train_model(random_subset, model, train)
+    tok = load_tokenizer(str(tiny_model_dir))
+    random_loss = evaluate_sets(build_model(model, 42, adapter_path=result["adapter_dir"]), tok, evals,
+                                batch_size=16, generate=False, max_new_tokens=4, max_generate_samples=0,
+                                stage="sft")["arith_test"]["loss"]  # fmt: skip
+    assert summary["eval"]["arith_test"]["loss"] < random_loss
+
+    # Another target: the warm-up and the pool's datastore are reused; only the target's features are computed.
+    assert main(["train", "less.yaml", "less_targets=reverse_dev", "output_dir=saves/less2", *argv]) == 0
+    _end_runs()
+    summary2 = json.loads((tmp_path / "saves" / "less2" / "run_summary.json").read_text())
+    _, run2 = _mlflow_run(db, summary2["mlflow_run_id"])
+    m = run2.data.metrics
+    assert m["less/warmup_cache_hit"] == 1.0
+    assert all(m[f"less/ckpt_{k}/datastore_cache_hit"] == 1.0 for k in range(4))
+    assert m["less/ckpt_0/datastore_computed_samples"] == 0
+    assert m["less/ckpt_0/target/reverse_dev_cache_hit"] == 0.0
+    sel2 = json.loads((tmp_path / "selection" / "selections" / "reverse_dev.json").read_text())
+    assert sel2["domain_counts"]["reverse_train"] >= 0.8 * 12, sel2["domain_counts"]
+
+    # The notebook reads the selection and the datastore through the project's catalog and runs as written.
+    import subprocess
+    import sys
+
+    nb = json.loads((project_root / "notebooks" / "less_datastore.ipynb").read_text())
+    code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    env = {**os.environ, "MPLBACKEND": "Agg", "KEDRO_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "most influential:" in done.stdout and "[reverse_train]" in done.stdout
+
+
+def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+    from dataflex.cli import main
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = {"model_name_or_path": str(tiny_model_dir), "dataset_dir": str(demo_dir), "dataset": "arith_train",
+           "output_dir": "saves/bad", "less_targets": ["arith_dev"]}  # fmt: skip
+    (tmp_path / "less.yaml").write_text(yaml.safe_dump(cfg))
+    argv = ["--project-dir", str(project), "--pipeline", "less"]
+    for override, message in [
+        ("less_targets=no_such_dev", "no_such_dev"),
+        ("less_percentage=1.5", "less.percentage must be a fraction"),
+        ("less_aggregation=median", "less.aggregation must be one of max, mean"),
+        ("less_projector=fjlt", "less.projector must be one of"),
+        ("less_warmup_epochs=0", "less.warmup_epochs must be an integer >= 1"),
+    ]:
+        assert main(["train", "less.yaml", override, *argv]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "saves" / "bad").exists()

@@ -54,6 +54,10 @@ def build_train_params(config: str, overrides: list[str], cwd: Path | None = Non
 
 def cmd_train(ns: argparse.Namespace) -> int:
     params = build_train_params(ns.config, ns.overrides)
+    if ns.pipeline == "less":
+        from dataflex.train.less_config import check_less_config
+
+        check_less_config(params["less"], params["data"])
     project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
     # Demo folders resolve against the project, like the Kedro defaults.
     params["demo"] = {
@@ -158,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pipeline",
         default=None,
-        choices=["doremi"],
-        help="run this pipeline instead of the train_type's (doremi: reference -> proxy -> final)",
+        choices=["doremi", "less"],
+        help="run this pipeline instead of the train_type's (doremi: reference -> proxy -> final; less: warm-up "
+        "-> gradient datastore -> select for less_targets -> train on the selection)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from dataflex.core.errors import ConfigError
+from dataflex.train.less_config import DEFAULTS as LESS_DEFAULTS
 from dataflex.train.trainer.args import TrainingArguments
 from dataflex.utils.logging import logger
 
@@ -72,6 +73,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_new_tokens": 16,
         "max_generate_samples": 64,
     },
+    "less": dict(LESS_DEFAULTS),
     "demo": {
         "build_if_missing": True,
         "data_dir": "data/01_raw/demo",
@@ -87,6 +89,8 @@ FLAT_KEYS: dict[str, tuple[str, str]] = {}
 for _group in ("model", "data", "train", "dataflex"):
     for _key in DEFAULTS[_group]:
         FLAT_KEYS[_key] = (_group, _key)
+# LESS settings in a flat YAML carry a `less_` prefix (`less_targets`, `less_percentage`, ...).
+FLAT_KEYS.update({f"less_{k}": ("less", k) for k in DEFAULTS["less"]})
 FLAT_KEYS.update(
     {
         "max_new_tokens": ("eval", "max_new_tokens"),
@@ -212,6 +216,10 @@ def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any
     data["cache_dir"] = absolute(data["cache_dir"])
     train["output_dir"] = absolute(train["output_dir"])
     flex["components_cfg_file"] = absolute(flex["components_cfg_file"])
+    less = params.get("less") or {}
+    for key in ("datastore_dir", "warmup_dir", "output_dir"):
+        if key in less:
+            less[key] = absolute(less[key])
     # A model path is resolved only when it exists locally: otherwise it may be a hub id.
     name = model["model_name_or_path"]
     if isinstance(name, str) and (base_dir / name).exists() and not Path(name).is_absolute():
@@ -228,7 +236,9 @@ def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any
 
 def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> None:
     """Every check that needs no heavy work: one ConfigError line for the first problem found."""
-    for group in ("model", "data", "train", "dataflex"):
+    for group in ("model", "data", "train", "dataflex", "less"):
+        if group == "less" and group not in params:
+            continue
         if group not in params or not isinstance(params[group], Mapping):
             raise ConfigError(f"parameters need a '{group}' section")
         unknown = sorted(set(params[group]) - set(DEFAULTS[group]))

@@ -19,9 +19,9 @@ def get_params() -> dict[str, Any] | None:
     return _PARAMS
 
 
-def _validate(params: dict[str, Any]) -> None:
+def _validate(params: dict[str, Any], check: Any = validate_params) -> None:
     try:
-        validate_params(params)
+        check(params)
     except DataFlexError as exc:
         logger.error("%s", exc)
         # SystemExit with a message: kedro's CLI exits non-zero with this one line, no traceback.
@@ -39,6 +39,10 @@ class ProjectHooks:
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
         """A mode's pipeline run by name (`--pipelines=dynamic_weight`) is that train_type: check its component."""
         names = run_params.get("pipeline_names") or []
+        if _PARAMS is not None and "less" in names:
+            from dataflex.train.less_config import check_less_config
+
+            _validate(_PARAMS, lambda p: check_less_config(p.get("less") or {}, p["data"]))
         modes = [n for n in names if n in TRAIN_TYPES and n != "static"]
         if _PARAMS is not None and modes:
             _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})

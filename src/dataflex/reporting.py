@@ -123,3 +123,48 @@ def run_summary(
 
 def write_run_summary(summary: Mapping[str, Any], output_dir: str | Path) -> Path:
     return atomic_write_json(Path(output_dir) / "run_summary.json", dict(summary))
+
+
+def selection_composition_plot(selection: Mapping[str, Any]) -> plt.Figure:
+    """Selected samples per pool domain for each target (LESS), next to the pool's own composition."""
+    targets = list(selection["targets"])
+    names = selection["domains"]
+    pool = selection.get("pool_domain_counts") or {}
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) * max(1, len(targets))), 4), dpi=110)
+    width = 0.8 / (len(targets) + (1 if pool else 0))
+    for t, target in enumerate(targets):
+        counts = selection["targets"][target]["domain_counts"]
+        total = max(1, sum(counts.values()))
+        ax.bar([d + t * width for d in range(len(names))], [counts.get(n, 0) / total for n in names], width,
+               label=f"selected for {target}")  # fmt: skip
+    if pool:
+        total = max(1, sum(pool.values()))
+        ax.bar([d + len(targets) * width for d in range(len(names))], [pool.get(n, 0) / total for n in names], width,
+               color="lightgrey", label="pool")  # fmt: skip
+    ax.set_xticks([d + 0.4 - width / 2 for d in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("fraction of the selection")
+    ax.set_ylim(0, 1)
+    ax.set_title("selected-domain composition")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def score_histogram(scores: Mapping[str, list[float]], domains: list[str], cutoffs: Mapping[str, float]) -> plt.Figure:
+    """Distribution of each target's scores over the pool, one histogram per pool domain; the dashed line is the
+    lowest selected score."""
+    targets = list(scores)
+    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 4), dpi=110, squeeze=False)
+    names = sorted(set(domains), key=domains.index)
+    for ax, target in zip(axes[0], targets):
+        values = scores[target]
+        for name in names:
+            ax.hist([v for v, d in zip(values, domains) if d == name], bins=40, alpha=0.5, label=name)
+        ax.axvline(cutoffs[target], color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"LESS scores for {target}")
+        ax.set_xlabel("score")
+        ax.set_ylabel("pool samples")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -14,7 +14,7 @@ from dataflex.data.processing import build_dataset_cached, split_validation
 from dataflex.data.readers import read_rows
 
 
-def _build(names: list[str] | str, data: Mapping[str, Any], tokenizer: Any, seed: int) -> datasets.Dataset:
+def build_named(names: list[str] | str, data: Mapping[str, Any], tokenizer: Any, seed: int) -> datasets.Dataset:
     return build_dataset_cached(
         data["cache_dir"],
         dataset=names,
@@ -33,12 +33,12 @@ def _build(names: list[str] | str, data: Mapping[str, Any], tokenizer: Any, seed
 def build_pools(data: Mapping[str, Any], tokenizer: Any, seed: int) -> tuple[datasets.Dataset, datasets.DatasetDict]:
     """Train pool (domain id = position in `dataset`) and one eval set per `eval_dataset` name
     (plus `validation` when `val_size` > 0)."""
-    train = _build(data["dataset"], data, tokenizer, seed)
+    train = build_named(data["dataset"], data, tokenizer, seed)
     evals: dict[str, datasets.Dataset] = {}
     if data.get("val_size"):
         train, evals["validation"] = split_validation(train, data["val_size"], seed)
     for name in parse_dataset_names(data["eval_dataset"]) if data.get("eval_dataset") else []:
-        evals[name] = _build([name], data, tokenizer, seed)
+        evals[name] = build_named([name], data, tokenizer, seed)
     return train, datasets.DatasetDict(evals)
 
 

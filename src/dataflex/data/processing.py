@@ -1,7 +1,9 @@
 """Tokenisation + label masking: raw LF datasets -> one `datasets.Dataset` honouring the data contract.
 
 Columns: `input_ids`, `labels` (-100 = not trained), `sample_id` (0..N-1, position in the pool),
-`domain_id` (position of the source in the `dataset` list). `ds.info.description` holds JSON metadata
+`domain_id` (position of the source in the `dataset` list), `source_row` (the row's index in its raw file, so
+a selection can be written back in the original format; -1 for packed pt blocks, which span rows).
+`ds.info.description` holds JSON metadata
 (domain names, settings, content fingerprint); it survives `save_to_disk` / `load_from_disk`.
 
 sft truncation follows LLaMA-Factory exactly (`infer_seqlen`): per turn, the remaining budget is split
@@ -31,7 +33,7 @@ from dataflex.utils.io import atomic_dir, sha256_file, sha256_json
 from dataflex.utils.logging import logger
 
 # Bump when a change here alters the tokens/labels produced for the same inputs: invalidates caches.
-DATA_CODE_VERSION = "1"
+DATA_CODE_VERSION = "2"
 IGNORE_INDEX = -100
 STAGES = ("sft", "pt")
 
@@ -41,6 +43,7 @@ FEATURES = datasets.Features(
         "labels": datasets.List(datasets.Value("int32")),
         "sample_id": datasets.Value("int64"),
         "domain_id": datasets.Value("int64"),
+        "source_row": datasets.Value("int64"),
     }
 )
 
@@ -216,11 +219,13 @@ def build_dataset(
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     domain_ids: list[int] = []
+    source_rows: list[int] = []
     for d, examples in enumerate(per_domain):
-        for ids, lab in examples:
+        for ids, lab, row in examples:
             input_ids.append(ids)
             labels.append(lab)
             domain_ids.append(d)
+            source_rows.append(row)
     meta = {
         "domains": names,
         "stage": stage,
@@ -232,7 +237,13 @@ def build_dataset(
         "data_code_version": DATA_CODE_VERSION,
     }
     ds = datasets.Dataset.from_dict(
-        {"input_ids": input_ids, "labels": labels, "sample_id": list(range(len(input_ids))), "domain_id": domain_ids},
+        {
+            "input_ids": input_ids,
+            "labels": labels,
+            "sample_id": list(range(len(input_ids))),
+            "domain_id": domain_ids,
+            "source_row": source_rows,
+        },
         info=datasets.DatasetInfo(description=json.dumps(meta), features=FEATURES),
     )
     logger.info(
@@ -249,24 +260,25 @@ def _encode_sft(
     tmpl: Template,
     cutoff_len: int,
     train_on_prompt: bool,
-) -> list[list[tuple[list[int], list[int]]]]:
+) -> list[list[tuple[list[int], list[int], int]]]:
     out = []
     masked_total = 0
     problems = []
     for attr, convs in zip(attrs, converted):
-        rendered, invalid = [], 0
-        for messages, system in convs:
+        rendered, kept, invalid = [], [], 0
+        for row, (messages, system) in enumerate(convs):
             try:
                 rendered.append(tmpl.render(tokenizer, messages, system))
+                kept.append(row)
             except InvalidConversation:
                 invalid += 1  # LF drops rows whose roles do not alternate
         examples, masked = [], 0
-        for pairs in _tokenize_turns(tokenizer, rendered):
+        for row, pairs in zip(kept, _tokenize_turns(tokenizer, rendered)):
             ids, lab = _supervised_example(pairs, cutoff_len, train_on_prompt)
             if all(x == IGNORE_INDEX for x in lab):
                 masked += 1
                 continue
-            examples.append((ids, lab))
+            examples.append((ids, lab, row))
         if invalid:
             logger.warning("dataset '%s': dropped %d row(s) whose roles do not alternate user/assistant",
                            attr.name, invalid)  # fmt: skip
@@ -294,17 +306,17 @@ def _encode_sft(
 
 def _encode_pt(
     texts: list[list[str]], tokenizer: Any, cutoff_len: int, packing: bool
-) -> list[list[tuple[list[int], list[int]]]]:
+) -> list[list[tuple[list[int], list[int], int]]]:
     eos = tokenizer.eos_token_id
     out = []
     for domain_texts in texts:
         tokenized = [list(ids) + [eos] for ids in _batch_encode(tokenizer, domain_texts)]
         if packing:
             stream = [t for ids in tokenized for t in ids]
-            blocks = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+            blocks = [(stream[i : i + cutoff_len], -1) for i in range(0, len(stream), cutoff_len)]
         else:
-            blocks = [ids[:cutoff_len] for ids in tokenized]
-        out.append([(b, list(b)) for b in blocks])
+            blocks = [(ids[:cutoff_len], row) for row, ids in enumerate(tokenized)]
+        out.append([(b, list(b), row) for b, row in blocks])
     return out
 
 

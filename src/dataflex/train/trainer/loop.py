@@ -132,6 +132,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments, nu
     return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
 
 
+def scheduled_learning_rates(args: TrainingArguments, num_steps: int) -> list[float]:
+    """The learning rate of each optimizer step of a run of `num_steps` (a replay of the schedule the Trainer
+    builds), e.g. for LESS's per-epoch average learning rates."""
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    scheduler = make_scheduler(dummy, args, num_steps)
+    lrs = []
+    for _ in range(num_steps):
+        lrs.append(float(scheduler.get_last_lr()[0]))
+        dummy.step()
+        scheduler.step()
+    return lrs
+
+
 def make_accelerator(args: TrainingArguments) -> Accelerator:
     mixed = args.mixed_precision
     if mixed == "fp16" and not torch.cuda.is_available():

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from dataflex.features.token_losses import IGNORE_INDEX, count_supervised_tokens, per_token_losses
+
+__all__ = ["IGNORE_INDEX", "MicroBatchLosses", "count_supervised_tokens", "forward_losses", "per_token_losses"]
 
 
 @dataclass
@@ -41,22 +42,6 @@ class MicroBatchLosses:
         window token count is global (HF does the same with average_tokens_across_devices).
         """
         return self.token_loss_sum.sum() * self.num_processes / max(self.window_tokens, 1)
-
-
-def count_supervised_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Supervised tokens per row after the causal shift (the first label never has a prediction)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-
-
-def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, L-1] fp32 cross-entropy of shifted logits; 0 where the label is ignored."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    vocab = shift_logits.size(-1)
-    tok = F.cross_entropy(
-        shift_logits.reshape(-1, vocab), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return tok.view(shift_labels.shape)
 
 
 def forward_losses(

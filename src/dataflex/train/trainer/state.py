@@ -94,6 +94,9 @@ def save_train_state(
     path = Path(path)
     weights = trainable_tensors(model)
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    # Names of the optimizer's parameters in state-dict order, so moments can be read by name (LESS features).
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt_meta["param_names"] = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
     rng_tensors, rng_meta = capture_rng()
     state = dict(trainer_state)
     state.update({"optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta})

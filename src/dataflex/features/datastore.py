@@ -1,0 +1,279 @@
+"""The gradient datastore: content-addressed, sharded, resumable per-sample features (DESIGN §7).
+
+Layout under the root (`data/04_feature` by default):
+
+  <state key>/                     one model state + feature settings (adapter weights, base model id, Adam
+    <dataset key>/                 moments for adam, every feature setting, the feature code version)
+      samples.json                 per-sample content hashes (input_ids + labels), written first
+      shard-00000.safetensors      features [n, k] (unnormalised), norms [n], rows [n] (row in the dataset)
+      manifest.json                key fields, shard list with sha256, `complete` (rewritten after each shard)
+
+Every file is written to a temp file and renamed. A run that is killed keeps its completed shards; the next
+run with the same key computes only the missing ones. A dataset that shares samples with an already stored
+one (same state key) copies those rows instead of recomputing them. Anything in the key that changes is a
+miss: a new directory, never a silent reuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from dataflex.core.errors import ConfigError, DataError
+from dataflex.features.gradients import (
+    FEATURE_DTYPES,
+    GRADIENT_TYPES,
+    _as_rows,
+    per_sample_gradient_features,
+    trainable_parameters,
+)
+from dataflex.features.optimizer_state import resolve_adam_state
+from dataflex.features.projectors import PROJECTORS
+from dataflex.utils.io import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
+from dataflex.utils.logging import logger
+
+# Bump when a change to the feature code changes the numbers it produces: every stored key becomes a miss.
+FEATURE_CODE_VERSION = "1"
+FORMAT = "dataflex-gradient-features"
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Everything that determines a feature except the model state and the samples."""
+
+    gradient_type: str = "sgd"
+    projector: str = "sjlt"
+    proj_dim: int = 8192
+    seed: int = 0
+    adam_eps_placement: str = "inside"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.gradient_type not in GRADIENT_TYPES:
+            raise ConfigError(f"gradient_type must be one of {', '.join(GRADIENT_TYPES)}, got {self.gradient_type!r}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"projector must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
+        if self.adam_eps_placement not in ("inside", "outside"):
+            raise ConfigError(f"adam_eps_placement must be 'inside' or 'outside', got {self.adam_eps_placement!r}")
+        if self.dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1:
+            raise ConfigError(f"proj_dim must be an integer >= 1, got {self.proj_dim!r}")
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # [N, k] unnormalised, rows in dataset order
+    norms: torch.Tensor  # [N]
+    manifest: dict[str, Any]
+    path: Path
+
+    def normalized(self) -> torch.Tensor:
+        return self.features.float() / self.norms.float().clamp(min=1e-12).unsqueeze(1)
+
+
+def _digest(h: Any, tensor: torch.Tensor) -> None:
+    t = tensor.detach().contiguous().cpu()
+    h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def model_state_fingerprint(model: torch.nn.Module, base_model_id: str | None = None) -> str:
+    """Hash of the trainable tensors (names, shapes, bytes) and the frozen base's identity.
+
+    Without `base_model_id` (e.g. `dataflex.models.model_fingerprint(path)`) every parameter is hashed."""
+    h = hashlib.sha256()
+    named = sorted(trainable_parameters(model), key=lambda x: x[0])
+    for name, p in named:
+        h.update(name.encode())
+        _digest(h, p)
+    if base_model_id is None:
+        for name, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+            if not p.requires_grad:
+                h.update(name.encode())
+                _digest(h, p)
+    else:
+        h.update(f"base:{base_model_id}".encode())
+    return h.hexdigest()
+
+
+def sample_hashes(dataset: Any) -> list[str]:
+    """Per-sample content hash of (input_ids, labels): what a feature depends on besides the model."""
+    ids, labels = _as_rows(dataset)
+    out = []
+    for a, b in zip(ids, labels):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(torch.tensor(a, dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+        h.update(torch.tensor(b, dtype=torch.int64).numpy().tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class GradientDatastore:
+    """Computes per-sample features once per (model state, samples, settings) and serves them afterwards."""
+
+    def __init__(self, root: str | Path, shard_size: int = 1024) -> None:
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise ConfigError(f"datastore shard_size must be an integer >= 1, got {shard_size!r}")
+        self.root = Path(root)
+        self.shard_size = shard_size
+
+    def key_fields(self, model: torch.nn.Module, settings: FeatureSettings, *, base_model_id: str | None,
+                   optimizer_state: Any = None) -> dict[str, Any]:  # fmt: skip
+        fields: dict[str, Any] = {
+            "model": model_state_fingerprint(model, base_model_id),
+            "trainable": [[n, list(p.shape)] for n, p in trainable_parameters(model)],
+            "settings": asdict(settings),
+            "code_version": FEATURE_CODE_VERSION,
+        }
+        if settings.gradient_type == "adam":
+            adam = resolve_adam_state(optimizer_state, model)
+            h = hashlib.sha256()
+            for name in sorted(adam.moments):
+                h.update(name.encode())
+                _digest(h, adam.moments[name][0])
+                _digest(h, adam.moments[name][1])
+            fields["adam"] = {"moments": h.hexdigest(), "betas": list(adam.betas), "eps": adam.eps}
+        return fields
+
+    def extract(self, model: torch.nn.Module, dataset: Any, settings: FeatureSettings, *,
+                base_model_id: str | None = None, optimizer_state: Any = None, batch_size: int = 16,
+                name: str | None = None, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Features of every sample of `dataset`, computed or reused; returns a JSON-able reference."""
+        start = time.perf_counter()
+        fields = self.key_fields(model, settings, base_model_id=base_model_id, optimizer_state=optimizer_state)
+        state_key = sha256_json(fields)
+        hashes = sample_hashes(dataset)
+        if not hashes:
+            raise DataError(f"datastore: dataset {name or ''} is empty; nothing to extract".replace("  ", " "))
+        dataset_key = sha256_json(hashes)
+        path = self.root / state_key[:24] / dataset_key[:24]
+        manifest = _read_json(path / "manifest.json")
+        if manifest is None or manifest.get("state_key") != state_key or manifest.get("dataset_key") != dataset_key:
+            manifest = {"format": FORMAT, "state_key": state_key, "dataset_key": dataset_key, "key_fields": fields,
+                        "name": name, "num_samples": len(hashes), "shard_size": self.shard_size, "dim": None,
+                        "shards": {}, "complete": False}  # fmt: skip
+            atomic_write_json(path / "samples.json", hashes, indent=None)
+        shard_size = manifest["shard_size"]
+        n_shards = -(-len(hashes) // shard_size)
+        done = {int(k) for k, v in manifest["shards"].items() if self._shard_ok(path, v)}
+        todo = [s for s in range(n_shards) if s not in done]
+        computed = reused = 0
+        if todo:
+            donors = self._donors(path, state_key)
+            for s in todo:
+                lo, hi = s * shard_size, min((s + 1) * shard_size, len(hashes))
+                feats, c, r = self._compute_shard(model, dataset, hashes, lo, hi, settings, donors, optimizer_state,
+                                                  batch_size, progress)  # fmt: skip
+                computed, reused = computed + c, reused + r
+                file = f"shard-{s:05d}.safetensors"
+                norms = feats.float().norm(dim=1)
+                data = save({"features": feats.contiguous(), "norms": norms,
+                             "rows": torch.arange(lo, hi, dtype=torch.int64)},
+                            metadata={"state_key": state_key, "dataset_key": dataset_key})  # fmt: skip
+                atomic_write_bytes(path / file, data)
+                manifest["shards"][str(s)] = {"file": file, "rows": [lo, hi], "sha256": sha256_file(path / file)}
+                manifest["dim"] = int(feats.shape[1])
+                manifest["complete"] = len(manifest["shards"]) == n_shards
+                atomic_write_json(path / "manifest.json", manifest)
+        status = "hit" if not todo else ("resumed" if done else ("reused" if computed == 0 else "computed"))
+        seconds = time.perf_counter() - start
+        logger.info("gradient datastore %s: %s (%d samples, %d computed, %d reused from other datasets, %.1fs) at %s",
+                    name or "", status, len(hashes), computed, reused, seconds, path)  # fmt: skip
+        return {"path": str(path), "state_key": state_key, "dataset_key": dataset_key, "name": name,
+                "num_samples": len(hashes), "dim": manifest["dim"], "status": status, "computed_samples": computed,
+                "reused_samples": reused, "seconds": seconds, "settings": asdict(settings)}  # fmt: skip
+
+    @staticmethod
+    def _shard_ok(path: Path, entry: dict[str, Any]) -> bool:
+        file = path / entry["file"]
+        return file.is_file() and sha256_file(file) == entry["sha256"]
+
+    def _donors(self, path: Path, state_key: str) -> dict[str, tuple[Path, int]]:
+        """hash -> (store, row) over the complete stores of the same model state and settings."""
+        found: dict[str, tuple[Path, int]] = {}
+        parent = path.parent
+        if not parent.is_dir():
+            return found
+        for other in sorted(parent.iterdir()):
+            if other == path or not other.is_dir():
+                continue
+            m = _read_json(other / "manifest.json")
+            hashes = _read_json(other / "samples.json")
+            if not m or not m.get("complete") or m.get("state_key") != state_key or not isinstance(hashes, list):
+                continue
+            for row, h in enumerate(hashes):
+                found.setdefault(h, (other, row))
+        return found
+
+    def _compute_shard(self, model: torch.nn.Module, dataset: Any, hashes: list[str], lo: int, hi: int,
+                       settings: FeatureSettings, donors: dict[str, tuple[Path, int]], optimizer_state: Any,
+                       batch_size: int, progress: bool) -> tuple[torch.Tensor, int, int]:  # fmt: skip
+        rows = list(range(lo, hi))
+        from_donor = [i for i in rows if hashes[i] in donors]
+        compute = [i for i in rows if hashes[i] not in donors]
+        parts: dict[int, torch.Tensor] = {}
+        if compute:
+            subset = dataset.select(compute) if hasattr(dataset, "select") else [dataset[i] for i in compute]
+            feats = per_sample_gradient_features(
+                model, subset, gradient_type=settings.gradient_type, optimizer_state=optimizer_state,
+                projector=settings.projector, proj_dim=settings.proj_dim, seed=settings.seed, batch_size=batch_size,
+                adam_eps_placement=settings.adam_eps_placement, dtype=settings.dtype, progress=progress,
+            )  # fmt: skip
+            parts.update(zip(compute, feats))
+        if from_donor:
+            parts.update(zip(from_donor, _read_rows([donors[hashes[i]] for i in from_donor])))
+        return torch.stack([parts[i] for i in rows]), len(compute), len(from_donor)
+
+    @staticmethod
+    def load(ref: str | Path | dict[str, Any]) -> FeatureSet:
+        """All features of a complete store (a path or an `extract` reference), rows in dataset order."""
+        path = Path(ref["path"] if isinstance(ref, dict) else ref)
+        manifest = _read_json(path / "manifest.json")
+        if not manifest or manifest.get("format") != FORMAT:
+            raise DataError(f"'{path}' is not a gradient feature store (no valid manifest.json); re-run the extraction")
+        if not manifest.get("complete"):
+            raise DataError(f"feature store '{path}' is incomplete (an extraction was interrupted); re-run to finish")
+        feats, norms = [], []
+        for s in sorted(manifest["shards"], key=int):
+            with safe_open(str(path / manifest["shards"][s]["file"]), framework="pt") as f:
+                feats.append(f.get_tensor("features"))
+                norms.append(f.get_tensor("norms"))
+        return FeatureSet(torch.cat(feats), torch.cat(norms), manifest, path)
+
+
+def _read_rows(locations: Sequence[tuple[Path, int]]) -> list[torch.Tensor]:
+    """Rows of other stores, reading each shard once."""
+    by_file: dict[Path, list[tuple[int, int]]] = {}
+    manifests: dict[Path, dict[str, Any]] = {}
+    for pos, (store, row) in enumerate(locations):
+        if store not in manifests:
+            manifests[store] = _read_json(store / "manifest.json") or {}
+        m = manifests[store]
+        size = m.get("shard_size", 1)
+        entry = m["shards"][str(row // size)]
+        by_file.setdefault(store / entry["file"], []).append((pos, row - entry["rows"][0]))
+    out: list[torch.Tensor | None] = [None] * len(locations)
+    for file, wanted in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            feats = f.get_tensor("features")
+        for pos, local in wanted:
+            out[pos] = feats[local]
+    return out  # type: ignore[return-value]

@@ -1,0 +1,90 @@
+"""LESS matching: influence scores of pool samples for a target task, and the top-k selection.
+
+score(z) = agg_s mean_{v in subtask s} Σ_c w_c · cos(Γ_c(z), g_c(v))
+
+with Γ_c the pool's (Adam) features and g_c the target's (SGD) features at checkpoint c, and w_c the
+checkpoints' average learning rates normalised to sum to 1 (LESS `matching.py`). `agg` is `max` over subtasks
+(LESS) or `mean` over every target example (DataFlex's online LESS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dataflex.core.errors import ConfigError, DataError
+from dataflex.utils.logging import logger
+
+AGGREGATIONS = ("max", "mean")
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def checkpoint_weights(lrs: Sequence[float]) -> list[float]:
+    """LESS's checkpoint weights: average learning rates, normalised to sum to 1."""
+    total = float(sum(lrs))
+    if not lrs or total <= 0 or any(lr < 0 or not math.isfinite(lr) for lr in lrs):
+        raise ConfigError(f"checkpoint weights need non-negative learning rates with a positive sum, got {list(lrs)}")
+    return [float(lr) / total for lr in lrs]
+
+
+def influence(train: Sequence[torch.Tensor], target: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """[N, M] Σ_c w_c · cos(train_c[i], target_c[j]); `weights` are used as given (see checkpoint_weights)."""
+    if not (len(train) == len(target) == len(weights)) or not train:
+        raise ConfigError(f"matching needs one train and one target feature set per checkpoint and one weight each; "
+                          f"got {len(train)}, {len(target)} and {len(weights)}")  # fmt: skip
+    out = None
+    for tr, tg, w in zip(train, target, weights):
+        if tr.shape[1] != tg.shape[1]:
+            raise DataError(f"train features have dim {tr.shape[1]} but target features {tg.shape[1]}: they must "
+                            "come from the same projector")  # fmt: skip
+        part = w * (normalize_rows(tr) @ normalize_rows(tg).T)
+        out = part if out is None else out + part
+    return out
+
+
+def aggregate(scores: torch.Tensor, subtasks: Sequence[int] | None = None, how: str = "max") -> torch.Tensor:
+    """[N, M] -> [N]: mean within each subtask, then max over subtasks (`max`), or mean over all M (`mean`)."""
+    if how not in AGGREGATIONS:
+        raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
+    if how == "mean" or subtasks is None:
+        return scores.mean(dim=1)
+    ids = torch.as_tensor(list(subtasks), dtype=torch.long)
+    if ids.numel() != scores.shape[1]:
+        raise DataError(f"{ids.numel()} subtask ids for {scores.shape[1]} target examples")
+    means = [scores[:, ids == s].mean(dim=1) for s in ids.unique(sorted=True).tolist()]
+    return torch.stack(means, dim=1).max(dim=1).values
+
+
+def less_scores(train: Sequence[torch.Tensor], target: Sequence[torch.Tensor], lrs: Sequence[float],
+                subtasks: Sequence[int] | None = None, aggregation: str = "max") -> torch.Tensor:  # fmt: skip
+    """[N] LESS scores of the pool for one target."""
+    return aggregate(influence(train, target, checkpoint_weights(lrs)), subtasks, aggregation)
+
+
+def top_k(scores: torch.Tensor, *, percentage: float | None = None, max_samples: int | None = None) -> list[int]:
+    """Indices of the best scores, highest first; ties go to the lower index, NaN scores rank last.
+
+    The budget is `max_samples` when set, else int(percentage · N) (LESS's rule), at least 1."""
+    n = scores.numel()
+    if max_samples is not None:
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+            raise ConfigError(f"max_samples must be an integer >= 1 or null, got {max_samples!r}")
+        k = min(max_samples, n)
+    else:
+        if percentage is None or not 0 < percentage <= 1:
+            raise ConfigError(f"percentage must be in (0, 1], got {percentage!r}")
+        k = max(1, int(percentage * n))
+    s = scores.detach().double().cpu()
+    nan = torch.isnan(s)
+    if nan.any():
+        logger.warning("%d of %d scores are NaN; they rank last", int(nan.sum()), n)
+    # Sort by (-score, index): a stable sort of -score keeps equal scores in index order.
+    key = torch.where(nan, torch.full_like(s, math.inf), -s)
+    order = torch.sort(key, stable=True).indices
+    return order[:k].tolist()

@@ -1,0 +1,71 @@
+"""`less`: process -> targets -> warm-up -> per checkpoint (pool features, target features) -> select -> final
+training -> evaluate -> report. Checkpoint rounds are namespaces `less.ckpt_<k>`, one per warm-up epoch; their
+count comes from the parameters (`less.warmup_epochs`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kedro.pipeline import Node, Pipeline
+
+from dataflex.pipelines.data_processing import create_pipeline as data_processing
+from dataflex.pipelines.evaluation import create_pipeline as evaluation
+from dataflex.pipelines.params import current_params
+from dataflex.pipelines.reporting import create_pipeline as reporting
+
+from .nodes import (
+    final_train,
+    plot_composition,
+    plot_scores,
+    prepare_targets,
+    select,
+    target_features_at,
+    train_features_at,
+    warmup,
+)
+
+FEATURE_INPUTS = ["less.warmup_result", "params:model", "params:train", "params:less"]
+
+
+def epochs_from_params(params: dict[str, Any] | None) -> int:
+    value = ((params or {}).get("less") or {}).get("warmup_epochs", 4)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
+def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline:
+    n = n_checkpoints if n_checkpoints is not None else epochs_from_params(current_params())
+    head = Pipeline([
+        Node(prepare_targets, ["raw_inputs", "params:data", "params:train", "params:less"], "less.target_sets",
+             name="less.prepare_targets"),
+        Node(warmup, ["train_pool", "params:model", "params:train", "params:less"], "less.warmup_result",
+             name="less.warmup"),
+    ])  # fmt: skip
+    rounds = [
+        Pipeline(
+            [
+                Node(
+                    train_features_at(k),
+                    ["train_pool", *FEATURE_INPUTS],
+                    f"less.ckpt_{k}.train_features",
+                    name=f"less.ckpt_{k}.train_features",
+                ),
+                Node(
+                    target_features_at(k),
+                    ["less.target_sets", *FEATURE_INPUTS],
+                    f"less.ckpt_{k}.target_features",
+                    name=f"less.ckpt_{k}.target_features",
+                ),
+            ]
+        )  # fmt: skip
+        for k in range(n)
+    ]
+    refs = [f"less.ckpt_{k}.train_features" for k in range(n)] + [f"less.ckpt_{k}.target_features" for k in range(n)]
+    tail = Pipeline([
+        Node(select, ["train_pool", "less.target_sets", "less.warmup_result", "params:less", "params:data", *refs],
+             "less.selection", name="less.select"),
+        Node(final_train, ["train_pool", "less.selection", "params:model", "params:train", "params:less"],
+             "train_result", name="less.final_train"),
+        Node(plot_composition, "less.selection", "less.composition_plot", name="less.plot_composition"),
+        Node(plot_scores, "less.selection", "less.score_histogram", name="less.plot_scores"),
+    ])  # fmt: skip
+    return data_processing() + Pipeline([head, *rounds, tail], tags="less") + evaluation() + reporting()
