@@ -240,6 +240,7 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
                      proj: Projector, transform: _Transform, out: torch.Tensor, device: torch.device,
                      progress: bool) -> None:  # fmt: skip
     params = [p for _, p in named]
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     acc: dict[str, torch.Tensor] = {}
 
     def emit(pname: str, grad: torch.Tensor) -> None:
@@ -252,8 +253,16 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
             acc["features"] = torch.zeros(len(rows), proj.out_dim, device=device)
             input_ids = _pad([ids[i] for i in rows], 0, device)
             lab = _pad([labels[i] for i in rows], IGNORE_INDEX, device)
-            loss = per_sample_losses(model, input_ids, lab).sum()
-            torch.autograd.grad(loss, params, allow_unused=True)
+            # Differentiate w.r.t. the input embeddings: the hooks see every LoRA output gradient, and the
+            # batch-summed parameter gradients (which nothing here uses) are never formed.
+            if embed is not None:
+                embeds = embed(input_ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=embeds, use_cache=False).logits
+                loss = (per_token_losses(logits, lab).sum(dim=1) / count_supervised_tokens(lab).clamp(min=1)).sum()
+                torch.autograd.grad(loss, embeds)
+            else:  # a model without HF's embedding accessor: differentiate w.r.t. the parameters instead
+                loss = per_sample_losses(model, input_ids, lab).sum()
+                torch.autograd.grad(loss, params, allow_unused=True)
             hooks.flush(len(rows), device)
             out[torch.tensor(rows)] = acc["features"].to(out.dtype).cpu()
 

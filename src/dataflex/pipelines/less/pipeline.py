@@ -25,6 +25,7 @@ from .nodes import (
 )
 
 FEATURE_INPUTS = ["less.warmup_result", "params:model", "params:train", "params:less"]
+SHARED = {"params:model", "params:train", "params:less"}
 
 
 def epochs_from_params(params: dict[str, Any] | None) -> int:
@@ -43,19 +44,17 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
     rounds = [
         Pipeline(
             [
-                Node(
-                    train_features_at(k),
-                    ["train_pool", *FEATURE_INPUTS],
-                    f"less.ckpt_{k}.train_features",
-                    name=f"less.ckpt_{k}.train_features",
-                ),
+                Node(train_features_at(k), ["train_pool", *FEATURE_INPUTS], "train_features", name="train_features"),
                 Node(
                     target_features_at(k),
                     ["less.target_sets", *FEATURE_INPUTS],
-                    f"less.ckpt_{k}.target_features",
-                    name=f"less.ckpt_{k}.target_features",
+                    "target_features",
+                    name="target_features",
                 ),
-            ]
+            ],
+            namespace=f"less.ckpt_{k}",
+            inputs={"train_pool", "less.target_sets", "less.warmup_result"},
+            parameters=SHARED,
         )  # fmt: skip
         for k in range(n)
     ]
