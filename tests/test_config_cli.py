@@ -190,10 +190,11 @@ def test_missing_yaml_and_usage(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_recognised_but_unavailable_train_type(demo_dir, tiny_model_dir, tmp_path, capsys):
-    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, tmp_path / "out", train_type="dynamic_select"))
+def test_dynamic_select_without_a_selector_is_one_line(demo_dir, tiny_model_dir, tmp_path, capsys):
+    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, tmp_path / "out", train_type="dynamic_select",
+                                 warmup_step=1, update_step=1))  # fmt: skip
     assert main(["train", str(cfg)]) == 2
-    assert "not available in this version yet" in capsys.readouterr().err
+    assert "needs component_name (a registered selector)" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -242,6 +242,21 @@ def test_dynamic_mix_pipeline_shape():
     assert rounds_from_params({"dataflex": {"static_mix": True}}) == 1
 
 
+def test_less_pipeline_shape():
+    from dataflex.pipelines.less.pipeline import create_pipeline, epochs_from_params
+
+    pipe = create_pipeline(n_checkpoints=3)
+    names = {n.name for n in pipe.nodes}
+    assert {"less.warmup", "less.ckpt_0.train_features", "less.ckpt_2.target_features", "less.select",
+            "less.final_train", "evaluate", "report"} <= names  # fmt: skip
+    assert "less.ckpt_3.train_features" not in names
+    assert {n.namespace for n in pipe.nodes if "ckpt_1" in n.name} == {"less.ckpt_1"}
+    select = next(n for n in pipe.nodes if n.name == "less.select")
+    expected = [f"less.ckpt_{k}.{kind}_features" for kind in ("train", "target") for k in range(3)]
+    assert [i for i in select.inputs if "ckpt" in i] == expected
+    assert epochs_from_params({"less": {"warmup_epochs": 2}}) == 2 and epochs_from_params(None) == 4
+
+
 SEED_RANDOM_MIXER = """
 from dataflex.core.registry import register_mixer
 from dataflex.utils.logging import logger
@@ -417,8 +432,10 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
                                 stage="sft")["arith_test"]["loss"]  # fmt: skip
     assert summary["eval"]["arith_test"]["loss"] < random_loss
 
-    # Another target: the warm-up and the pool's datastore are reused; only the target's features are computed.
-    assert main(["train", "less.yaml", "less_targets=reverse_dev", "output_dir=saves/less2", *argv]) == 0
+    # Two other targets at once, one with two subtasks: the warm-up and the pool's datastore are reused; only the
+    # targets' new samples get features (arith_dev's rows are copied from the first run's target store).
+    assert main(["train", "less.yaml", "less_targets=reverse_dev,arith_dev+sort_dev", "output_dir=saves/less2",
+                 *argv]) == 0  # fmt: skip
     _end_runs()
     summary2 = json.loads((tmp_path / "saves" / "less2" / "run_summary.json").read_text())
     _, run2 = _mlflow_run(db, summary2["mlflow_run_id"])
@@ -427,8 +444,13 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     assert all(m[f"less/ckpt_{k}/datastore_cache_hit"] == 1.0 for k in range(4))
     assert m["less/ckpt_0/datastore_computed_samples"] == 0
     assert m["less/ckpt_0/target/reverse_dev_cache_hit"] == 0.0
+    assert m["less/ckpt_0/target/arith_dev_sort_dev_computed_samples"] == 8  # sort_dev only
     sel2 = json.loads((tmp_path / "selection" / "selections" / "reverse_dev.json").read_text())
     assert sel2["domain_counts"]["reverse_train"] >= 0.8 * 12, sel2["domain_counts"]
+    both = json.loads((tmp_path / "selection" / "selections" / "arith_dev+sort_dev.json").read_text())["domain_counts"]
+    assert both["arith_train"] + both["sort_train"] >= 0.8 * 12, both
+    final = json.loads((project / "data" / "06_models" / "train_result.json").read_text())
+    assert 12 <= final["selected_samples"] <= 24 and final["targets"] == ["reverse_dev", "arith_dev+sort_dev"]
 
     # The notebook reads the selection and the datastore through the project's catalog and runs as written.
     import subprocess
@@ -459,5 +481,70 @@ def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp
         ("less_warmup_epochs=0", "less.warmup_epochs must be an integer >= 1"),
     ]:
         assert main(["train", "less.yaml", override, *argv]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "saves" / "bad").exists()
+
+
+SEED_CUSTOM_SELECTOR = """
+from dataflex.core.registry import register_selector
+from dataflex.train.selector.base_selector import logger, Selector
+
+@register_selector('user_first')
+class FirstSelector(Selector):
+    def __init__(self, dataset, accelerator, data_collator, cache_dir):
+        super().__init__(dataset, accelerator, data_collator, cache_dir)
+        logger.info(f"FirstSelector initialized.")
+
+    def select(self, model, step_id: int, num_samples: int, **kwargs):
+        return list(range(num_samples))
+"""
+
+
+def test_cli_dynamic_select_with_the_seed_selector_and_a_user_module(
+    demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
+):
+    """dynamic_select through a flat YAML and the Kedro rounds: the shipped seed `custom` selector, then a selector
+    written exactly as the seed page shows in a user module; selections land in OUTPUT_DIR/selections."""
+    from dataflex.cli import main
+
+    project = make_project(project_root, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_selectors.py").write_text(SEED_CUSTOM_SELECTOR)
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(demo_dir), "cutoff_len": 64,
+        "dataset": "arith_train,reverse_train,sort_train", "eval_dataset": "arith_test", "output_dir": "saves/sel",
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 2,
+        "learning_rate": 1.0e-3, "max_new_tokens": 4, "train_type": "dynamic_select", "component_name": "custom",
+        "warmup_step": 2, "update_step": 2, "update_times": 2,
+    }  # fmt: skip
+    (tmp_path / "sel.yaml").write_text(yaml.safe_dump(cfg))
+    db = tmp_path / "mlflow.db"
+    argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
+    assert main(["train", "sel.yaml", *argv]) == 0
+    _end_runs()
+    out = tmp_path / "saves" / "sel"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["train_type"] == "dynamic_select" and summary["global_step"] == 6
+    for step in (2, 4):
+        sel = json.loads((out / "selections" / f"step_{step}.json").read_text())
+        assert sel["indices"] == list(range(16)) and sel["domain_counts"]["arith_train"] == 16  # G = 8, u = 2
+    assert (project / "data" / "08_reporting" / "selected_domains_per_round.png").stat().st_size > 1000
+    _, run = _mlflow_run(db, summary["mlflow_run_id"])
+    assert run.data.metrics["select/fraction/arith_train"] == 1.0
+
+    assert main(["train", "sel.yaml", "component_name=user_first", "user_modules=my_selectors.py",
+                 "output_dir=saves/user", *argv]) == 0  # fmt: skip
+    _end_runs()
+    user = json.loads((tmp_path / "saves" / "user" / "selections" / "step_4.json").read_text())
+    assert user["selector"] == "user_first"
+
+    # Bad input: one line, before training.
+    for override, message in [("warmup_step=0", "warmup_step >= 1"), ("update_step=40", "G x update_step = 320"),
+                              ("component_name=less", None)]:  # fmt: skip
+        args = ["train", "sel.yaml", override, "output_dir=saves/bad", *argv]
+        if message is None:  # less with an eval_dataset is fine; without one it is an error
+            args.insert(3, "eval_dataset=")
+            message = "'less' needs an eval_dataset"
+        assert main(args) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "saves" / "bad").exists()

@@ -23,7 +23,7 @@ from dataflex.utils.logging import logger
 
 TRAIN_TYPES = ("static", "dynamic_select", "dynamic_mix", "dynamic_weight")
 # Modes whose pipelines exist in this version; the others are recognised but refused with a clear line.
-IMPLEMENTED_TRAIN_TYPES = ("static", "dynamic_mix", "dynamic_weight")
+IMPLEMENTED_TRAIN_TYPES = ("static", "dynamic_select", "dynamic_mix", "dynamic_weight")
 FINETUNING_TYPES = ("lora", "full")
 STAGES = ("sft", "pt")
 DTYPES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16", "auto")
@@ -319,6 +319,13 @@ def _check_dynamic(params: Mapping[str, Any]) -> None:
             if flex[key] < 1:
                 raise ConfigError(f"dynamic_mix needs {key} >= 1, got {flex[key]}")
     kind, name, _ = component_for(flex)
+    if flex["train_type"] == "dynamic_select":
+        from dataflex.train.select import check_select_config
+
+        if flex.get("update_times", 1) <= 0 and flex["train_step"] <= 0:
+            raise ConfigError("dynamic_select with update_times <= 0 needs train_step > 0 (the rounds are unrolled "
+                              "before the data is read); or set update_times >= 1")  # fmt: skip
+        check_select_config(flex, params["train"], bool(data.get("eval_dataset") or data.get("val_size")))
     if flex["train_step"] and flex["warmup_step"] > flex["train_step"]:
         raise ConfigError(f"warmup_step ({flex['warmup_step']}) > train_step ({flex['train_step']}): the {kind} "
                           "would never start; lower warmup_step or raise train_step")  # fmt: skip

@@ -168,3 +168,21 @@ def score_histogram(scores: Mapping[str, list[float]], domains: list[str], cutof
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def selection_rounds_plot(history: list[Mapping[str, Any]], domains: list[str]) -> plt.Figure:
+    """Selected-domain composition of each dynamic selection (stacked fractions per selection step)."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    steps = [h["step"] for h in history]
+    bottom = [0.0] * len(history)
+    for name in domains:
+        vals = [h["domain_counts"].get(name, 0) / max(1, sum(h["domain_counts"].values())) for h in history]
+        ax.bar([str(s) for s in steps], vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("selection at optimizer step")
+    ax.set_ylabel("fraction of the selection")
+    ax.set_ylim(0, 1)
+    ax.set_title("selected-domain composition per round")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig

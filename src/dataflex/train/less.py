@@ -24,7 +24,6 @@ from typing import Any
 
 import datasets
 import torch
-from safetensors.torch import load_file
 
 from dataflex.core.errors import ConfigError
 from dataflex.data import DataCollatorForCausalLM, dataset_fingerprint, domain_names
@@ -34,7 +33,7 @@ from dataflex.data.readers import read_rows
 from dataflex.features import FeatureSettings, GradientDatastore, less_scores, top_k
 from dataflex.models import load_tokenizer, model_fingerprint
 from dataflex.train.less_config import target_list, target_names
-from dataflex.train.runner import build_model, train_model
+from dataflex.train.runner import build_model, load_checkpoint_model, train_model
 from dataflex.train.trainer import Trainer, TrainingArguments, make_accelerator
 from dataflex.train.trainer.loop import scheduled_learning_rates
 from dataflex.train.trainer.state import read_manifest
@@ -129,20 +128,6 @@ def feature_settings(less: Mapping[str, Any], kind: str) -> FeatureSettings:
     return FeatureSettings(gradient_type=less["gradient_type"] if kind == "train" else "sgd",
                            projector=less["projector"], proj_dim=int(less["proj_dim"]), seed=int(less["proj_seed"]),
                            adam_eps_placement=less["adam_eps_placement"], dtype=less["feature_dtype"])  # fmt: skip
-
-
-def load_checkpoint_model(model_params: Mapping[str, Any], checkpoint: str | Path, seed: int) -> torch.nn.Module:
-    """The base model with a TrainState's trainable weights (the warm-up adapter at that epoch)."""
-    from dataflex.train.trainer.state import check_compatible
-
-    model = build_model(model_params, seed=seed)
-    check_compatible(read_manifest(checkpoint), model, checkpoint)
-    weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].dtype))
-    return model
 
 
 def checkpoint_features(dataset: Any, warmup_result: Mapping[str, Any], k: int, model_params: Mapping[str, Any],

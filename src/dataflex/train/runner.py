@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
+from safetensors.torch import load_file
 
 from dataflex.core.components_cfg import component_spec, load_components_cfg
 from dataflex.core.errors import ConfigError
@@ -18,6 +20,7 @@ from dataflex.core.registry import REGISTRY, import_user_modules
 from dataflex.data import DataCollatorForCausalLM, domain_names
 from dataflex.models import load_model, load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.trainer import Trainer, TrainingArguments, make_accelerator
+from dataflex.train.trainer.state import check_compatible, read_manifest
 from dataflex.utils.io import atomic_write_json
 
 KIND_OF_TRAIN_TYPE = {"dynamic_select": "selector", "dynamic_mix": "mixer", "dynamic_weight": "weighter"}
@@ -35,6 +38,18 @@ def build_model(model_params: Mapping[str, Any], seed: int, adapter_path: str | 
         adapter_path=adapter_path,
         seed=seed,
     )
+
+
+def load_checkpoint_model(model_params: Mapping[str, Any], checkpoint: str | Path, seed: int) -> torch.nn.Module:
+    """The base model with a TrainState's trainable weights (the warm-up adapter at that epoch)."""
+    model = build_model(model_params, seed=seed)
+    check_compatible(read_manifest(checkpoint), model, checkpoint)
+    weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    return model
 
 
 def component_for(flex: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:

@@ -1,7 +1,12 @@
 """Selector base class with the seed page's interface.
 
 `Selector(dataset, accelerator, data_collator, cache_dir)`; `select(model, step_id, num_samples, **kwargs)`
-returns pool indices; `warmup(num_samples, replacement)` picks the warmup data (random by default).
+returns pool indices; `warmup(num_samples, replacement)` picks the warmup data (random by default, drawn
+fresh for every flex epoch: the loop sets `flex_epoch` before calling it).
+
+Optional: `compute_features(model, step_id, **kwargs) -> dict` computes what `select` needs (per-sample losses,
+gradient features) as its own pipeline node; its result reaches `select` as the `features` keyword. A selector
+without it computes everything inside `select`, as on the seed page.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ class Selector(ABC):
         self.data_collator = data_collator
         self.cache_dir = cache_dir
         self.seed = seed
+        self.flex_epoch = 0
 
     def warmup(self, num_samples: int, replacement: bool = False) -> list[int]:
-        """Random warmup indices, seeded (no global RNG is touched)."""
+        """Random warmup indices seeded by (seed, flex epoch): fresh per flex epoch, no global RNG touched."""
         n = len(self.dataset)
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.flex_epoch)
         if replacement:
             return torch.randint(0, n, (num_samples,), generator=gen).tolist()
         if num_samples > n:

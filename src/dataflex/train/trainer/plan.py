@@ -135,3 +135,67 @@ class MixturePlan:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.manager.load_state_dict(state["manager"])
         self._next = int(state["next"])
+
+
+class SelectPlan:
+    """Dynamic selection: the run is cut into segments, each training on one index list (a warmup draw or a
+    selector's selection) from its start step to its end step.
+
+    A segment of L steps holds G·L indices (G = B × A per process), shuffled once (seeded by seed and start)
+    and consumed in order, so every selected sample is trained on exactly once. Segments are added as the run
+    reaches them; they are all in the plan's state, so a resume restores the active subset and the position.
+    """
+
+    def __init__(self, batch_size: int, grad_accum: int, *, num_steps: int, seed: int,
+                 steps_per_epoch: int | None = None) -> None:  # fmt: skip
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.num_steps = num_steps
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch
+        self.segments: list[dict[str, Any]] = []
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def add_segment(self, start: int, end: int, indices: list[int]) -> None:
+        if end <= start:
+            raise ValueError(f"empty segment [{start}, {end})")
+        need = (end - start) * self.samples_per_step
+        if len(indices) != need:
+            raise ValueError(f"segment [{start}, {end}) needs {need} indices, got {len(indices)}")
+        self.segments = [s for s in self.segments if s["start"] != start]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + start)
+        order = torch.randperm(len(indices), generator=gen).tolist()
+        self.segments.append({"start": start, "end": end, "indices": [int(indices[i]) for i in order]})
+        self.segments.sort(key=lambda s: s["start"])
+
+    def segment_at(self, step: int) -> dict[str, Any]:
+        for seg in self.segments:
+            if seg["start"] <= step < seg["end"]:
+                return seg
+        raise RuntimeError(f"no data segment covers step {step}; the selection for it has not been made")
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        seg = self.segment_at(step)
+        g = self.samples_per_step
+        idx = seg["indices"][(step - seg["start"]) * g : (step - seg["start"] + 1) * g]
+        return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+
+    def epoch_at(self, step: int) -> float:
+        return step / self.steps_per_epoch if self.steps_per_epoch else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "select", "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
+                "segments": self.segments}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "select" or (state["batch_size"], state["grad_accum"]) != (
+            self.batch_size,
+            self.grad_accum,
+        ):
+            from dataflex.core.errors import CheckpointError
+
+            raise CheckpointError("checkpoint was trained with another data plan; resume with the same settings")
+        self.segments = [dict(s) for s in state["segments"]]
