@@ -257,6 +257,21 @@ def test_less_pipeline_shape():
     assert epochs_from_params({"less": {"warmup_epochs": 2}}) == 2 and epochs_from_params(None) == 4
 
 
+def test_dynamic_select_pipeline_shape():
+    from dataflex.pipelines.dynamic_select.pipeline import create_pipeline, rounds_from_params
+
+    names = {n.name for n in create_pipeline(n_rounds=3).nodes}
+    assert {"dynamic_select.round_0.train_segment", "dynamic_select.round_1.compute_features",
+            "dynamic_select.round_2.compute_selection", "dynamic_select.round_2.train_segment",
+            "dynamic_select.finalize"} <= names  # fmt: skip
+    assert "dynamic_select.round_3.compute_features" not in names
+    train = {"per_device_train_batch_size": 4, "num_train_epochs": 2.0}
+    flex = {"warmup_step": 2, "update_step": 3, "update_times": 2, "train_step": 0}
+    assert rounds_from_params({"dataflex": flex, "train": train}) == 1 + 4  # two flex epochs of 2 selections
+    assert rounds_from_params({"dataflex": {**flex, "update_times": 0, "train_step": 11}, "train": train}) == 4
+    assert rounds_from_params({"dataflex": {**flex, "update_times": 0}, "train": train}) == 1  # refused by validation
+
+
 SEED_RANDOM_MIXER = """
 from dataflex.core.registry import register_mixer
 from dataflex.utils.logging import logger
