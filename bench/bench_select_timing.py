@@ -1,0 +1,108 @@
+"""Dynamic selection timing on the demo: one online-LESS selection vs a plain batched forward+backward over the
+pool and the targets, and a whole dynamic-select run vs static training for the same number of optimizer steps.
+
+Goal (issue #4): one online-LESS selection <= 1.2x the plain forward+backward over pool + targets. Run from the
+project root after `make demo`:
+
+    .venv/bin/python bench/bench_select_timing.py [--out bench/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import tempfile
+import time
+from pathlib import Path
+
+from _common import machine_label, quiet_offline_env
+
+quiet_offline_env()
+
+import torch  # noqa: E402
+
+from dataflex.config import DEFAULTS  # noqa: E402
+from dataflex.features.gradients import _as_rows, _pad, per_sample_losses  # noqa: E402
+from dataflex.features.token_losses import IGNORE_INDEX  # noqa: E402
+from dataflex.pipelines.data_processing.nodes import process_data  # noqa: E402
+from dataflex.train import select  # noqa: E402
+from dataflex.train.runner import load_checkpoint_model, train_model  # noqa: E402
+
+DOMAINS = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
+MODEL_DIR = "data/01_raw/tiny_llama"
+
+
+def plain_forward_backward(model: torch.nn.Module, datasets_: list, batch_size: int) -> float:
+    """Length-sorted right-padded batches, loss = sum of per-sample token means, backward into .grad."""
+    start = time.perf_counter()
+    model.eval()
+    for ds in datasets_:
+        ids, labels = _as_rows(ds)
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+        for b in range(0, len(order), batch_size):
+            rows = order[b : b + batch_size]
+            x, y = _pad([ids[i] for i in rows], 0, "cpu"), _pad([labels[i] for i in rows], IGNORE_INDEX, "cpu")
+            per_sample_losses(model, x, y).sum().backward()
+            model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None, help="append a markdown section to this file")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    root = Path(tempfile.mkdtemp(prefix="select_timing_"))
+    data = {**DEFAULTS["data"], "dataset": ",".join(f"{d}_train" for d in DOMAINS), "eval_dataset": "arith_dev",
+            "dataset_dir": "data/01_raw/demo", "cutoff_len": 128}  # fmt: skip
+    pool, targets = process_data({"model_name_or_path": MODEL_DIR}, data, {"seed": 42})
+    model = {"model_name_or_path": MODEL_DIR, "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8,
+             "lora_alpha": 16, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
+    train = {**DEFAULTS["train"], "per_device_train_batch_size": 16, "learning_rate": 2e-3, "logging_steps": 5,
+             "progress_bar": False, "seed": 42}  # fmt: skip
+    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "less", "warmup_step": 5,
+            "update_step": 5, "update_times": 3,
+            "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 8192}}}}}  # fmt: skip
+
+    # 1. One selection (features + scoring, cache miss) vs the plain pass over the same samples.
+    t1 = {**train, "output_dir": str(root / "one")}
+    state = select.train_segment(pool, targets, model, t1, flex, 0)
+    start = time.perf_counter()
+    feats = select.compute_features(pool, targets, model, t1, flex, state)
+    sel = select.compute_selection(pool, targets, model, t1, flex, state, feats)
+    selection_s = time.perf_counter() - start
+    assert sel["cache"] == "miss"
+    net = load_checkpoint_model(model, state["checkpoint"], 42)
+    plain_s = min(plain_forward_backward(net, [pool, targets["arith_dev"]], 16) for _ in range(2))
+
+    # 2. A whole dynamic-select run (20 steps, 3 online-LESS selections) vs static training for 20 steps.
+    start = time.perf_counter()
+    run = select.run_all(pool, targets, model, {**train, "output_dir": str(root / "run")}, flex)
+    select_run_s = time.perf_counter() - start
+    start = time.perf_counter()
+    train_model(pool, model, {**train, "output_dir": str(root / "static"), "max_steps": run["global_step"]})
+    static_s = time.perf_counter() - start
+
+    n = len(pool) + len(targets["arith_dev"])
+    rows = [
+        ("one online-LESS selection (features + scores, miss)", selection_s),
+        (f"plain batched forward+backward over pool + target ({n} samples)", plain_s),
+        (f"dynamic_select run, less, {run['global_step']} steps, 3 selections", select_run_s),
+        (f"static training, {run['global_step']} steps", static_s),
+    ]
+    table = "\n".join(["| measurement | seconds |", "|---|---|", *(f"| {a} | {b:.2f} |" for a, b in rows)])
+    ratios = (f"selection / plain forward+backward: **{selection_s / plain_s:.2f}** (goal <= 1.2); "
+              f"dynamic-select run / static: **{select_run_s / static_s:.2f}**")  # fmt: skip
+    print(table, "\n", ratios, sep="")
+    if args.out:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        section = (f"\n# Dynamic selection timing\n\nCommand: `.venv/bin/python bench/bench_select_timing.py --out "
+                   f"bench/RESULTS.md`. {stamp}, {machine_label()}, torch {torch.__version__}, 2 threads. Demo tiny "
+                   f"model, pool {len(pool)}, target arith_dev, G = 16, k = 8192 (SJLT).\n\n"
+                   f"{table}\n\n{ratios}\n")  # fmt: skip
+        with open(args.out, "a") as fh:
+            fh.write(section)
+
+
+if __name__ == "__main__":
+    main()
