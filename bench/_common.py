@@ -28,3 +28,20 @@ def cpu_model() -> str:
 
 def machine_label() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def silence_libraries() -> None:
+    """Quiet the libraries' own logging and progress bars: the bench prints its table, nothing else."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    from dataflex.utils.logging import logger
+
+    logger.setLevel(logging.WARNING)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore")

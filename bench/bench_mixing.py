@@ -28,16 +28,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from _common import machine_label, quiet_offline_env  # noqa: E402
+from _common import machine_label, quiet_offline_env, silence_libraries  # noqa: E402
 
 quiet_offline_env()
 
@@ -226,19 +224,13 @@ def save_plot(curves: dict[str, list[dict]], target: float, path: Path, title: s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import datasets
     import transformers
 
     from dataflex.data import build_dataset
     from dataflex.models import load_tokenizer
     from dataflex.train import mix
-    from dataflex.utils.logging import logger
 
-    logger.setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore")
+    silence_libraries()
 
     demo = ROOT / "data/01_raw/demo"
     if not Path(MODEL["model_name_or_path"], "config.json").is_file() or not (demo / "dataset_info.json").is_file():

@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from _common import machine_label, quiet_offline_env  # noqa: E402
+from _common import machine_label, quiet_offline_env, silence_libraries  # noqa: E402
 
 quiet_offline_env()
 
@@ -174,16 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import datasets
     import transformers
 
-    from dataflex.utils.logging import logger
 
-    logger.setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore")
+    silence_libraries()
 
     load_before = os.getloadavg()[0]
     if load_before > 1.0:

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-from _common import machine_label, quiet_offline_env  # noqa: E402
+from _common import machine_label, quiet_offline_env, silence_libraries  # noqa: E402
 
 quiet_offline_env()
 
@@ -179,13 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataflex.data import build_dataset, make_demo_data
     from dataflex.models import load_tokenizer
-    from dataflex.utils.logging import logger
 
-    logger.setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore")
+    silence_libraries()
 
     if not Path(MODEL["model_name_or_path"], "config.json").is_file():
         print(f"missing {MODEL['model_name_or_path']}: build it with `dataflex-cli make-tiny-model --output DIR`")
