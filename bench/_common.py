@@ -45,3 +45,13 @@ def silence_libraries() -> None:
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore")
+
+
+def demo_groups() -> tuple[dict, dict]:
+    """The demo's `model` and `train` parameter groups from conf/base/parameters.yml (model path absolute, no
+    progress bar), so the benches train exactly what `kedro run` trains."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "conf" / "base" / "parameters.yml").read_text())
+    model = {**params["model"], "model_name_or_path": str(ROOT / params["model"]["model_name_or_path"])}
+    return model, {**params["train"], "progress_bar": False}

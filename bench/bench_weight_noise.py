@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_label, quiet_offline_env, silence_libraries  # noqa: E402
+from _common import demo_groups, machine_label, quiet_offline_env, silence_libraries  # noqa: E402
 
 quiet_offline_env()
 
@@ -38,15 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
 STRATEGIES = ("linupper", "linear", "quadratic", "extremes")
 
-# conf/base/parameters.yml `model` and `train` groups (output_dir / epochs / progress bar set per run).
-MODEL = {"model_name_or_path": str(ROOT / "data/01_raw/tiny_llama"), "finetuning_type": "lora", "lora_target": "all",
-         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
-TRAIN = {"per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "gradient_accumulation_steps": 1,
-         "learning_rate": 2.0e-3, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1.0e-8,
-         "max_grad_norm": 1.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.05, "warmup_steps": 0,
-         "num_train_epochs": 1.0, "max_steps": -1, "seed": 42, "logging_steps": 10, "save_steps": 0,
-         "save_total_limit": None, "resume_from_checkpoint": None, "mixed_precision": "no",
-         "disable_shuffling": False, "progress_bar": False}  # fmt: skip
+# conf/base/parameters.yml `model` and `train` groups (output dir, batch size, epochs set per run).
+MODEL, TRAIN = demo_groups()
 EVAL = {"generate": True, "max_new_tokens": 16, "max_generate_samples": 64}
 
 

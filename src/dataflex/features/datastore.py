@@ -158,6 +158,8 @@ class GradientDatastore:
                 name: str | None = None, progress: bool = True) -> dict[str, Any]:  # fmt: skip
         """Features of every sample of `dataset`, computed or reused; returns a JSON-able reference."""
         start = time.perf_counter()
+        if settings.gradient_type == "adam":  # read the moments once (a TrainState is a file), not per shard
+            optimizer_state = resolve_adam_state(optimizer_state, model)
         fields = self.key_fields(model, settings, base_model_id=base_model_id, optimizer_state=optimizer_state)
         state_key = sha256_json(fields)
         hashes = sample_hashes(dataset)
