@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataflex.core.errors import ConfigError, DataError
-from dataflex.features.optimizer_state import AdamMoments, adam_transform, resolve_adam_state
+from dataflex.features.optimizer_state import AdamMoments, adam_transform_scaled, resolve_adam_state
 from dataflex.features.projectors import Projector
 from dataflex.features.token_losses import IGNORE_INDEX, count_supervised_tokens, per_token_losses
 from dataflex.utils.logging import logger
@@ -96,13 +96,18 @@ class _Transform:
 
     def __init__(self, gradient_type: str, adam: AdamMoments | None, placement: str) -> None:
         self.gradient_type, self.adam, self.placement = gradient_type, adam, placement
+        self._scaled: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, name: str, g: torch.Tensor) -> torch.Tensor:
         if self.gradient_type == "sgd" or self.adam is None:
             return g
-        m, v = self.adam.moments[name]
-        m, v = m.to(g.device).reshape(1, -1), v.to(g.device).reshape(1, -1)
-        return adam_transform(g, m, v, self.adam.betas, self.adam.eps, self.placement)
+        key = (name, str(g.device))
+        if key not in self._scaled:  # β1·m and β2·v once per parameter, not once per batch
+            m, v = self.adam.moments[name]
+            b1, b2 = self.adam.betas
+            self._scaled[key] = (b1 * m.to(g.device, torch.float32).reshape(1, -1),
+                                 b2 * v.to(g.device, torch.float32).reshape(1, -1))  # fmt: skip
+        return adam_transform_scaled(g, *self._scaled[key], self.adam.betas, self.adam.eps, self.placement)
 
 
 class _HookedBatch:
@@ -152,7 +157,7 @@ class _HookedBatch:
         g32 = g.detach().reshape(b, -1, g.shape[-1]).float()
         for pname, attr in self.by_module[mname]:
             if attr == "weight":
-                grad = torch.einsum("bto,bti->boi", g32, a.reshape(b, -1, a.shape[-1]).float()).reshape(b, -1)
+                grad = torch.bmm(g32.transpose(1, 2), a.reshape(b, -1, a.shape[-1]).float()).reshape(b, -1)
             else:
                 grad = g32.sum(dim=1)
             # A module called several times in one forward (tied or reused layers) sums its calls' gradients.
@@ -244,7 +249,7 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
     acc: dict[str, torch.Tensor] = {}
 
     def emit(pname: str, grad: torch.Tensor) -> None:
-        proj.project_into(acc["features"], pname, transform(pname, grad))
+        proj.project_into(acc["features"], pname, transform(pname, grad), scratch=True)
 
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with _HookedBatch(owners, sizes, emit) as hooks, torch.enable_grad():

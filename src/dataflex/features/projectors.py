@@ -79,8 +79,9 @@ class Projector:
             self._cache[key] = ((bits * 2 - 1).float() / self.out_dim**0.5).to(device)
         return self._cache[key]  # type: ignore[return-value]
 
-    def project_into(self, out: torch.Tensor, name: str, block: torch.Tensor) -> None:
-        """out[B, out_dim] += S_name · block[B, numel], in fp32."""
+    def project_into(self, out: torch.Tensor, name: str, block: torch.Tensor, scratch: bool = False) -> None:
+        """out[B, out_dim] += S_name · block[B, numel], in fp32. `scratch=True`: the caller hands over `block`
+        and it may be overwritten (saves one [B, numel] allocation per block inside the backward pass)."""
         block = block.reshape(block.shape[0], -1).float()
         if block.shape[1] != self.sizes[name]:
             raise ValueError(f"block '{name}' has {block.shape[1]} values, the projector expects {self.sizes[name]}")
@@ -89,6 +90,9 @@ class Projector:
             out[:, start : start + block.shape[1]] += block
         elif self.kind == "sjlt":
             idx, sign = self._sjlt(name, block.device)
+            if self.sparsity == 1 and scratch:
+                out.index_add_(1, idx[0], block.mul_(sign[0]))
+                return
             for j in range(self.sparsity):
                 out.index_add_(1, idx[j], block * sign[j])
         else:

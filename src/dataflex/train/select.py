@@ -33,7 +33,7 @@ from dataflex.models import load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.runner import build_model, load_checkpoint_model
 from dataflex.train.trainer import Trainer, TrainingArguments, make_accelerator
 from dataflex.train.trainer.plan import SelectPlan
-from dataflex.train.trainer.state import read_manifest
+from dataflex.train.trainer.state import capture_rng, read_manifest, restore_rng
 from dataflex.utils.io import atomic_write_json, sha256_json
 from dataflex.utils.logging import logger
 
@@ -254,16 +254,48 @@ def train_segment(train_pool: Any, eval_sets: Any, model_params: Mapping[str, An
             "last_train_loss": result.final_train_loss}  # fmt: skip
 
 
+# compute_features hands its set-up (model, optimizer, selector restored from the round's TrainState) to the
+# compute_selection that follows in the same process, instead of both nodes rebuilding it. Keyed by everything
+# the set-up depends on; the selector's restored state and the RNG state are re-applied, so a hand-over equals a
+# fresh build.
+_HANDOVER: dict[str, tuple[_SelectRun, dict[str, Any], Any]] = {}
+
+
+def _handover_key(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
+                  train_params: Mapping[str, Any], flex: Mapping[str, Any], checkpoint: str) -> str:  # fmt: skip
+    manifest = Path(checkpoint) / "manifest.json"
+    return sha256_json({
+        "checkpoint": str(Path(checkpoint).resolve()), "manifest": manifest.stat().st_mtime_ns if manifest.exists()
+        else None, "pool": dataset_fingerprint(train_pool), "model": dict(model_params), "train": dict(train_params),
+        "flex": dict(flex), "eval": {k: dataset_fingerprint(v) for k, v in (eval_sets or {}).items()},
+    })  # fmt: skip
+
+
+def _take_run(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
+              flex: Mapping[str, Any], checkpoint: str) -> _SelectRun:  # fmt: skip
+    key = _handover_key(train_pool, eval_sets, model_params, train_params, flex, checkpoint)
+    if key in _HANDOVER:
+        run, selector_state, rng = _HANDOVER.pop(key)
+        run.selector.load_state_dict(selector_state)
+        restore_rng(*rng)
+        return run
+    return _SelectRun(train_pool, eval_sets, model_params, train_params, flex, checkpoint, None)
+
+
 def compute_features(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
                      train_params: Mapping[str, Any], flex: Mapping[str, Any],
                      previous: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
     """What the selector needs for round previous+1, from the model and optimizer at that point (cached)."""
     run = _SelectRun(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"], None)
+    restored, rng = run.selector.state_dict(), capture_rng()
     event = run.schedule.selections[previous["round"]]
     feats: dict[str, Any] = {}
     if hasattr(run.selector, "compute_features"):
         feats = run.selector.compute_features(run.model, event.step, optimizer=run.trainer.optimizer,
                                               base_model_id=run.base_id)  # fmt: skip
+    _HANDOVER.clear()  # at most one set-up (one model) is kept
+    key = _handover_key(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"])
+    _HANDOVER[key] = (run, restored, rng)
     return {"step": event.step, "selector": run.name, "features": feats}
 
 
@@ -272,7 +304,7 @@ def compute_selection(train_pool: Any, eval_sets: Any, model_params: Mapping[str
                       features: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The selector's choice for round previous+1; written to OUTPUT_DIR/selections/step_<g>.json and reused when
     the same model state, data, selector config and step come again."""
-    run = _SelectRun(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"], None)
+    run = _take_run(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"])
     event = run.schedule.selections[previous["round"]]
     k = run.num_samples(event)
     key = run.selection_key(event, previous["checkpoint"])
