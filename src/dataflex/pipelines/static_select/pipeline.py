@@ -1,0 +1,34 @@
+"""`static_select`: process -> targets -> [warm-up] -> compute_features -> select -> final training -> evaluate ->
+report, with the selector named in `static_select.selector` (NEAR, TSDS, ClusterLESS, NICE or any other)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kedro.pipeline import Node, Pipeline
+
+from dataflex.pipelines.data_processing import create_pipeline as data_processing
+from dataflex.pipelines.evaluation import create_pipeline as evaluation
+from dataflex.pipelines.reporting import create_pipeline as reporting
+
+from .nodes import compute_features, final_train, plot_composition, prepare_targets, select, warmup
+
+P = ["params:model", "params:train", "params:static_select"]
+
+
+def create_pipeline(**kwargs: Any) -> Pipeline:
+    core = Pipeline([
+        Node(prepare_targets, ["raw_inputs", "params:data", "params:train", "params:static_select"],
+             "static_select.target_sets", name="static_select.prepare_targets"),
+        Node(warmup, ["train_pool", *P], "static_select.warmup_result", name="static_select.warmup"),
+        Node(compute_features, ["train_pool", "static_select.target_sets", "static_select.warmup_result", *P],
+             "static_select.features", name="static_select.compute_features"),
+        Node(select, ["train_pool", "static_select.target_sets", "static_select.warmup_result",
+                      "static_select.features", *P, "params:data"], "static_select.selection",
+             name="static_select.select"),
+        Node(final_train, ["train_pool", "static_select.selection", *P], "train_result",
+             name="static_select.final_train"),
+        Node(plot_composition, "static_select.selection", "static_select.composition_plot",
+             name="static_select.plot_composition"),
+    ], tags="static_select")  # fmt: skip
+    return data_processing() + core + evaluation() + reporting()

@@ -1,0 +1,75 @@
+"""`near` (spec §3.9): the target examples' nearest pool samples in a sentence-embedding space.
+
+`compute_features` embeds the pool and the target (content-cached) and searches the `max_K` nearest pool rows of
+every target example (faiss, exact below `exact_threshold`; cached); `select` walks the neighbour matrix column by
+column (1st neighbour of every query, then the 2nd ...) skipping duplicates. If `max_K` neighbours are not enough
+for the budget, the remaining rows follow by their distance to the closest query (DataFlex raised). Indices are
+rows of the processed pool, the space the embeddings were computed in (no drift, no -1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from dataflex.core.registry import register_selector
+from dataflex.features.distribution import near_order
+from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
+from dataflex.features.neighbors import EXACT_THRESHOLD
+
+from .base_selector import Selector
+from .embedding_common import (
+    EmbeddingMixin,
+    broadcast_indices,
+    cached_neighbors,
+    fill_to,
+    load_neighbors,
+    needs_target,
+    positive_int,
+)
+
+
+@register_selector("near")
+class NearSelector(EmbeddingMixin, Selector):
+    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
+                 cache_dir: str | None = None, seed: int = 42, encoder: str = "all-MiniLM-L6-v2", layer: int = -1,
+                 text: str = "full", max_length: int = 256, batch_size: int = 32, max_K: int = 1000,
+                 exact_threshold: int = EXACT_THRESHOLD, tokenizer_path: str | None = None) -> None:  # fmt: skip
+        super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
+        self.eval_dataset = needs_target("near", eval_dataset)
+        self.embedding = EmbeddingSettings(encoder=encoder, layer=layer, text=text, max_length=max_length,
+                                           batch_size=batch_size)  # fmt: skip
+        self.max_K = positive_int("near", "max_K", max_K)
+        self.exact_threshold = positive_int("near", "exact_threshold", exact_threshold)
+        self.tokenizer_path = tokenizer_path
+
+    def compute_features(self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None,
+                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+        pool, target = self.embed_pool_and_target(model, step_id, base_model_id, kwargs)
+        ref, _, _ = cached_neighbors(self._root(), pool, target, self.max_K, self.exact_threshold)
+        return {"pool": pool, "target": target, "neighbors": ref,
+                "cache_hit": pool["status"] == target["status"] == ref["status"] == "hit"}  # fmt: skip
+
+    def select(self, model: torch.nn.Module | None, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
+        feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
+        dist, idx = load_neighbors(feats["neighbors"])
+        picked = near_order(idx, num_samples)
+        if len(picked) < min(num_samples, len(self.dataset)):
+            picked += _by_distance(feats, set(picked), min(num_samples, len(self.dataset)) - len(picked))
+        picked = fill_to(picked, num_samples)
+        self.last_metric = {"mean_neighbor_distance": float(np.mean(dist)), "max_K": int(idx.shape[1])}
+        return broadcast_indices(self.accelerator, picked)
+
+
+def _by_distance(feats: dict[str, Any], taken: set[int], count: int) -> list[int]:
+    """`count` rows not in `taken`, closest (to any query) first."""
+    pool, target = EmbeddingStore.load(feats["pool"]), EmbeddingStore.load(feats["target"])
+    best = torch.full((len(pool),), float("inf"))
+    for s in range(0, len(pool), 4096):
+        best[s : s + 4096] = torch.cdist(pool[s : s + 4096], target).min(dim=1).values
+    if taken:
+        best[torch.tensor(sorted(taken))] = float("inf")
+    order = torch.sort(best, stable=True).indices.tolist()
+    return order[:count]

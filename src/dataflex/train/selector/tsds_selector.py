@@ -1,0 +1,90 @@
+"""`tsds` (spec §3.10): samples drawn from TSDS's KDE-corrected transport-vs-diversity distribution.
+
+`compute_features` (content-cached at every step): embeddings of pool and target, each target example's `max_K`
+nearest pool rows, the KDE density ρ over the retrieved rows (σ = `sigma`, `kde_K` neighbours each, itself
+included), and the probabilities (α = `alpha`, C = `C`), stored as safetensors. `select` draws `num_samples`
+distinct rows with a private generator seeded by (`seed`, step), identical on every rank and broadcast from rank 0;
+if fewer rows have mass than requested, all of them are taken and the rest drawn again (DataFlex crashed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from dataflex.core.errors import ConfigError
+from dataflex.core.registry import register_selector
+from dataflex.features.distribution import seeded_draw, tsds_probabilities
+from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
+from dataflex.features.neighbors import EXACT_THRESHOLD, kde_density
+from dataflex.utils.io import atomic_write_bytes, sha256_json
+from dataflex.utils.logging import logger
+
+from .base_selector import Selector
+from .embedding_common import EmbeddingMixin, broadcast_indices, cached_neighbors, needs_target, positive_int
+
+TSDS_CODE_VERSION = "1"
+
+
+def _number(key: str, value: Any, low: float, low_open: bool, high: float | None = None) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and < {high}" if high is not None else "")
+        raise ConfigError(f"selector 'tsds': {key} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+@register_selector("tsds")
+class TsdsSelector(EmbeddingMixin, Selector):
+    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
+                 cache_dir: str | None = None, seed: int = 42, encoder: str = "all-MiniLM-L6-v2", layer: int = -1,
+                 text: str = "full", max_length: int = 256, batch_size: int = 32, alpha: float = 0.6,
+                 C: float = 5.0, sigma: float = 0.75, max_K: int = 5000, kde_K: int = 1000,
+                 exact_threshold: int = EXACT_THRESHOLD, tokenizer_path: str | None = None) -> None:  # fmt: skip
+        super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
+        self.eval_dataset = needs_target("tsds", eval_dataset)
+        self.embedding = EmbeddingSettings(encoder=encoder, layer=layer, text=text, max_length=max_length,
+                                           batch_size=batch_size)  # fmt: skip
+        self.alpha = _number("alpha", alpha, 0, True, 1)
+        self.C = _number("C", C, 0, True)
+        self.sigma = _number("sigma", sigma, 0, False)
+        self.max_K = positive_int("tsds", "max_K", max_K)
+        self.kde_K = positive_int("tsds", "kde_K", kde_K)
+        self.exact_threshold = positive_int("tsds", "exact_threshold", exact_threshold)
+        self.tokenizer_path = tokenizer_path
+
+    def compute_features(self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None,
+                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+        pool, target = self.embed_pool_and_target(model, step_id, base_model_id, kwargs)
+        nref, dist, idx = cached_neighbors(self._root(), pool, target, self.max_K, self.exact_threshold)
+        key = sha256_json({"neighbors": nref["key"], "alpha": self.alpha, "C": self.C, "sigma": self.sigma,
+                           "kde_K": self.kde_K, "version": TSDS_CODE_VERSION})  # fmt: skip
+        path = self._root() / "tsds" / f"{key[:32]}.safetensors"
+        status = "hit"
+        if not path.is_file():
+            status = "computed"
+            n = len(self.dataset)
+            union = np.unique(idx)  # ρ is needed (and estimated) only on the retrieved rows
+            density = np.ones(n)
+            emb = EmbeddingStore.load(pool)[torch.from_numpy(union)]
+            density[union] = kde_density(emb, self.sigma, self.kde_K, exact_threshold=self.exact_threshold)
+            probs, info = tsds_probabilities(dist, idx, density, n, alpha=self.alpha, C=self.C)
+            logger.info("tsds: support %d of %d rows, level %.3g, mean radius %.1f neighbours", info["support"], n,
+                        info["level"], info["mean_radius"])  # fmt: skip
+            atomic_write_bytes(path, save({"probs": torch.from_numpy(probs).contiguous()}, metadata={
+                "key": key, **{k: str(v) for k, v in info.items()}}))  # fmt: skip
+        return {"pool": pool, "target": target, "neighbors": nref, "probs": {"path": str(path), "key": key},
+                "cache_hit": pool["status"] == target["status"] == nref["status"] == status == "hit"}  # fmt: skip
+
+    def select(self, model: torch.nn.Module | None, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
+        feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
+        probs = load_file(feats["probs"]["path"])["probs"].numpy()
+        if len(probs) != len(self.dataset):
+            raise ConfigError(f"tsds probabilities cover {len(probs)} rows but the pool has {len(self.dataset)}")
+        picked = seeded_draw(probs, num_samples, seed=self.seed * 1_000_003 + int(step_id))
+        self.last_metric = {"support": int((probs > 0).sum()), "selected_mass": float(probs[picked].sum())}
+        return broadcast_indices(self.accelerator, picked)
