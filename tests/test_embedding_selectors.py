@@ -303,3 +303,41 @@ def test_near_and_tsds_pick_the_target_domain_with_minilm(name, sft_pool, demo_d
     base = domains.count(0) / len(domains)
     print(f"{name}: arith fraction {fraction:.2f} (pool base rate {base:.2f})")
     assert fraction >= 0.8 > 2 * base
+
+
+@pytest.mark.slow
+def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_dir, tokenizer, tiny_model_dir,
+                                                              tmp_path):  # fmt: skip
+    from dataflex.config import DEFAULTS
+    from dataflex.train import select
+    from dataflex.train import static_select as one_shot
+    from dataflex.train.less import build_targets
+
+    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
+             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
+    train = {**DEFAULTS["train"], "output_dir": str(tmp_path / "dyn"), "per_device_train_batch_size": 4,
+             "learning_rate": 2e-3, "logging_steps": 2, "progress_bar": False}  # fmt: skip
+    params = {"encoder": "model", "max_K": 20}
+    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "near", "warmup_step": 1,
+            "update_step": 2, "update_times": 1, "components": {"selectors": {"near": {"name": "near",
+                                                                                      "params": params}}}}  # fmt: skip
+    result = select.run_all(sft_pool, {"arith_dev": _dev(demo_dir, tokenizer)}, model, train, flex)
+    (history,) = result["selection_history"]
+    assert sum(history["domain_counts"].values()) == 8 and result["global_step"] == 3
+
+    data = {**DEFAULTS["data"], "dataset_dir": str(demo_dir), "cutoff_len": 64}
+    cfg = one_shot.config({"selector": "near", "params": params, "targets": ["arith_dev"], "max_samples": 12,
+                           "final_epochs": 1, "cache_dir": str(tmp_path / "cache"),
+                           "output_dir": str(tmp_path / "sel")})  # fmt: skip
+    one_shot.check_config(cfg, data)
+    targets = build_targets(data, cfg, tokenizer, seed=0)
+    warm = one_shot.warmup(sft_pool, model, train, cfg)
+    feats = one_shot.compute_features(sft_pool, targets, warm, model, train, cfg)
+    sel = one_shot.select(sft_pool, targets, warm, feats, model, train, cfg, data)
+    (chosen,) = sel["targets"].values()
+    assert len(chosen["indices"]) == 12 and (tmp_path / "sel" / "selected" / "arith_dev.jsonl").is_file()
+    assert one_shot.compute_features(sft_pool, targets, warm, model, train, cfg)["features"]["cache_hit"]
+    out = one_shot.final_train(sft_pool, sel, model, {**train, "output_dir": str(tmp_path / "final")}, cfg)
+    assert out["selected_samples"] == 12 and out["train_type"] == "static_select"
+    with pytest.raises(ConfigError, match="static_select.percentage"):
+        one_shot.check_config({**cfg, "max_samples": None, "percentage": 2})
