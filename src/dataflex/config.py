@@ -114,7 +114,7 @@ IGNORED_KEYS = frozenset({
 })
 # Known keys whose meaning this version does not implement: silently dropping them would change the run.
 UNSUPPORTED_KEYS = frozenset({
-    "quantization_bit", "deepspeed", "use_unsloth", "streaming", "buffer_size", "neat_packing", "mix_strategy",
+    "quantization_bit", "use_unsloth", "streaming", "buffer_size", "neat_packing", "mix_strategy",
     "interleave_probs", "tokenized_path", "upcast_layernorm", "freeze_gate", "resize_vocab", "optim",
 })
 # fmt: on
@@ -215,6 +215,8 @@ def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any
     data["dataset_dir"] = absolute(data["dataset_dir"])
     data["cache_dir"] = absolute(data["cache_dir"])
     train["output_dir"] = absolute(train["output_dir"])
+    for key in ("accelerate_config", "deepspeed"):
+        train[key] = absolute(train.get(key))
     flex["components_cfg_file"] = absolute(flex["components_cfg_file"])
     less = params.get("less") or {}
     for key in ("datastore_dir", "warmup_dir", "output_dir"):
@@ -291,6 +293,9 @@ def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> N
     get_template(data.get("template"))
     if check_paths:
         _check_paths(params)
+        from dataflex.distributed.launch import check_launch_config
+
+        check_launch_config(params["train"])
     if train_type != "static":
         _check_dynamic(params)
 

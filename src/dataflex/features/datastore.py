@@ -29,6 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.distributed.collectives import (
+    barrier,
+    broadcast_object,
+    current_accelerator,
+    gather_varlen,
+    is_main,
+    rank_block,
+)
 from dataflex.features.gradients import (
     FEATURE_DTYPES,
     GRADIENT_TYPES,
@@ -167,15 +175,13 @@ class GradientDatastore:
             raise DataError(f"datastore: dataset {name or ''} is empty; nothing to extract".replace("  ", " "))
         dataset_key = sha256_json(hashes)
         path = self.root / state_key[:24] / dataset_key[:24]
-        manifest = _read_json(path / "manifest.json")
-        if manifest is None or manifest.get("state_key") != state_key or manifest.get("dataset_key") != dataset_key:
-            manifest = {"format": FORMAT, "state_key": state_key, "dataset_key": dataset_key, "key_fields": fields,
-                        "name": name, "num_samples": len(hashes), "shard_size": self.shard_size, "dim": None,
-                        "shards": {}, "complete": False}  # fmt: skip
-            atomic_write_json(path / "samples.json", hashes, indent=None)
+        # Launched workers (dataflex.distributed): the main process decides what is done and writes; every
+        # process computes a contiguous share of each shard's missing rows, merged in row order.
+        acc = current_accelerator()
+        manifest, done = broadcast_object(acc, self._open(path, state_key, dataset_key, fields, name, hashes)
+                                          if is_main(acc) else None)  # fmt: skip
         shard_size = manifest["shard_size"]
         n_shards = -(-len(hashes) // shard_size)
-        done = {int(k) for k, v in manifest["shards"].items() if self._shard_ok(path, v)}
         todo = [s for s in range(n_shards) if s not in done]
         computed = reused = 0
         if todo:
@@ -183,8 +189,10 @@ class GradientDatastore:
             for s in todo:
                 lo, hi = s * shard_size, min((s + 1) * shard_size, len(hashes))
                 feats, c, r = self._compute_shard(model, dataset, hashes, lo, hi, settings, donors, optimizer_state,
-                                                  batch_size, progress)  # fmt: skip
+                                                  batch_size, progress and is_main(acc), acc)  # fmt: skip
                 computed, reused = computed + c, reused + r
+                if not is_main(acc):
+                    continue
                 file = f"shard-{s:05d}.safetensors"
                 norms = feats.float().norm(dim=1)
                 data = save({"features": feats.contiguous(), "norms": norms,
@@ -195,6 +203,8 @@ class GradientDatastore:
                 manifest["dim"] = int(feats.shape[1])
                 manifest["complete"] = len(manifest["shards"]) == n_shards
                 atomic_write_json(path / "manifest.json", manifest)
+            barrier(acc)  # nobody reads the store before the main process finished writing it
+            manifest = broadcast_object(acc, manifest)
         status = "hit" if not todo else ("resumed" if done else ("reused" if computed == 0 else "computed"))
         seconds = time.perf_counter() - start
         logger.info("gradient datastore %s: %s (%d samples, %d computed, %d reused from other datasets, %.1fs) at %s",
@@ -202,6 +212,17 @@ class GradientDatastore:
         return {"path": str(path), "state_key": state_key, "dataset_key": dataset_key, "name": name,
                 "num_samples": len(hashes), "dim": manifest["dim"], "status": status, "computed_samples": computed,
                 "reused_samples": reused, "seconds": seconds, "settings": asdict(settings)}  # fmt: skip
+
+    def _open(self, path: Path, state_key: str, dataset_key: str, fields: dict[str, Any], name: str | None,
+              hashes: list[str]) -> tuple[dict[str, Any], set[int]]:  # fmt: skip
+        """(manifest, shards already done and intact) of the store at `path`, started afresh when absent."""
+        manifest = _read_json(path / "manifest.json")
+        if manifest is None or manifest.get("state_key") != state_key or manifest.get("dataset_key") != dataset_key:
+            manifest = {"format": FORMAT, "state_key": state_key, "dataset_key": dataset_key, "key_fields": fields,
+                        "name": name, "num_samples": len(hashes), "shard_size": self.shard_size, "dim": None,
+                        "shards": {}, "complete": False}  # fmt: skip
+            atomic_write_json(path / "samples.json", hashes, indent=None)
+        return manifest, {int(k) for k, v in manifest["shards"].items() if self._shard_ok(path, v)}
 
     @staticmethod
     def _shard_ok(path: Path, entry: dict[str, Any]) -> bool:
@@ -227,22 +248,32 @@ class GradientDatastore:
 
     def _compute_shard(self, model: torch.nn.Module, dataset: Any, hashes: list[str], lo: int, hi: int,
                        settings: FeatureSettings, donors: dict[str, tuple[Path, int]], optimizer_state: Any,
-                       batch_size: int, progress: bool) -> tuple[torch.Tensor, int, int]:  # fmt: skip
+                       batch_size: int, progress: bool, acc: Any = None) -> tuple[torch.Tensor, int, int]:  # fmt: skip
         rows = list(range(lo, hi))
         from_donor = [i for i in rows if hashes[i] in donors]
         compute = [i for i in rows if hashes[i] not in donors]
         parts: dict[int, torch.Tensor] = {}
         if compute:
-            subset = dataset.select(compute) if hasattr(dataset, "select") else [dataset[i] for i in compute]
-            feats = per_sample_gradient_features(
-                model, subset, gradient_type=settings.gradient_type, optimizer_state=optimizer_state,
-                projector=settings.projector, proj_dim=settings.proj_dim, seed=settings.seed, batch_size=batch_size,
-                adam_eps_placement=settings.adam_eps_placement, dtype=settings.dtype, progress=progress,
-            )  # fmt: skip
-            parts.update(zip(compute, feats))
+            mine = [compute[j] for j in rank_block(len(compute), acc)]
+            feats = torch.zeros(0, self._dim(model, settings), dtype=FEATURE_DTYPES[settings.dtype])
+            if mine:
+                subset = dataset.select(mine) if hasattr(dataset, "select") else [dataset[i] for i in mine]
+                feats = per_sample_gradient_features(
+                    model, subset, gradient_type=settings.gradient_type, optimizer_state=optimizer_state,
+                    projector=settings.projector, proj_dim=settings.proj_dim, seed=settings.seed,
+                    batch_size=batch_size, adam_eps_placement=settings.adam_eps_placement, dtype=settings.dtype,
+                    progress=progress,
+                )  # fmt: skip
+            parts.update(zip(compute, gather_varlen(acc, feats)))
         if from_donor:
             parts.update(zip(from_donor, _read_rows([donors[hashes[i]] for i in from_donor])))
         return torch.stack([parts[i] for i in rows]), len(compute), len(from_donor)
+
+    @staticmethod
+    def _dim(model: torch.nn.Module, settings: FeatureSettings) -> int:
+        if settings.projector == "none":
+            return sum(p.numel() for _, p in trainable_parameters(model))
+        return int(settings.proj_dim)
 
     @staticmethod
     def load(ref: str | Path | dict[str, Any]) -> FeatureSet:

@@ -30,6 +30,7 @@ from dataflex.data import DataCollatorForCausalLM, dataset_fingerprint, domain_n
 from dataflex.data.dataset_info import resolve_datasets
 from dataflex.data.pools import build_named
 from dataflex.data.readers import read_rows
+from dataflex.distributed.launch import distributed, launch
 from dataflex.features import FeatureSettings, GradientDatastore, less_scores, top_k
 from dataflex.models import load_tokenizer, model_fingerprint
 from dataflex.train.less_config import target_list, target_names
@@ -82,6 +83,10 @@ def warmup(train_pool: Any, model_params: Mapping[str, Any], train_params: Mappi
     if cached is not None:
         logger.info("LESS warm-up: cache hit (%d checkpoints) at %s", len(cached["checkpoints"]), out)
         return {**cached, "cache": "hit"}
+    if distributed(train_params):  # a miss: train the warm-up on num_processes accelerate workers
+        return launch("dataflex.train.less:warmup", train_params, datasets={"train_pool": train_pool},
+                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
+                              "less": dict(less)}, metrics_sink=metrics_sink)  # fmt: skip
     args = _warmup_args(train_params, less, out)
     tokenizer = load_tokenizer(model_params["model_name_or_path"])
     model = build_model(model_params, seed=seed)
@@ -104,7 +109,8 @@ def warmup(train_pool: Any, model_params: Mapping[str, Any], train_params: Mappi
               "num_samples": len(subset), "pool_size": len(train_pool), "steps_per_epoch": per_epoch,
               "checkpoints": checkpoints, "log_history": trainer.log_history,
               "domains": domain_names(train_pool)}  # fmt: skip
-    atomic_write_json(out / "warmup_result.json", result)
+    if trainer.accelerator.is_main_process:
+        atomic_write_json(out / "warmup_result.json", result)
     return {**result, "cache": "miss"}
 
 
@@ -131,9 +137,15 @@ def feature_settings(less: Mapping[str, Any], kind: str) -> FeatureSettings:
 
 
 def checkpoint_features(dataset: Any, warmup_result: Mapping[str, Any], k: int, model_params: Mapping[str, Any],
-                        less: Mapping[str, Any], *, kind: str, name: str, seed: int = 0,
-                        progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Features of `dataset` at warm-up checkpoint `k` through the datastore (reused when present)."""
+                        less: Mapping[str, Any], *, kind: str, name: str, seed: int = 0, progress: bool = True,
+                        train_params: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Features of `dataset` at warm-up checkpoint `k` through the datastore (reused when present); computed by
+    train_params' num_processes workers, each on a share of the rows, when that is > 1."""
+    if distributed(train_params):
+        return launch("dataflex.train.less:checkpoint_features", train_params or {}, datasets={"dataset": dataset},
+                      kwargs={"warmup_result": dict(warmup_result), "k": k, "model_params": dict(model_params),
+                              "less": dict(less), "kind": kind, "name": name, "seed": seed, "progress": progress,
+                              "train_params": dict(train_params or {})})  # fmt: skip
     ckpt = warmup_result["checkpoints"][k]
     model = load_checkpoint_model(model_params, ckpt["path"], seed)
     settings = feature_settings(less, kind)

@@ -25,6 +25,7 @@ from dataflex.core.components_cfg import component_spec, load_components_cfg
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY, import_user_modules
 from dataflex.data import DataCollatorForCausalLM, domain_names
+from dataflex.distributed.launch import distributed, launch
 from dataflex.models import load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.dataset.mixed_proportion_manager import MixedProportionManager, check_proportions
 from dataflex.train.runner import build_model
@@ -47,7 +48,7 @@ class MixSchedule:
 
 
 def mix_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size: int) -> MixSchedule:
-    g = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"]
+    g = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"] * int(train.get("num_processes") or 1)
     if train.get("max_steps", -1) > 0:
         default_steps = train["max_steps"]
     else:
@@ -124,7 +125,8 @@ class _Segment:
         self.collator = DataCollatorForCausalLM(self.tokenizer)
         self.manager, offsets = build_manager(train_pool, flex, self.args.seed)
         plan = MixturePlan(self.manager, offsets, self.args.per_device_train_batch_size,
-                           self.args.gradient_accumulation_steps, num_steps=self.schedule.max_steps)  # fmt: skip
+                           self.args.gradient_accumulation_steps * self.args.num_processes,
+                           num_steps=self.schedule.max_steps)  # fmt: skip
         accelerator = make_accelerator(self.args)
         self.mixer = None
         if not flex.get("static_mix"):
@@ -147,7 +149,13 @@ def train_segment(train_pool: Any, model_params: Mapping[str, Any], train_params
                   flex: Mapping[str, Any], round_k: int, previous: Mapping[str, Any] | None = None,
                   mixture: Mapping[str, Any] | None = None,
                   metrics_sink: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Train round `round_k` (from `previous` round's state, at `mixture`'s proportions); returns this round's state."""
+    """Train round `round_k` (from `previous` round's state, at `mixture`'s proportions); returns this round's state.
+    With num_processes > 1 the round trains on that many accelerate workers."""
+    if distributed(train_params):
+        return launch("dataflex.train.mix:train_segment", train_params, datasets={"train_pool": train_pool},
+                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
+                              "flex": dict(flex), "round_k": round_k, "previous": previous and dict(previous),
+                              "mixture": mixture and dict(mixture)}, metrics_sink=metrics_sink)  # fmt: skip
     seg = _Segment(train_pool, model_params, train_params, flex, previous and previous["checkpoint"], metrics_sink)
     start, end = seg.schedule.start(round_k), seg.schedule.boundaries[round_k]
     if seg.trainer.global_step != start:

@@ -18,6 +18,7 @@ from dataflex.core.components_cfg import component_spec, load_components_cfg
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY, import_user_modules
 from dataflex.data import DataCollatorForCausalLM, domain_names
+from dataflex.distributed.launch import distributed, launch
 from dataflex.models import load_model, load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.trainer import Trainer, TrainingArguments, make_accelerator
 from dataflex.train.trainer.state import check_compatible, read_manifest
@@ -75,8 +76,16 @@ def total_steps(args: TrainingArguments, flex: Mapping[str, Any]) -> TrainingArg
 def train_model(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
                 flex_params: Mapping[str, Any] | None = None, *, eval_sets: Mapping[str, Any] | None = None,
                 metrics_sink: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Train on `train_pool`; writes OUTPUT_DIR/adapter (LoRA) or OUTPUT_DIR/model (full) and train_result.json."""
+    """Train on `train_pool`; writes OUTPUT_DIR/adapter (LoRA) or OUTPUT_DIR/model (full) and train_result.json.
+    With num_processes > 1 the training runs on that many accelerate workers (dataflex.distributed)."""
     flex = dict(flex_params or {"train_type": "static"})
+    if distributed(train_params):
+        if flex.get("train_type") == "dynamic_weight":
+            component_for(flex)  # config errors here, before the workers start
+        return launch("dataflex.train.runner:train_model", train_params,
+                      datasets={"train_pool": train_pool, "eval_sets": eval_sets},
+                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
+                              "flex_params": flex}, metrics_sink=metrics_sink)  # fmt: skip
     train_type = flex.get("train_type", "static")
     args = total_steps(TrainingArguments.from_dict(dict(train_params)), flex)
     tokenizer = load_tokenizer(model_params["model_name_or_path"])

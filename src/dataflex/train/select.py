@@ -29,6 +29,7 @@ import datasets
 from dataflex.core.errors import ConfigError, DataFlexError
 from dataflex.core.registry import REGISTRY
 from dataflex.data import DataCollatorForCausalLM, dataset_fingerprint, domain_names
+from dataflex.distributed.launch import distributed, launch
 from dataflex.models import load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.runner import build_model, load_checkpoint_model
 from dataflex.train.trainer import Trainer, TrainingArguments, make_accelerator
@@ -77,9 +78,10 @@ class SelectSchedule:
 
 
 def select_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size: int | None,
-                    num_processes: int = 1) -> SelectSchedule:  # fmt: skip
-    """The exact schedule of spec §2.2 (see the module docstring)."""
+                    num_processes: int | None = None) -> SelectSchedule:  # fmt: skip
+    """The exact schedule of spec §2.2 (see the module docstring); processes default to train's num_processes."""
     w, u, t, s = (int(flex.get(k) or 0) for k in ("warmup_step", "update_step", "update_times", "train_step"))
+    num_processes = int(num_processes or train.get("num_processes") or 1)
     if w < 1 or u < 1:
         raise ConfigError(f"dynamic_select needs warmup_step >= 1 and update_step >= 1, got {w} and {u}")
     g = int(train["per_device_train_batch_size"]) * int(train.get("gradient_accumulation_steps", 1)) * num_processes
@@ -135,6 +137,10 @@ def _component(flex: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
     return component_for({**flex, "train_type": "dynamic_select"})
 
 
+def _component_class(flex: Mapping[str, Any]) -> Any:
+    return REGISTRY.get("selector", _component(flex)[1])
+
+
 def target_dataset(eval_sets: Mapping[str, Any] | None) -> Any:
     """The eval sets as one target dataset; `domain_id` = which eval set (the subtasks of LESS's max)."""
     if not eval_sets:
@@ -169,7 +175,8 @@ class _SelectRun:
             "cache_dir": str(Path(self.args.output_dir) / "selector_cache"),
         }
         self.name, self.selector = build_selector(flex, runtime)
-        self.plan = SelectPlan(self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps,
+        self.plan = SelectPlan(self.args.per_device_train_batch_size,
+                               self.args.gradient_accumulation_steps * self.args.num_processes,
                                num_steps=self.schedule.max_steps, seed=self.args.seed,
                                steps_per_epoch=self.schedule.epoch_steps)  # fmt: skip
         self.trainer = Trainer(
@@ -236,7 +243,14 @@ def train_segment(train_pool: Any, eval_sets: Any, model_params: Mapping[str, An
                   flex: Mapping[str, Any], round_k: int, previous: Mapping[str, Any] | None = None,
                   selection: Mapping[str, Any] | None = None,
                   metrics_sink: MetricsSink | None = None) -> dict[str, Any]:  # fmt: skip
-    """Train round `round_k` on `selection` (and any warmup data of flex epochs starting inside it)."""
+    """Train round `round_k` on `selection` (and any warmup data of flex epochs starting inside it); on
+    num_processes accelerate workers when that is > 1."""
+    if distributed(train_params):
+        return launch("dataflex.train.select:train_segment", train_params,
+                      datasets={"train_pool": train_pool, "eval_sets": eval_sets},
+                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
+                              "flex": dict(flex), "round_k": round_k, "previous": previous and dict(previous),
+                              "selection": selection and dict(selection)}, metrics_sink=metrics_sink)  # fmt: skip
     run = _SelectRun(train_pool, eval_sets, model_params, train_params, flex, previous and previous["checkpoint"],
                      metrics_sink)  # fmt: skip
     start, end = run.schedule.round_range(round_k)
@@ -285,7 +299,13 @@ def _take_run(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any], 
 def compute_features(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
                      train_params: Mapping[str, Any], flex: Mapping[str, Any],
                      previous: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """What the selector needs for round previous+1, from the model and optimizer at that point (cached)."""
+    """What the selector needs for round previous+1, from the model and optimizer at that point (cached); with
+    num_processes > 1 computed by that many workers, each on a share of the pool."""
+    if distributed(train_params) and hasattr(_component_class(flex), "compute_features"):
+        return launch("dataflex.train.select:compute_features", train_params,
+                      datasets={"train_pool": train_pool, "eval_sets": eval_sets},
+                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
+                              "flex": dict(flex), "previous": dict(previous)})  # fmt: skip
     run = _SelectRun(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"], None)
     restored, rng = run.selector.state_dict(), capture_rng()
     event = run.schedule.selections[previous["round"]]

@@ -39,7 +39,8 @@ def _log_cache(ref: dict, prefix: str) -> None:
 def train_features_at(k: int) -> Callable[..., dict]:
     def train_features(train_pool: Any, warmup_result: dict, model: dict, train: dict, less: dict) -> dict:
         ref = lib.checkpoint_features(train_pool, warmup_result, k, model, less, kind="train", name="pool",
-                                      seed=train["seed"], progress=train.get("progress_bar", True))  # fmt: skip
+                                      seed=train["seed"], progress=train.get("progress_bar", True),
+                                      train_params=train)  # fmt: skip
         _log_cache(ref, f"less/ckpt_{k}/datastore")
         return ref
 
@@ -52,6 +53,7 @@ def target_features_at(k: int) -> Callable[..., dict]:
         for name in target_sets:
             refs[name] = lib.checkpoint_features(target_sets[name], warmup_result, k, model, less, kind="target",
                                                  name=name, seed=train["seed"], progress=False)  # fmt: skip
+            # (targets are dev sets of a few samples: computed here, worker start-up would dominate)
             _log_cache(refs[name], f"less/ckpt_{k}/target/{name}")
         return refs
 

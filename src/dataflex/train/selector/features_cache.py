@@ -13,6 +13,14 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from dataflex.distributed.collectives import (
+    barrier,
+    broadcast_object,
+    current_accelerator,
+    gather_varlen,
+    is_main,
+    rank_block,
+)
 from dataflex.features import model_state_fingerprint, sample_hashes
 from dataflex.features.gradients import _as_rows, _pad, per_sample_losses
 from dataflex.features.token_losses import IGNORE_INDEX
@@ -27,7 +35,9 @@ def pool_losses(model: torch.nn.Module, dataset: Any, batch_size: int = 32, prog
     """[N] each sample's token-mean CE under `model` (eval mode, length-sorted right-padded batches, fp32)."""
     ids, labels = _as_rows(dataset)
     device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
+    acc = current_accelerator()  # launched workers: each computes a contiguous share, merged in row order
+    mine = rank_block(len(ids), acc)
+    order = sorted(mine, key=lambda i: (-len(ids[i]), i))
     out = torch.empty(len(ids))
     was_training = model.training
     model.eval()
@@ -39,7 +49,7 @@ def pool_losses(model: torch.nn.Module, dataset: Any, batch_size: int = 32, prog
             out[torch.tensor(rows)] = per_sample_losses(model, x, y).float().cpu()
     finally:
         model.train(was_training)
-    return out
+    return gather_varlen(acc, out[mine.start : mine.stop])
 
 
 def cached_pool_losses(model: torch.nn.Module, dataset: Any, cache_dir: str | Path, *, base_model_id: str | None,
@@ -48,11 +58,14 @@ def cached_pool_losses(model: torch.nn.Module, dataset: Any, cache_dir: str | Pa
     key = sha256_json({"model": model_state_fingerprint(model, base_model_id), "samples": sample_hashes(dataset),
                        "version": LOSS_CODE_VERSION})  # fmt: skip
     path = Path(cache_dir) / "losses" / f"{key[:32]}.safetensors"
-    if path.is_file():
+    acc = current_accelerator()
+    if broadcast_object(acc, path.is_file() if is_main(acc) else None):  # one decision for every process
         logger.info("per-sample losses: cache hit %s", path)
         return load_file(str(path))["losses"], True
     losses = pool_losses(model, dataset, batch_size, progress)
-    atomic_write_bytes(path, save({"losses": losses.contiguous()}, metadata={"key": key}))
+    if is_main(acc):
+        atomic_write_bytes(path, save({"losses": losses.contiguous()}, metadata={"key": key}))
+    barrier(acc)
     return losses, False
 
 

@@ -37,6 +37,11 @@ class TrainingArguments:
     mixed_precision: str = "no"
     disable_shuffling: bool = False
     progress_bar: bool = True
+    # Scale-out (dataflex.distributed): processes per training / feature node, and an optional accelerate config
+    # file (DDP, FSDP, DeepSpeed) or a DeepSpeed JSON as LLaMA-Factory accepts it.
+    num_processes: int = 1
+    accelerate_config: str | None = None
+    deepspeed: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +63,7 @@ class TrainingArguments:
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
+            "num_processes",
         )
         for name in positive:
             value = getattr(self, name)
@@ -87,6 +93,9 @@ class TrainingArguments:
             raise ConfigError(
                 f"mixed_precision '{self.mixed_precision}' is not valid; use one of {', '.join(MIXED_PRECISION)}"
             )
+        if self.accelerate_config and self.deepspeed:
+            raise ConfigError("set either accelerate_config or deepspeed, not both (a DeepSpeed JSON is mapped onto "
+                              "accelerate; put it in the accelerate config file instead)")  # fmt: skip
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit!r}")
 

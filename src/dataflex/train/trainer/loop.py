@@ -26,9 +26,10 @@ from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from dataflex.core.errors import ConfigError, DataFlexError
+from dataflex.distributed.collectives import gather_varlen
 from dataflex.train.trainer.args import TrainingArguments
 from dataflex.train.trainer.losses import MicroBatchLosses, count_supervised_tokens, forward_losses
-from dataflex.train.trainer.plan import DataPlan, EpochPlan
+from dataflex.train.trainer.plan import DataPlan, EpochPlan, shard_step
 from dataflex.train.trainer.state import (
     check_compatible,
     load_train_state,
@@ -150,7 +151,7 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
     if mixed == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 mixed precision needs a GPU; training in fp32 on CPU instead (bf16 works on CPU)")
         mixed = "no"
-    kwargs = {"mixed_precision": mixed, "cpu": not torch.cuda.is_available()}
+    kwargs = {"mixed_precision": mixed, "cpu": not torch.cuda.is_available()}  # launched CPU workers: gloo
     try:
         return Accelerator(**kwargs)
     except ValueError:
@@ -192,12 +193,15 @@ class Trainer:
     ) -> None:
         self.args = args
         self.accelerator = accelerator or make_accelerator(args)
+        if self.accelerator.num_processes > 1 and self.accelerator.num_processes != args.num_processes:
+            raise ConfigError(f"accelerate started {self.accelerator.num_processes} processes but num_processes is "
+                              f"{args.num_processes}; set num_processes to the launched world size")  # fmt: skip
         self.train_dataset = train_dataset.select_columns([c for c in TRAIN_COLUMNS if c in train_dataset.column_names])
         self.data_collator = data_collator
         self.plan = plan or EpochPlan(
             len(train_dataset),
             args.per_device_train_batch_size,
-            args.gradient_accumulation_steps,
+            args.gradient_accumulation_steps * args.num_processes,  # the plan is global (see plan.shard_step)
             seed=args.seed,
             num_epochs=args.num_train_epochs,
             max_steps=args.max_steps,
@@ -309,6 +313,9 @@ class Trainer:
         """Train to the plan's end, or stop after `until_step` (a segment of a longer run; the LR schedule and
         logging are those of the whole run, so segments chained through checkpoints equal one run)."""
         args = self.args
+        if self.accelerator.num_processes != args.num_processes:
+            raise ConfigError(f"num_processes is {args.num_processes} but this process is alone; run the training "
+                              "through dataflex.distributed.launch (the pipelines and dataflex-cli do)")  # fmt: skip
         if self.resume_path is None:
             set_seed(args.seed)
         self.restore()
@@ -329,8 +336,10 @@ class Trainer:
         interval.start = time.perf_counter()
         last_checkpoint = None
         while self.global_step < stop:
-            micro = self.plan.step_batches(self.global_step)
-            step_loss, weighted, n_micro = self._accumulate(micro, max_steps, interval)
+            step_global = self.plan.step_batches(self.global_step)
+            micro = shard_step(step_global, args.per_device_train_batch_size, acc.num_processes, acc.process_index)
+            step_loss, weighted, n_micro = self._accumulate(micro or [step_global[0][:1]], max_steps, interval,
+                                                            ghost=not micro)  # fmt: skip
             grad_norm = None
             if args.max_grad_norm and args.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -341,7 +350,7 @@ class Trainer:
             self.global_step += 1
             step_loss_value = float(step_loss)
             self._loss_sum_all += step_loss_value
-            self.samples_seen += sum(len(ix) for ix in micro) * acc.num_processes
+            self.samples_seen += sum(len(ix) for ix in step_global)
             interval.add_step(step_loss_value, float(weighted), grad_norm, lr)
             logs: dict[str, float] = {}
             if self.global_step % args.logging_steps == 0 or self.global_step == max_steps:
@@ -375,26 +384,36 @@ class Trainer:
                             self.accelerator, self.args, self.domain_names,
                             warmup_step=self.weighting_warmup_steps)  # fmt: skip
 
-    def _accumulate(self, micro: list[list[int]], max_steps: int, interval: _Interval) -> tuple[Any, Any, int]:
-        """Forward and backward every micro-batch of one optimizer step; returns (standard loss, loss used, count)."""
+    def _accumulate(self, micro: list[list[int]], max_steps: int, interval: _Interval,
+                    ghost: bool = False) -> tuple[Any, Any, int]:  # fmt: skip
+        """Forward and backward every micro-batch of one optimizer step; returns (standard loss, loss used, count).
+
+        `ghost`: this process has no sample in a short last step; it runs one zero-weight pass on a sample of the
+        step so that its gradient all-reduce (and every collective) still meets the other processes'."""
         acc, model = self.accelerator, self.model
         batches = [self._collate(ix) for ix in micro]
-        window = self._window_tokens(batches)
+        window = self._window_tokens([] if ghost else batches)
         step_loss = torch.zeros((), device=acc.device)
         weighted = torch.zeros((), device=acc.device)
         weighting = self.weighter is not None and self.global_step >= self.weighting_warmup_steps
-        step_scores = self._prepass_scores(batches, max_steps) if weighting else None
+        first = self._sample_offset(0 if ghost else _local_count(batches)) if weighting else 0
+        step_scores = self._prepass_scores(batches, max_steps, ghost) if weighting else None
         offset = 0
         for i, batch in enumerate(batches):
             ctx = self._context(i, len(batches), max_steps)
             sync = i == len(batches) - 1 or acc.num_processes == 1
             with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
                 losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
+                if ghost:
+                    if weighting and step_scores is None:
+                        self._gather_scores([losses.per_sample_loss.detach()[:0]], [None])  # meet the others
+                    acc.backward(losses.standard_loss() * 0.0)
+                    break
                 if weighting:
                     if step_scores is None:  # one micro-batch: the training forward's losses are the scores
                         step_scores = self._gather_scores([losses.per_sample_loss.detach()], [losses.domain_id])
                     ctx.batch_losses, (ctx.step_scores, ctx.step_domains) = losses, step_scores
-                    ctx.sample_offset = acc.process_index * _local_count(batches) + offset
+                    ctx.sample_offset = first + offset
                     loss = self._weighted_loss(losses, ctx, model, batch)
                 else:
                     loss = self.loss_fn(losses, ctx, model, batch)
@@ -406,32 +425,46 @@ class Trainer:
             for obs in self.observers:
                 if hasattr(obs, "on_micro_batch"):
                     obs.on_micro_batch(losses, ctx)
+        if acc.num_processes > 1:  # each process holds its share of the step's loss: the step's is their sum
+            both = acc.reduce(torch.stack([step_loss, weighted]), reduction="sum")
+            step_loss, weighted = both[0], both[1]
         return step_loss, weighted, len(batches)
 
     # -- weighting ----------------------------------------------------------------------------------
 
     def _gather_scores(self, scores: list[torch.Tensor], domains: list[torch.Tensor | None]) -> tuple[Any, Any]:
         """Concatenate this process's per-sample scores of the step and gather them from every process
-        (rank order), so weights are normalised over the whole optimizer step."""
+        (rank order, shares may differ in size), so weights are normalised over the whole optimizer step."""
         local = torch.cat([s.float() for s in scores])
         dom = torch.cat(
             [d if d is not None else torch.zeros_like(s, dtype=torch.long) for s, d in zip(scores, domains)]
         )
         if self.accelerator.num_processes > 1:
-            local, dom = self.accelerator.gather(local), self.accelerator.gather(dom.to(local.device))
+            local, dom = gather_varlen(self.accelerator, local), gather_varlen(self.accelerator, dom)
         return local, dom
 
-    def _prepass_scores(self, batches: list[dict[str, torch.Tensor]], max_steps: int) -> tuple[Any, Any] | None:
+    def _sample_offset(self, local_count: int) -> int:
+        """Where this process's samples start in the step's gathered scores (the sum of lower ranks' shares)."""
+        if self.accelerator.num_processes == 1:
+            return 0
+        counts = self.accelerator.gather(torch.tensor([local_count], device=self.accelerator.device)).tolist()
+        return int(sum(counts[: self.accelerator.process_index]))
+
+    def _prepass_scores(self, batches: list[dict[str, torch.Tensor]], max_steps: int,
+                        ghost: bool = False) -> tuple[Any, Any] | None:  # fmt: skip
         """With several micro-batches, weights need every sample's score before the first backward: a no-grad
-        pass scores them (`score_batch`, by default the per-sample loss). One micro-batch needs no pre-pass."""
+        pass scores them (`score_batch`, by default the per-sample loss). One micro-batch needs no pre-pass.
+        The decision must be the same on every process (they all gather): it uses A, not the local count."""
         if not getattr(self.weighter, "needs_step_scores", False):
             return None
-        if len(batches) == 1 and getattr(self.weighter, "scores_from_losses", True):
+        if self.args.gradient_accumulation_steps == 1 and getattr(self.weighter, "scores_from_losses", True):
             return None
         ctx = self._context(0, len(batches), max_steps)
         with torch.no_grad(), self.accelerator.autocast():
             scores = [self.weighter.score_batch(self.model, b, ctx) for b in batches]
-        return self._gather_scores(scores, [b.get("domain_id") for b in batches])
+        if ghost:
+            scores = [s[:0] for s in scores]
+        return self._gather_scores(scores, [None if ghost else b.get("domain_id") for b in batches])
 
     def _weighted_loss(self, losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module,
                        batch: Mapping[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
@@ -465,7 +498,12 @@ class Trainer:
             logs["grad_norm"] = interval.grad_norm
         if abs(interval.weighted_sum - interval.loss_sum) > 1e-12:
             logs["weighted_loss"] = interval.weighted_sum / interval.steps
-        for name, (total, count) in interval.domain.items():
+        domain = interval.domain
+        if self.accelerator.num_processes > 1 and self.domain_names:  # per-domain sums of every process
+            local = torch.tensor([domain.get(n, [0.0, 0]) for n in self.domain_names], dtype=torch.float64)
+            summed = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").cpu().tolist()
+            domain = {n: (t, c) for n, (t, c) in zip(self.domain_names, summed)}
+        for name, (total, count) in domain.items():
             if count:
                 logs[f"train_loss/{name}"] = total / count
         for comp in [*self.components.values(), *self.observers]:

@@ -2,7 +2,8 @@
 
 A plan is random access by step (`step_batches(step)`), so resuming is recomputing, not replaying:
 the plan for step g depends only on the seed and g. Select and mix plans (later modes) implement the
-same interface.
+same interface. Plans are global: with several processes their `grad_accum` is A x processes, and
+`shard_step` gives each process its share, so every process trains on the same plan.
 """
 
 from __future__ import annotations
@@ -24,6 +25,23 @@ class DataPlan(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def shard_step(micro: list[list[int]], batch_size: int, num_processes: int, rank: int) -> list[list[int]]:
+    """Process `rank`'s micro-batches of one optimizer step, from the step's global micro-batches.
+
+    Plans describe the global step (G = B x A x processes samples); each process takes a contiguous,
+    near-equal share (sizes differ by at most one) in micro-batches of at most B. A full step gives every
+    process exactly A micro-batches of B; only a short last step of an epoch is uneven (possibly empty: the
+    loop then runs a zero-weight pass so the gradient all-reduce still meets).
+    """
+    if num_processes == 1:
+        return micro
+    flat = [i for batch in micro for i in batch]
+    base, extra = divmod(len(flat), num_processes)
+    start = rank * base + min(rank, extra)
+    mine = flat[start : start + base + (rank < extra)]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 class EpochPlan:

@@ -1,0 +1,182 @@
+"""The orchestrating side of scale-out: run a library function on N processes with `accelerate launch`.
+
+Kedro stays one process (a launched Kedro session would run every node on every rank, spec kedro-notes §6).
+A node whose `num_processes` > 1 calls `launch`: the datasets go to a work directory as Arrow, the arguments as
+JSON, and `python -m accelerate.commands.launch ... -m dataflex.distributed.worker task.json` runs the same
+function on every rank. Rank 0 writes the result (JSON) once everyone finished; the metrics the ranks' Trainer
+would have logged come back with it and are logged here, so only this process talks to MLflow. State passes
+through TrainState directories, as between in-process rounds.
+
+A worker that dies (killed, out of memory, an exception) stops the launch (torchrun ends the other ranks); the
+node raises one line naming the log, and nothing is half-written: checkpoints and outputs are written by
+rank 0 with temp + rename, and a re-run resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dataflex.core.errors import ConfigError, DataFlexError
+from dataflex.utils.io import atomic_write_json
+from dataflex.utils.logging import logger
+
+WORKER_ENV = "DATAFLEX_WORKER"
+MetricsSink = Callable[[dict[str, float], int], None]
+
+
+class WorkerError(DataFlexError):
+    """A launched worker process failed."""
+
+
+def in_worker() -> bool:
+    """True inside a process started by `launch` (the function then runs its work here, on this rank)."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def distributed(train_params: Mapping[str, Any] | None) -> bool:
+    """Should this call start workers? (num_processes > 1 and we are the orchestrating process.)"""
+    return int((train_params or {}).get("num_processes") or 1) > 1 and not in_worker()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _save_datasets(datasets: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """Arrow copies of the inputs (a dataset, a dict of datasets, or None) and how to load them back."""
+    refs: dict[str, Any] = {}
+    for name, value in datasets.items():
+        if value is None:
+            refs[name] = None
+        elif isinstance(value, Mapping):
+            refs[name] = {"dict": {}}
+            for key, ds in value.items():
+                path = root / name / str(key)
+                ds.save_to_disk(str(path))
+                refs[name]["dict"][key] = str(path)
+        else:
+            path = root / name
+            value.save_to_disk(str(path))
+            refs[name] = {"path": str(path)}
+    return refs
+
+
+def launch_command(num_processes: int, task: Path, *, accelerate_config: str | None = None,
+                   deepspeed: str | None = None, mixed_precision: str = "no") -> list[str]:  # fmt: skip
+    """The `accelerate launch` command line (DDP by default; an accelerate config file or a DeepSpeed JSON)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+           "--main_process_port", str(_free_port()), "--dynamo_backend", "no"]  # fmt: skip
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    else:
+        cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision]
+        if deepspeed:  # LLaMA-Factory's `deepspeed: ds_z2.json`, mapped onto accelerate's DeepSpeed plugin
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", deepspeed]
+        else:
+            cmd += ["--multi_gpu"]  # also on CPU: MULTI_CPU with gloo (`--cpu` would start one process)
+    return [*cmd, "-m", "dataflex.distributed.worker", str(task)]
+
+
+def check_launch_config(params: Mapping[str, Any]) -> None:
+    """The scale-out settings' errors (missing files, DeepSpeed without GPUs), before any work."""
+    for key in ("accelerate_config", "deepspeed"):
+        path = params.get(key)
+        if path and not Path(path).is_file():
+            kind = "accelerate config YAML" if key == "accelerate_config" else "DeepSpeed JSON"
+            raise ConfigError(f"{key} file {path} does not exist; give the path of an existing {kind}")
+    if params.get("deepspeed") and not torch.cuda.is_available():
+        raise ConfigError("deepspeed needs GPUs; on CPU use the default DDP (leave deepspeed unset)")
+
+
+def launch(target: str, train_params: Mapping[str, Any], *, datasets: Mapping[str, Any],
+           kwargs: Mapping[str, Any], metrics_sink: MetricsSink | None = None) -> Any:  # fmt: skip
+    """Run `target` ("module:function", one of worker.TARGETS) on `train_params['num_processes']` processes with
+    `datasets` (Arrow-saved) and JSON `kwargs`; returns rank 0's result. Metrics are replayed into `metrics_sink`."""
+    from dataflex.distributed.worker import TARGETS
+
+    if target not in TARGETS:
+        raise ValueError(f"{target} is not a worker target; known: {', '.join(sorted(TARGETS))}")
+    check_launch_config(train_params)
+    n = int(train_params["num_processes"])
+    work = Path(train_params.get("output_dir") or ".") / ".workers" / f"{target.split(':')[1]}-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "worker.log"
+    try:
+        task = {"target": target, "datasets": _save_datasets(datasets, work / "inputs"), "kwargs": dict(kwargs),
+                "metrics": metrics_sink is not None, "result": str(work / "result.json")}  # fmt: skip
+        atomic_write_json(work / "task.json", task)
+        mixed = str(train_params.get("mixed_precision") or "no")
+        if mixed == "fp16" and not torch.cuda.is_available():
+            mixed = "no"
+        cmd = launch_command(n, work / "task.json", accelerate_config=train_params.get("accelerate_config"),
+                             deepspeed=train_params.get("deepspeed"), mixed_precision=mixed)  # fmt: skip
+        env = {**os.environ, WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        if not torch.cuda.is_available():  # share the cores instead of oversubscribing them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+        logger.info("%s: starting %d processes (accelerate launch), log %s", target, n, log)
+        tail = _run(cmd, env, log)
+        result_path = Path(task["result"])
+        if tail is not None or not result_path.is_file():
+            reason = failure_reason(tail or ["no result written"])
+            raise WorkerError(f"{target} failed on {n} processes: {reason}; full log: {log}")
+        out = json.loads(result_path.read_text())
+    finally:
+        shutil.rmtree(work / "inputs", ignore_errors=True)
+    if metrics_sink is not None:
+        for logs, step in out.get("metrics", []):
+            metrics_sink(logs, step)
+    shutil.rmtree(work, ignore_errors=True)
+    return out["result"]
+
+
+_RANK_ERROR = re.compile(r"^\[rank(\d+)\]: ([A-Za-z_.]*(?:Error|Exception|Interrupt)\b.*)$")
+_SIGNAL = re.compile(r"Signal (\d+) \((SIG\w+)\) received by PID")
+
+
+_KNOCK_ON = re.compile(r"gloo|nccl|Connection (reset|closed)|ProcessGroup|DistBackendError", re.IGNORECASE)
+
+
+def failure_reason(lines: list[str]) -> str:
+    """The one line that says why: a rank's own exception, else a signal that killed a rank, else the other
+    ranks' knock-on errors (a lost peer), else the last line."""
+    errors = [m for m in (_RANK_ERROR.match(line.strip()) for line in lines) if m]
+    own = [m for m in errors if not _KNOCK_ON.search(m.group(2))]
+    if own:
+        return f"rank {own[0].group(1)}: {own[0].group(2)[:400]}"
+    for line in lines:
+        m = _SIGNAL.search(line)
+        if m and m.group(2) != "SIGTERM":  # SIGTERM is torchrun stopping the survivors
+            return f"a worker was killed by {m.group(2)}"
+    if errors:
+        return f"rank {errors[0].group(1)}: {errors[0].group(2)[:400]}"
+    return lines[-1].strip()[:400]
+
+
+def _run(cmd: list[str], env: Mapping[str, str], log: Path) -> list[str] | None:
+    """Run the launcher, echoing its output (progress bars included) and keeping it in `log`; None on success,
+    else the last lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    with open(log, "w") as fh, subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            fh.write(line)
+            tail.append(line)
+            sys.stderr.write(line)
+        code = proc.wait()
+    return None if code == 0 else [*tail, f"exit status {code}"]
