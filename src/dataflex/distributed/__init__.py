@@ -11,5 +11,15 @@ from dataflex.distributed.collectives import (
 )
 from dataflex.distributed.launch import WorkerError, distributed, in_worker, launch
 
-__all__ = ["WorkerError", "barrier", "broadcast_object", "current_accelerator", "distributed", "gather_varlen",
-           "in_worker", "is_main", "launch", "rank_block"]
+__all__ = [
+    "WorkerError",
+    "barrier",
+    "broadcast_object",
+    "current_accelerator",
+    "distributed",
+    "gather_varlen",
+    "in_worker",
+    "is_main",
+    "launch",
+    "rank_block",
+]

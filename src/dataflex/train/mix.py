@@ -48,7 +48,8 @@ class MixSchedule:
 
 
 def mix_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size: int) -> MixSchedule:
-    g = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"] * int(train.get("num_processes") or 1)
+    processes = int(train.get("num_processes") or 1)
+    g = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"] * processes
     if train.get("max_steps", -1) > 0:
         default_steps = train["max_steps"]
     else:
