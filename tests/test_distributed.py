@@ -4,6 +4,7 @@ batch (B x A x processes), and a killed worker fails the node cleanly and a re-r
 from __future__ import annotations
 
 import json
+import shutil
 import textwrap
 
 import pytest
@@ -127,6 +128,26 @@ def test_online_less_on_two_processes_selects_the_same_and_shares_the_datastore(
         rel = (fa.features - fb.features).norm(dim=1) / fa.features.norm(dim=1)
         assert float(rel.max()) < 1e-5
     _close(_adapter(tmp_path / "p1"), _adapter(tmp_path / "p2"), atol=1e-5)
+
+
+def test_pool_losses_on_two_processes_equal_one_and_the_loss_selector_picks_the_same(tiny_model_dir, sft_pool,
+                                                                                       tmp_path):  # fmt: skip
+    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "loss", "warmup_step": 2,
+            "update_step": 2, "update_times": 1, "components": {"selectors": {"loss": {"name": "loss", "params": {
+                "focus": "high", "replacement": False}}}}}  # fmt: skip
+    out, model = tmp_path / "out", _model(tiny_model_dir)
+    one, two = _train(out, 1), _train(out, 2)
+    state = select.train_segment(sft_pool, None, model, one, flex, 0)
+    feats, picks = {}, {}
+    for p, train in ((1, one), (2, two)):
+        shutil.rmtree(out / "selector_cache", ignore_errors=True)
+        shutil.rmtree(out / "selections", ignore_errors=True)
+        feats[p] = select.compute_features(sft_pool, None, model, train, flex, state)
+        assert not feats[p]["features"]["cache_hit"]
+        picks[p] = select.compute_selection(sft_pool, None, model, train, flex, state, feats[p])["indices"]
+    assert len(feats[2]["features"]["losses"]) == len(sft_pool)  # every row once, in order
+    assert feats[2]["features"]["losses"] == pytest.approx(feats[1]["features"]["losses"], rel=1e-5)
+    assert picks[1] == picks[2] and len(picks[1]) == 16
 
 
 KILLER = textwrap.dedent('''
