@@ -159,6 +159,19 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     b = load_file(str(tmp_path / "saves" / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
 
+    # The same resume on 2 accelerate workers (4 x 1 x 2 processes: the same global batch): the same adapter,
+    # and the workers' metrics reach the orchestrator's MLflow run.
+    two = ["output_dir=saves/two", "num_processes=2", "gradient_accumulation_steps=1", ckpt3 := (
+        "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3")]  # fmt: skip
+    assert train(*two) == 0
+    c = load_file(str(tmp_path / "saves" / "two" / "adapter" / "adapter_model.safetensors"))
+    assert all((a[k] - c[k]).abs().max() <= 1e-6 for k in a)
+    summary2 = json.loads((tmp_path / "saves" / "two" / "run_summary.json").read_text())
+    client, _ = _mlflow_run(db, summary2["mlflow_run_id"])
+    assert [m.step for m in client.get_metric_history(summary2["mlflow_run_id"], "train/loss")] == [4, 6]
+    assert train("output_dir=saves/nope", "num_processes=2", "accelerate_config=nope.yaml", ckpt3) == 2
+    assert "accelerate_config file" in capsys.readouterr().err.strip().splitlines()[-1]
+
     # A checkpoint from another model is refused before training.
     ckpt = "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3"
     assert train("lora_rank=2", "output_dir=saves/other", ckpt) == 2
