@@ -193,6 +193,12 @@ class Trainer:
     ) -> None:
         self.args = args
         self.accelerator = accelerator or make_accelerator(args)
+        sharded = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        if sharded in ("FSDP", "DEEPSPEED"):
+            # TrainState saves unwrapped full weights and a plain optimizer state: sharded states would be wrong.
+            raise ConfigError(f"{sharded} is launched but the loop's TrainState checkpoints do not support sharded "
+                              "weights or optimizer states yet; use the default DDP (no accelerate_config / "
+                              "deepspeed)")  # fmt: skip
         if self.accelerator.num_processes > 1 and self.accelerator.num_processes != args.num_processes:
             raise ConfigError(f"accelerate started {self.accelerator.num_processes} processes but num_processes is "
                               f"{args.num_processes}; set num_processes to the launched world size")  # fmt: skip
