@@ -27,6 +27,7 @@ from dataflex.features.token_losses import IGNORE_INDEX, count_supervised_tokens
 from dataflex.utils.logging import logger
 
 GRADIENT_TYPES = ("sgd", "adam")
+FUSED_BUFFER_BYTES = 512 * 2**20  # a batch's per-sample gradients up to this size are transformed in one go
 FEATURE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
 
@@ -107,6 +108,18 @@ class _Transform:
             b1, b2 = self.adam.betas
             self._scaled[key] = (b1 * m.to(g.device, torch.float32).reshape(1, -1),
                                  b2 * v.to(g.device, torch.float32).reshape(1, -1))  # fmt: skip
+        return adam_transform_scaled(g, *self._scaled[key], self.adam.betas, self.adam.eps, self.placement)
+
+    def all(self, names: list[str], g: torch.Tensor) -> torch.Tensor:
+        """The transform of every parameter's gradient at once, g = [B, Σ numel] concatenated in `names` order."""
+        if self.gradient_type == "sgd" or self.adam is None:
+            return g
+        key = ("*", str(g.device))
+        if key not in self._scaled:
+            b1, b2 = self.adam.betas
+            m = torch.cat([self.adam.moments[n][0].reshape(-1) for n in names]).to(g.device, torch.float32)
+            v = torch.cat([self.adam.moments[n][1].reshape(-1) for n in names]).to(g.device, torch.float32)
+            self._scaled[key] = (b1 * m.reshape(1, -1), b2 * v.reshape(1, -1))
         return adam_transform_scaled(g, *self._scaled[key], self.adam.betas, self.adam.eps, self.placement)
 
 
@@ -247,15 +260,26 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
     params = [p for _, p in named]
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     acc: dict[str, torch.Tensor] = {}
+    # Small models (LoRA): gather a batch's per-sample gradients of all parameters into one [B, P] buffer and
+    # transform + project it in a few large ops; per parameter, that many small ops cost more in dispatch than
+    # in arithmetic. Large ones: transform and project each parameter as its gradient completes (bounded memory).
+    fused = batch_size * proj.total * 4 <= FUSED_BUFFER_BYTES
+    names = list(proj.sizes)
 
     def emit(pname: str, grad: torch.Tensor) -> None:
-        proj.project_into(acc["features"], pname, transform(pname, grad), scratch=True)
+        if fused:
+            start = proj.offsets[pname]
+            acc["grads"][:, start : start + grad.shape[1]].copy_(grad)
+        else:
+            proj.project_into(acc["features"], pname, transform(pname, grad), scratch=True)
 
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with _HookedBatch(owners, sizes, emit) as hooks, torch.enable_grad():
         for rows in tqdm(batches, desc="gradient features", unit="batch", disable=not progress, dynamic_ncols=True):
             hooks.reset()
             acc["features"] = torch.zeros(len(rows), proj.out_dim, device=device)
+            if fused:
+                acc["grads"] = torch.empty(len(rows), proj.total, device=device)
             input_ids = _pad([ids[i] for i in rows], 0, device)
             lab = _pad([labels[i] for i in rows], IGNORE_INDEX, device)
             # Differentiate w.r.t. the input embeddings: the hooks see every LoRA output gradient, and the
@@ -269,6 +293,8 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
                 loss = per_sample_losses(model, input_ids, lab).sum()
                 torch.autograd.grad(loss, params, allow_unused=True)
             hooks.flush(len(rows), device)
+            if fused:
+                proj.project_all_into(acc["features"], transform.all(names, acc.pop("grads")), scratch=True)
             out[torch.tensor(rows)] = acc["features"].to(out.dtype).cpu()
 
 

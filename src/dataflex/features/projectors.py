@@ -98,6 +98,28 @@ class Projector:
         else:
             out.addmm_(block, self._dense(name, block.device))
 
+    def project_all_into(self, out: torch.Tensor, block: torch.Tensor, scratch: bool = False) -> None:
+        """out[B, out_dim] += S · block for `block` = every parameter block concatenated in projector order
+        ([B, total]): the sum of `project_into` over the blocks in a few large ops instead of a few per block."""
+        block = block.float()
+        if block.shape[1] != self.total:
+            raise ValueError(f"concatenated block has {block.shape[1]} values, the projector expects {self.total}")
+        if self.kind == "none":
+            out += block
+        elif self.kind == "sjlt":
+            key = ("*", str(block.device))
+            if key not in self._cache:
+                parts = [self._sjlt(n, block.device) for n in self.sizes]
+                self._cache[key] = (torch.cat([i for i, _ in parts], dim=1), torch.cat([g for _, g in parts], dim=1))
+            idx, sign = self._cache[key]  # type: ignore[misc]
+            for j in range(self.sparsity):
+                out.index_add_(1, idx[j], block.mul_(sign[j]) if self.sparsity == 1 and scratch else block * sign[j])
+        else:
+            key = ("*", str(block.device))
+            if key not in self._cache:
+                self._cache[key] = torch.cat([self._dense(n, block.device) for n in self.sizes], dim=0)
+            out.addmm_(block, self._cache[key])  # type: ignore[arg-type]
+
     def matrix(self, name: str) -> torch.Tensor:
         """The explicit [numel, out_dim] matrix of one block (for tests and small checks)."""
         eye = torch.eye(self.sizes[name])
