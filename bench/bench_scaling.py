@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shutil
 import statistics
 import tempfile
@@ -77,7 +76,7 @@ def main() -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         section = (
             f"\n# Feature extraction on 1 vs 2 processes (CPU)\n\nCommand: `.venv/bin/python bench/bench_scaling.py "
-            f"--out bench/RESULTS.md`. {stamp}, {machine_label()}, {os.cpu_count()} cores, torch {torch.__version__}. "
+            f"--out bench/RESULTS.md`. {stamp}, {machine_label()}, torch {torch.__version__}. "
             f"Demo tiny model, pool {len(pool)} + {len(targets['arith_dev'])} target samples, online-LESS features "
             f"(Adam pool + SGD target, SJLT k = 8192), 2 processes on gloo.\n\n{table}\n\n{ratios}\n"
         )
