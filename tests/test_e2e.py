@@ -512,6 +512,18 @@ def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "saves" / "bad").exists()
 
+    # The one-shot pipeline's flat keys are checked the same way, before any work.
+    argv = ["--project-dir", str(project), "--pipeline", "static_select"]
+    for override, message in [
+        ("static_select_selector=nearest", "unknown selector 'nearest'"),
+        ("static_select_percentage=2", "static_select.percentage must be a fraction"),
+        ("static_select_final_epochs=0", "static_select.final_epochs must be an integer >= 1"),
+        ("static_select_targets=no_such_dev", "no_such_dev"),
+    ]:
+        assert main(["train", "less.yaml", "static_select_targets=arith_dev", override, *argv]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "saves" / "bad").exists()
+
 
 SEED_CUSTOM_SELECTOR = """
 from dataflex.core.registry import register_selector

@@ -58,6 +58,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         from dataflex.train.less_config import check_less_config
 
         check_less_config(params["less"], params["data"])
+    if ns.pipeline == "static_select":
+        from dataflex.train.static_select_config import check_config
+
+        check_config(params["static_select"], params["data"])
     project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
     # Demo folders resolve against the project, like the Kedro defaults.
     params["demo"] = {
@@ -162,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pipeline",
         default=None,
-        choices=["doremi", "less"],
+        choices=["doremi", "less", "static_select"],
         help="run this pipeline instead of the train_type's (doremi: reference -> proxy -> final; less: warm-up "
-        "-> gradient datastore -> select for less_targets -> train on the selection)",
+        "-> gradient datastore -> select for less_targets -> train on the selection; static_select: one selection "
+        "by static_select_selector for static_select_targets, then training on it)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -18,6 +18,7 @@ import yaml
 
 from dataflex.core.errors import ConfigError
 from dataflex.train.less_config import DEFAULTS as LESS_DEFAULTS
+from dataflex.train.static_select_config import DEFAULTS as STATIC_SELECT_DEFAULTS
 from dataflex.train.trainer.args import TrainingArguments
 from dataflex.utils.logging import logger
 
@@ -74,6 +75,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_generate_samples": 64,
     },
     "less": dict(LESS_DEFAULTS),
+    "static_select": dict(STATIC_SELECT_DEFAULTS),
     "demo": {
         "build_if_missing": True,
         "data_dir": "data/01_raw/demo",
@@ -91,6 +93,8 @@ for _group in ("model", "data", "train", "dataflex"):
         FLAT_KEYS[_key] = (_group, _key)
 # LESS settings in a flat YAML carry a `less_` prefix (`less_targets`, `less_percentage`, ...).
 FLAT_KEYS.update({f"less_{k}": ("less", k) for k in DEFAULTS["less"]})
+# One-shot selection (`--pipeline static_select`) likewise: `static_select_selector`, `static_select_targets`, ...
+FLAT_KEYS.update({f"static_select_{k}": ("static_select", k) for k in DEFAULTS["static_select"]})
 FLAT_KEYS.update(
     {
         "max_new_tokens": ("eval", "max_new_tokens"),
@@ -238,8 +242,8 @@ def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any
 
 def validate_params(params: Mapping[str, Any], *, check_paths: bool = True) -> None:
     """Every check that needs no heavy work: one ConfigError line for the first problem found."""
-    for group in ("model", "data", "train", "dataflex", "less"):
-        if group == "less" and group not in params:
+    for group in ("model", "data", "train", "dataflex", "less", "static_select"):
+        if group in ("less", "static_select") and group not in params:
             continue
         if group not in params or not isinstance(params[group], Mapping):
             raise ConfigError(f"parameters need a '{group}' section")

@@ -312,7 +312,7 @@ def compute_features(train_pool: Any, eval_sets: Any, model_params: Mapping[str,
     feats: dict[str, Any] = {}
     if hasattr(run.selector, "compute_features"):
         feats = run.selector.compute_features(run.model, event.step, optimizer=run.trainer.optimizer,
-                                              base_model_id=run.base_id)  # fmt: skip
+                                              base_model_id=run.base_id, tokenizer=run.tokenizer)  # fmt: skip
     _HANDOVER.clear()  # at most one set-up (one model) is kept
     key = _handover_key(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"])
     _HANDOVER[key] = (run, restored, rng)

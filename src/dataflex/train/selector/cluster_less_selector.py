@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_selector
+from dataflex.distributed.collectives import broadcast_object
 from dataflex.features import FeatureSettings, GradientDatastore
 from dataflex.features.clustering import kmeans, ranked_members, spread_budget
 from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
@@ -28,7 +29,7 @@ from dataflex.utils.io import atomic_write_bytes, sha256_json
 from dataflex.utils.logging import logger
 
 from .base_selector import Selector
-from .embedding_common import EmbeddingMixin, broadcast_indices, fill_to, needs_target, positive_int
+from .embedding_common import EmbeddingMixin, fill_to, needs_target, positive_int
 
 CLUSTER_CODE_VERSION = "1"
 
@@ -142,4 +143,4 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         self.last_metric = {"clusters": len(centroids), "clusters_used": int((chosen > 0).sum()),
                             "largest_cluster_share": float(chosen.max() / max(len(picked), 1)),
                             "cluster_scores": [float(s) for s in scores]}  # fmt: skip
-        return broadcast_indices(self.accelerator, picked)
+        return broadcast_object(self.accelerator, picked)  # rank 0's choice everywhere

@@ -101,17 +101,6 @@ def load_neighbors(ref: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return t["distances"].numpy(), t["indices"].numpy()
 
 
-def broadcast_indices(accelerator: Any, indices: list[int]) -> list[int]:
-    """Rank 0's selection on every rank (a no-op in one process); ranks never train on different subsets."""
-    if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
-        return indices
-    from accelerate.utils import broadcast_object_list
-
-    box = [indices]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 def fill_to(picked: list[int], num_samples: int) -> list[int]:
     """More requested than distinct rows: repeat the ranking (as `less` does)."""
     if len(picked) >= num_samples or not picked:

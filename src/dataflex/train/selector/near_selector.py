@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dataflex.core.registry import register_selector
+from dataflex.distributed.collectives import broadcast_object
 from dataflex.features.distribution import near_order
 from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
 from dataflex.features.neighbors import EXACT_THRESHOLD
@@ -22,7 +23,6 @@ from dataflex.features.neighbors import EXACT_THRESHOLD
 from .base_selector import Selector
 from .embedding_common import (
     EmbeddingMixin,
-    broadcast_indices,
     cached_neighbors,
     fill_to,
     load_neighbors,
@@ -60,7 +60,7 @@ class NearSelector(EmbeddingMixin, Selector):
             picked += _by_distance(feats, set(picked), min(num_samples, len(self.dataset)) - len(picked))
         picked = fill_to(picked, num_samples)
         self.last_metric = {"mean_neighbor_distance": float(np.mean(dist)), "max_K": int(idx.shape[1])}
-        return broadcast_indices(self.accelerator, picked)
+        return broadcast_object(self.accelerator, picked)  # rank 0's choice everywhere
 
 
 def _by_distance(feats: dict[str, Any], taken: set[int], count: int) -> list[int]:

@@ -19,12 +19,13 @@ import torch
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_selector
+from dataflex.distributed.collectives import broadcast_object
 from dataflex.features import FeatureSettings, GradientDatastore, less_scores, top_k
 from dataflex.features.matching import AGGREGATIONS
 from dataflex.features.rollouts import BASELINES, NLL_REDUCTIONS, rollout_dataset, rollout_table, rollout_weights
 
 from .base_selector import Selector
-from .embedding_common import broadcast_indices, fill_to, needs_target, positive_int, resolve_tokenizer
+from .embedding_common import fill_to, needs_target, positive_int, resolve_tokenizer
 
 
 def nice_target_features(rollout_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -118,4 +119,4 @@ class NiceSelector(Selector):
         picked = fill_to(top_k(scores, max_samples=num_samples), num_samples)
         self.last_metric = {"train_eval_similarity": [float(scores[i]) for i in picked],
                             "mean_reward": feats.get("mean_reward")}  # fmt: skip
-        return broadcast_indices(self.accelerator, picked)
+        return broadcast_object(self.accelerator, picked)  # rank 0's choice everywhere

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_selector
+from dataflex.distributed.collectives import broadcast_object
 from dataflex.features.distribution import seeded_draw, tsds_probabilities
 from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
 from dataflex.features.neighbors import EXACT_THRESHOLD, kde_density
@@ -24,7 +25,7 @@ from dataflex.utils.io import atomic_write_bytes, sha256_json
 from dataflex.utils.logging import logger
 
 from .base_selector import Selector
-from .embedding_common import EmbeddingMixin, broadcast_indices, cached_neighbors, needs_target, positive_int
+from .embedding_common import EmbeddingMixin, cached_neighbors, needs_target, positive_int
 
 TSDS_CODE_VERSION = "1"
 
@@ -87,4 +88,4 @@ class TsdsSelector(EmbeddingMixin, Selector):
             raise ConfigError(f"tsds probabilities cover {len(probs)} rows but the pool has {len(self.dataset)}")
         picked = seeded_draw(probs, num_samples, seed=self.seed * 1_000_003 + int(step_id))
         self.last_metric = {"support": int((probs > 0).sum()), "selected_mass": float(probs[picked].sum())}
-        return broadcast_indices(self.accelerator, picked)
+        return broadcast_object(self.accelerator, picked)  # rank 0's choice everywhere
