@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.features.batching import eval_mode, length_sorted_batches
 from dataflex.features.datastore import model_state_fingerprint, sample_hashes
 from dataflex.features.gradients import _as_rows, _pad
 from dataflex.features.token_losses import IGNORE_INDEX
@@ -153,13 +154,10 @@ def hidden_state_embeddings(model: torch.nn.Module, dataset: Any, *, layer: int 
     ids, _ = _as_rows(dataset)
     ids = [r[:max_length] for r in ids]
     device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     out: torch.Tensor | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for rows in tqdm(batches, desc="hidden-state embeddings", unit="batch", disable=not progress):
+    with eval_mode(model):
+        for rows in tqdm(length_sorted_batches(ids, batch_size), desc="hidden-state embeddings", unit="batch",
+                         disable=not progress):  # fmt: skip
             x = _pad([ids[i] for i in rows], 0, device)
             mask = _pad([[1] * len(ids[i]) for i in rows], 0, device)
             hs = model(input_ids=x, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
@@ -172,8 +170,6 @@ def hidden_state_embeddings(model: torch.nn.Module, dataset: Any, *, layer: int 
             if out is None:
                 out = torch.zeros(len(ids), emb.shape[1])
             out[torch.tensor(rows)] = emb
-    finally:
-        model.train(was_training)
     return _normalize(out) if out is not None else torch.zeros(0, 1)
 
 

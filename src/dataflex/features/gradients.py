@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.features.batching import eval_mode, length_sorted_batches
 from dataflex.features.optimizer_state import AdamMoments, adam_transform_scaled, resolve_adam_state
 from dataflex.features.projectors import Projector
 from dataflex.features.token_losses import IGNORE_INDEX, count_supervised_tokens, per_token_losses
@@ -234,27 +235,22 @@ def per_sample_gradient_features(
         return out
     owners = linear_owners(model)
     unsupported = [name for name in sizes if name not in owners]
-    # Longest first: the first batch shows the peak memory; trimming each batch to its own maximum saves work.
-    order = sorted(range(n), key=lambda i: (-len(ids[i]), i))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if unsupported:
             logger.warning("per-sample gradients: %d trainable parameters are not nn.Linear weights (first: %s); "
                            "using a per-sample autograd loop (correct but slower)", len(unsupported),
                            unsupported[0])  # fmt: skip
+            order = [i for batch in length_sorted_batches(ids, 1) for i in batch]
             _loop_features(model, named, ids, labels, order, proj, transform, out, device, progress)
         else:
-            _hooked_features(model, named, owners, sizes, ids, labels, order, batch_size, proj, transform, out,
-                             device, progress)  # fmt: skip
-    finally:
-        model.train(was_training)
+            _hooked_features(model, named, owners, sizes, ids, labels, length_sorted_batches(ids, batch_size), proj,
+                             transform, out, device, progress)  # fmt: skip
     return out
 
 
 def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
                      owners: dict[str, tuple[str, torch.nn.Linear, str]], sizes: dict[str, int],
-                     ids: list[list[int]], labels: list[list[int]], order: list[int], batch_size: int,
+                     ids: list[list[int]], labels: list[list[int]], batches: list[list[int]],
                      proj: Projector, transform: _Transform, out: torch.Tensor, device: torch.device,
                      progress: bool) -> None:  # fmt: skip
     params = [p for _, p in named]
@@ -263,7 +259,7 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
     # Small models (LoRA): gather a batch's per-sample gradients of all parameters into one [B, P] buffer and
     # transform + project it in a few large ops; per parameter, that many small ops cost more in dispatch than
     # in arithmetic. Large ones: transform and project each parameter as its gradient completes (bounded memory).
-    fused = batch_size * proj.total * 4 <= FUSED_BUFFER_BYTES
+    fused = max(map(len, batches), default=0) * proj.total * 4 <= FUSED_BUFFER_BYTES
     names = list(proj.sizes)
 
     def emit(pname: str, grad: torch.Tensor) -> None:
@@ -273,7 +269,6 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
         else:
             proj.project_into(acc["features"], pname, transform(pname, grad), scratch=True)
 
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with _HookedBatch(owners, sizes, emit) as hooks, torch.enable_grad():
         for rows in tqdm(batches, desc="gradient features", unit="batch", disable=not progress, dynamic_ncols=True):
             hooks.reset()

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.features.batching import eval_mode
 from dataflex.features.datastore import sample_hashes
 from dataflex.features.gradients import _as_rows
 from dataflex.features.token_losses import IGNORE_INDEX
@@ -132,9 +133,7 @@ def generate_rollouts(policy: torch.nn.Module, prompts: Sequence[list[int]], *, 
     a prompt's rollouts do not depend on which other prompts are in the batch."""
     device = next(policy.parameters()).device
     out = []
-    was_training = policy.training
-    policy.eval()
-    try:
+    with eval_mode(policy):
         for i, prompt in enumerate(tqdm(prompts, desc="NICE rollouts", unit="prompt", disable=not progress)):
             x = torch.tensor([prompt], dtype=torch.long, device=device)
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
@@ -144,8 +143,6 @@ def generate_rollouts(policy: torch.nn.Module, prompts: Sequence[list[int]], *, 
                                       num_return_sequences=mc_samples, eos_token_id=eos_token_id,
                                       pad_token_id=eos_token_id if pad_token_id is None else pad_token_id)  # fmt: skip
             out.append([_strip_response(row[len(prompt) :].tolist(), eos_token_id, pad_token_id) for row in gen])
-    finally:
-        policy.train(was_training)
     return out
 
 

@@ -22,6 +22,7 @@ from dataflex.distributed.collectives import (
     rank_block,
 )
 from dataflex.features import model_state_fingerprint, sample_hashes
+from dataflex.features.batching import eval_mode, length_sorted_batches
 from dataflex.features.gradients import _as_rows, _pad, per_sample_losses
 from dataflex.features.token_losses import IGNORE_INDEX
 from dataflex.utils.io import atomic_write_bytes, sha256_json
@@ -37,18 +38,13 @@ def pool_losses(model: torch.nn.Module, dataset: Any, batch_size: int = 32, prog
     device = next(model.parameters()).device
     acc = current_accelerator()  # launched workers: each computes a contiguous share, merged in row order
     mine = rank_block(len(ids), acc)
-    order = sorted(mine, key=lambda i: (-len(ids[i]), i))
     out = torch.empty(len(ids))
-    was_training = model.training
-    model.eval()
-    try:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        for rows in tqdm(batches, desc="per-sample losses", unit="batch", disable=not progress):
+    with eval_mode(model):
+        for rows in tqdm(length_sorted_batches(ids, batch_size, mine), desc="per-sample losses", unit="batch",
+                         disable=not progress):  # fmt: skip
             x = _pad([ids[i] for i in rows], 0, device)
             y = _pad([labels[i] for i in rows], IGNORE_INDEX, device)
             out[torch.tensor(rows)] = per_sample_losses(model, x, y).float().cpu()
-    finally:
-        model.train(was_training)
     return gather_varlen(acc, out[mine.start : mine.stop])
 
 
