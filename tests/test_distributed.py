@@ -200,3 +200,27 @@ def test_failure_reason_names_the_exception_or_the_signal():
     knock_on = "[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"
     assert failure_reason([knock_on, "Signal 9 (SIGKILL) received by PID 3"]) == "a worker was killed by SIGKILL"
     assert failure_reason([knock_on, lines[2]]) == "rank 1: ValueError: bad thing"
+
+
+def test_launch_configs_are_checked_before_any_work(tmp_path):
+    from dataflex.core.errors import ConfigError
+    from dataflex.distributed.launch import check_launch_config, launch_command
+
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    ds = tmp_path / "ds_z2.json"
+    ds.write_text("{}")
+    with pytest.raises(ConfigError, match="FSDP is not supported yet"):
+        check_launch_config({"num_processes": 2, "accelerate_config": str(fsdp)})
+    with pytest.raises(ConfigError, match="DeepSpeed is not supported yet"):
+        check_launch_config({"num_processes": 2, "deepspeed": str(ds)})
+    with pytest.raises(ConfigError, match="has num_processes 4 but train.num_processes is 2"):
+        check_launch_config({"num_processes": 2, "accelerate_config": str(ddp)})
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_launch_config({"num_processes": 2, "accelerate_config": str(tmp_path / "nope.yaml")})
+    check_launch_config({"num_processes": 4, "accelerate_config": str(ddp)})
+    cmd = launch_command(4, tmp_path / "task.json", accelerate_config=str(ddp))
+    assert cmd[cmd.index("--config_file") + 1] == str(ddp) and "--multi_gpu" not in cmd
+    assert cmd[-3:] == ["-m", "dataflex.distributed.worker", str(tmp_path / "task.json")]

@@ -93,14 +93,38 @@ def launch_command(num_processes: int, task: Path, *, accelerate_config: str | N
 
 
 def check_launch_config(params: Mapping[str, Any]) -> None:
-    """The scale-out settings' errors (missing files, DeepSpeed without GPUs), before any work."""
+    """The scale-out settings' errors (missing or unsupported launch configs), before any work."""
     for key in ("accelerate_config", "deepspeed"):
         path = params.get(key)
         if path and not Path(path).is_file():
             kind = "accelerate config YAML" if key == "accelerate_config" else "DeepSpeed JSON"
             raise ConfigError(f"{key} file {path} does not exist; give the path of an existing {kind}")
-    if params.get("deepspeed") and not torch.cuda.is_available():
-        raise ConfigError("deepspeed needs GPUs; on CPU use the default DDP (leave deepspeed unset)")
+    if params.get("deepspeed"):
+        raise ConfigError(_SHARDED.format(kind="DeepSpeed"))
+    path = params.get("accelerate_config")
+    if path:
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"accelerate_config {path} is not valid YAML: {exc}") from None
+        kind = str(cfg.get("distributed_type", "")).upper()
+        if kind in ("FSDP", "DEEPSPEED"):
+            raise ConfigError(_SHARDED.format(kind=kind))
+        n = cfg.get("num_processes")
+        ours = int(params.get("num_processes") or 1)
+        if n is not None and int(n) != ours:
+            raise ConfigError(f"accelerate_config {path} has num_processes {n} but train.num_processes is {ours}; "
+                              "make them equal (the global batch uses it)")  # fmt: skip
+
+
+# Accelerate would launch these, but TrainState checkpoints hold full unwrapped weights and a plain AdamW state:
+# sharded save / restore is not implemented (nor verifiable without GPUs), so refuse rather than write wrong ones.
+_SHARDED = (
+    "{kind} is not supported yet: TrainState checkpoints do not save sharded weights or optimizer "
+    "states; use the default DDP (unset deepspeed, or distributed_type: MULTI_GPU / MULTI_CPU)"
+)
 
 
 def launch(target: str, train_params: Mapping[str, Any], *, datasets: Mapping[str, Any],
