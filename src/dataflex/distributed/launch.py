@@ -77,18 +77,14 @@ def _save_datasets(datasets: Mapping[str, Any], root: Path) -> dict[str, Any]:
 
 
 def launch_command(num_processes: int, task: Path, *, accelerate_config: str | None = None,
-                   deepspeed: str | None = None, mixed_precision: str = "no") -> list[str]:  # fmt: skip
-    """The `accelerate launch` command line (DDP by default; an accelerate config file or a DeepSpeed JSON)."""
+                   mixed_precision: str = "no") -> list[str]:  # fmt: skip
+    """The `accelerate launch` command line: DDP by default, or the given accelerate config file."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
            "--main_process_port", str(_free_port()), "--dynamo_backend", "no"]  # fmt: skip
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
-    else:
-        cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision]
-        if deepspeed:  # LLaMA-Factory's `deepspeed: ds_z2.json`, mapped onto accelerate's DeepSpeed plugin
-            cmd += ["--use_deepspeed", "--deepspeed_config_file", deepspeed]
-        else:
-            cmd += ["--multi_gpu"]  # also on CPU: MULTI_CPU with gloo (`--cpu` would start one process)
+    else:  # also on CPU: MULTI_CPU with gloo (`--cpu` would start one process)
+        cmd += ["--num_machines", "1", "--mixed_precision", mixed_precision, "--multi_gpu"]
     return [*cmd, "-m", "dataflex.distributed.worker", str(task)]
 
 
@@ -148,7 +144,7 @@ def launch(target: str, train_params: Mapping[str, Any], *, datasets: Mapping[st
         if mixed == "fp16" and not torch.cuda.is_available():
             mixed = "no"
         cmd = launch_command(n, work / "task.json", accelerate_config=train_params.get("accelerate_config"),
-                             deepspeed=train_params.get("deepspeed"), mixed_precision=mixed)  # fmt: skip
+                             mixed_precision=mixed)  # fmt: skip
         env = {**os.environ, WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"}
         if not torch.cuda.is_available():  # share the cores instead of oversubscribing them
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))

@@ -37,8 +37,8 @@ class TrainingArguments:
     mixed_precision: str = "no"
     disable_shuffling: bool = False
     progress_bar: bool = True
-    # Scale-out (dataflex.distributed): processes per training / feature node, and an optional accelerate config
-    # file (DDP, FSDP, DeepSpeed) or a DeepSpeed JSON as LLaMA-Factory accepts it.
+    # Scale-out (dataflex.distributed): processes per training / feature node, an optional accelerate config file
+    # (DDP, several nodes), and LLaMA-Factory's DeepSpeed JSON key (recognised; sharded states are refused for now).
     num_processes: int = 1
     accelerate_config: str | None = None
     deepspeed: str | None = None
