@@ -108,18 +108,17 @@ def test_online_less_on_two_processes_selects_the_same_and_shares_the_datastore(
     evals = {"arith_dev": build_dataset(dataset=["arith_dev"], dataset_dir=demo_dir, tokenizer=tokenizer,
                                         template="default", cutoff_len=64, stage="sft")}  # fmt: skip
     flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "less", "warmup_step": 2,
-            "update_step": 2, "update_times": 2, "components": {"selectors": {"less": {"name": "less", "params": {
+            "update_step": 2, "update_times": 1, "components": {"selectors": {"less": {"name": "less", "params": {
                 "proj_dim": 512, "batch_size": 8}}}}}  # fmt: skip
     runs = {p: select.run_all(sft_pool, evals, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex)
             for p in (1, 2)}  # fmt: skip
     for sel1, sel2 in zip(*(r["selection_history"] for r in runs.values())):
         assert sel1["domain_counts"] == sel2["domain_counts"]
-    for step in (2, 4):
-        one, two = (json.loads((tmp_path / f"p{p}" / "selections" / f"step_{step}.json").read_text()) for p in (1, 2))
-        assert one["indices"] == two["indices"] and len(one["indices"]) == 16
+    one, two = (json.loads((tmp_path / f"p{p}" / "selections" / "step_2.json").read_text()) for p in (1, 2))
+    assert one["indices"] == two["indices"] and len(one["indices"]) == 16
     stores = {p: sorted((tmp_path / f"p{p}" / "selector_cache" / "datastore").glob("*/*/manifest.json"))
               for p in (1, 2)}  # fmt: skip
-    assert len(stores[1]) == len(stores[2]) == 4  # pool and target at each of the 2 selections
+    assert len(stores[1]) == len(stores[2]) == 2  # pool and target at the selection
     for a, b in zip(stores[1], stores[2]):
         fa, fb = GradientDatastore.load(a.parent), GradientDatastore.load(b.parent)
         assert a.parent.relative_to(tmp_path / "p1") == b.parent.relative_to(tmp_path / "p2")  # same content keys
