@@ -149,6 +149,31 @@ def test_pool_losses_on_two_processes_equal_one_and_the_loss_selector_picks_the_
     assert picks[1] == picks[2] and len(picks[1]) == 16
 
 
+def test_embeddings_on_two_processes_equal_one_and_near_picks_the_same(demo_dir, tiny_model_dir, sft_pool,
+                                                                        tokenizer, tmp_path):  # fmt: skip
+    from dataflex.data import build_dataset
+    from dataflex.features.embeddings import EmbeddingStore
+
+    evals = {"arith_dev": build_dataset(dataset=["arith_dev"], dataset_dir=demo_dir, tokenizer=tokenizer,
+                                        template="default", cutoff_len=64, stage="sft")}  # fmt: skip
+    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "near", "warmup_step": 2,
+            "update_step": 2, "update_times": 1, "components": {"selectors": {"near": {"name": "near", "params": {
+                "encoder": "model", "max_K": 20}}}}}  # fmt: skip
+    out, model = tmp_path / "out", _model(tiny_model_dir)
+    one, two = _train(out, 1), _train(out, 2)
+    state = select.train_segment(sft_pool, evals, model, one, flex, 0)
+    picks, embeddings = {}, {}
+    for p, train in ((1, one), (2, two)):
+        shutil.rmtree(out / "selector_cache", ignore_errors=True)
+        shutil.rmtree(out / "selections", ignore_errors=True)
+        feats = select.compute_features(sft_pool, evals, model, train, flex, state)
+        embeddings[p] = EmbeddingStore.load(feats["features"]["pool"])
+        picks[p] = select.compute_selection(sft_pool, evals, model, train, flex, state, feats)["indices"]
+    assert embeddings[2].shape == (len(sft_pool), embeddings[1].shape[1])  # every row once, in order
+    assert torch.allclose(embeddings[2], embeddings[1], atol=1e-5)
+    assert picks[1] == picks[2] and len(picks[1]) == 16
+
+
 KILLER = textwrap.dedent('''
     """A weighter whose process 1 is killed once at step 2 (the marker file makes it happen only once)."""
     import os

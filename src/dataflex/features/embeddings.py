@@ -32,6 +32,14 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.distributed.collectives import (
+    barrier,
+    broadcast_object,
+    current_accelerator,
+    gather_varlen,
+    is_main,
+    rank_block,
+)
 from dataflex.features.batching import eval_mode, length_sorted_batches
 from dataflex.features.datastore import model_state_fingerprint, sample_hashes
 from dataflex.features.gradients import _as_rows, _pad
@@ -207,18 +215,27 @@ class EmbeddingStore:
         path = self.root / f"{key[:32]}.safetensors"
         manifest_path = path.with_suffix(".json")
         status = "hit"
-        if not (path.is_file() and _manifest_ok(manifest_path, key)):
+        # Launched workers (dataflex.distributed): the main process decides hit or miss and writes; each process
+        # embeds a contiguous share of the rows (all of them when there are fewer rows than processes).
+        acc = current_accelerator()
+        if not broadcast_object(acc, (path.is_file() and _manifest_ok(manifest_path, key)) if is_main(acc) else None):
             status = "computed"
+            splittable = acc is not None and hasattr(dataset, "select") and len(dataset) >= acc.num_processes
+            share = acc if splittable else None
+            rows = dataset.select(list(rank_block(len(dataset), share))) if share is not None else dataset
             if settings.encoder == MODEL_ENCODER:
-                emb = hidden_state_embeddings(model, dataset, layer=settings.layer, batch_size=settings.batch_size,
+                emb = hidden_state_embeddings(model, rows, layer=settings.layer, batch_size=settings.batch_size,
                                               max_length=settings.max_length, progress=progress)  # fmt: skip
             else:
-                texts = row_texts(dataset, tokenizer, settings.text)
+                texts = row_texts(rows, tokenizer, settings.text)
                 emb = encode_texts(texts, encoder_path(settings), batch_size=settings.batch_size,
                                    max_length=settings.max_length, progress=progress)  # fmt: skip
-            atomic_write_bytes(path, save({"embeddings": emb.contiguous()}, metadata={"key": key}))
-            atomic_write_json(manifest_path, {"format": FORMAT, "key": key, "key_fields": fields, "name": name,
-                                              "num_samples": len(dataset), "dim": int(emb.shape[1])})  # fmt: skip
+            emb = gather_varlen(share, emb)
+            if is_main(acc):
+                atomic_write_bytes(path, save({"embeddings": emb.contiguous()}, metadata={"key": key}))
+                atomic_write_json(manifest_path, {"format": FORMAT, "key": key, "key_fields": fields, "name": name,
+                                                  "num_samples": len(dataset), "dim": int(emb.shape[1])})  # fmt: skip
+            barrier(acc)
         seconds = time.perf_counter() - start
         logger.info("embeddings %s: %s (%d samples, encoder %s, %.1fs) at %s", name or "", status, len(dataset),
                     settings.encoder, seconds, path)  # fmt: skip
