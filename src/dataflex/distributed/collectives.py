@@ -7,7 +7,10 @@ Decisions (cache hit or miss, a selection) are made once on the main process and
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,3 +71,19 @@ def is_main(accelerator: Any) -> bool:
 def barrier(accelerator: Any) -> None:
     if accelerator is not None and accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
+
+
+def cached_for_all(path: str | os.PathLike) -> bool:
+    """Is the cache file there? Decided by the main process and the same on every process (a launched
+    worker must not skip work its peers do); a plain `is_file()` in one process."""
+    acc = current_accelerator()
+    return bool(broadcast_object(acc, Path(path).is_file() if is_main(acc) else None))
+
+
+@contextlib.contextmanager
+def main_process_writes() -> Iterator[bool]:
+    """`with main_process_writes() as writer: if writer: write(...)`: shared artefacts are written once, by the
+    main process, and nobody reads them before it is done."""
+    acc = current_accelerator()
+    yield is_main(acc)
+    barrier(acc)

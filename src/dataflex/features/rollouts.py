@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.distributed.collectives import cached_for_all, main_process_writes
 from dataflex.features.batching import eval_mode
 from dataflex.features.datastore import sample_hashes
 from dataflex.features.gradients import _as_rows
@@ -165,7 +166,7 @@ def rollout_table(target: Any, policy_path: str, tokenizer: Any, reward: str, ca
                        "temperature": temperature, "version": ROLLOUT_CODE_VERSION})  # fmt: skip
     path = Path(cache_dir) / f"{key[:32]}.json"
     try:
-        cached = json.loads(path.read_text())
+        cached = json.loads(path.read_text()) if cached_for_all(path) else {}  # one decision on every process
         if cached.get("key") == key:
             logger.info("NICE rollouts: cache hit %s (%d rows)", path, len(cached["rows"]))
             return {"path": str(path), "status": "hit", "rows": cached["rows"]}
@@ -196,7 +197,9 @@ def rollout_table(target: Any, policy_path: str, tokenizer: Any, reward: str, ca
     rewards = scorer([r["prompt"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
     for row, value in zip(rows, rewards):
         row["reward"] = float(value)
-    atomic_write_json(path, {"key": key, "policy": policy_path, "reward": reward_id, "rows": rows}, indent=None)
+    with main_process_writes() as writer:
+        if writer:
+            atomic_write_json(path, {"key": key, "policy": policy_path, "reward": reward_id, "rows": rows}, indent=None)
     mean = sum(rewards) / max(len(rewards), 1)
     logger.info("NICE rollouts: %d prompts x %d samples, mean reward %.3f, written to %s", len(pairs), mc_samples,
                 mean, path)  # fmt: skip

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_selector
-from dataflex.distributed.collectives import broadcast_object
+from dataflex.distributed.collectives import broadcast_object, cached_for_all, main_process_writes
 from dataflex.features import FeatureSettings, GradientDatastore
 from dataflex.features.clustering import kmeans, ranked_members, spread_budget
 from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
@@ -81,7 +81,7 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
                            "tol": self.kmeans_tol, "max_iter": self.kmeans_max_iter,
                            "version": CLUSTER_CODE_VERSION})  # fmt: skip
         path = self._root() / "clusters" / f"{key[:32]}.safetensors"
-        if path.is_file():
+        if cached_for_all(path):
             t = load_file(str(path))
             return {"path": str(path), "key": key, "status": "hit"}, t["labels"].numpy(), t["centroids"].numpy()
         labels, centroids = kmeans(EmbeddingStore.load(pool_ref), self.n_clusters, seed=self.seed,
@@ -90,7 +90,9 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
             "labels": torch.from_numpy(labels).contiguous(),
             "centroids": torch.from_numpy(centroids).contiguous(),
         }
-        atomic_write_bytes(path, save(tensors, metadata={"key": key}))
+        with main_process_writes() as writer:
+            if writer:
+                atomic_write_bytes(path, save(tensors, metadata={"key": key}))
         sizes = np.bincount(labels, minlength=len(centroids))
         logger.info("cluster_less: %d clusters (sizes %d..%d)", len(centroids), sizes.min(), sizes.max())
         return {"path": str(path), "key": key, "status": "computed"}, labels, centroids

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from dataflex.core.errors import ConfigError
-from dataflex.distributed.collectives import barrier, broadcast_object, current_accelerator, is_main
+from dataflex.distributed.collectives import cached_for_all, main_process_writes
 from dataflex.features.embeddings import MODEL_ENCODER, EmbeddingSettings, EmbeddingStore
 from dataflex.features.neighbors import EXACT_THRESHOLD, knn
 from dataflex.utils.io import atomic_write_bytes, sha256_json
@@ -87,16 +87,15 @@ def cached_neighbors(root: Path, pool_ref: dict[str, Any], target_ref: dict[str,
     key = sha256_json({"pool": pool_ref["key"], "target": target_ref["key"], "k": k,
                        "exact_threshold": exact_threshold, "version": NEIGHBOR_CODE_VERSION})  # fmt: skip
     path = root / "neighbors" / f"{key[:32]}.safetensors"
-    acc = current_accelerator()  # launched workers: one decision, one writer (the search itself is cheap)
-    if broadcast_object(acc, path.is_file() if is_main(acc) else None):
+    if cached_for_all(path):  # launched workers: one decision, one writer (the search itself is cheap)
         t = load_file(str(path))
         logger.info("neighbours: cache hit %s", path)
         return {"path": str(path), "key": key, "status": "hit"}, t["distances"].numpy(), t["indices"].numpy()
     dist, idx = knn(EmbeddingStore.load(pool_ref), EmbeddingStore.load(target_ref), k, exact_threshold=exact_threshold)
-    if is_main(acc):
-        tensors = {"distances": torch.from_numpy(dist).contiguous(), "indices": torch.from_numpy(idx).contiguous()}
-        atomic_write_bytes(path, save(tensors, metadata={"key": key}))
-    barrier(acc)
+    with main_process_writes() as writer:
+        if writer:
+            tensors = {"distances": torch.from_numpy(dist).contiguous(), "indices": torch.from_numpy(idx).contiguous()}
+            atomic_write_bytes(path, save(tensors, metadata={"key": key}))
     return {"path": str(path), "key": key, "status": "computed"}, dist, idx
 
 

@@ -14,11 +14,10 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from dataflex.distributed.collectives import (
-    barrier,
-    broadcast_object,
+    cached_for_all,
     current_accelerator,
     gather_varlen,
-    is_main,
+    main_process_writes,
     rank_block,
 )
 from dataflex.features import model_state_fingerprint, sample_hashes
@@ -54,14 +53,13 @@ def cached_pool_losses(model: torch.nn.Module, dataset: Any, cache_dir: str | Pa
     key = sha256_json({"model": model_state_fingerprint(model, base_model_id), "samples": sample_hashes(dataset),
                        "version": LOSS_CODE_VERSION})  # fmt: skip
     path = Path(cache_dir) / "losses" / f"{key[:32]}.safetensors"
-    acc = current_accelerator()
-    if broadcast_object(acc, path.is_file() if is_main(acc) else None):  # one decision for every process
+    if cached_for_all(path):
         logger.info("per-sample losses: cache hit %s", path)
         return load_file(str(path))["losses"], True
     losses = pool_losses(model, dataset, batch_size, progress)
-    if is_main(acc):
-        atomic_write_bytes(path, save({"losses": losses.contiguous()}, metadata={"key": key}))
-    barrier(acc)
+    with main_process_writes() as writer:
+        if writer:
+            atomic_write_bytes(path, save({"losses": losses.contiguous()}, metadata={"key": key}))
     return losses, False
 
 

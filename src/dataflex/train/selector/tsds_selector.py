@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_selector
-from dataflex.distributed.collectives import broadcast_object
+from dataflex.distributed.collectives import broadcast_object, cached_for_all, main_process_writes
 from dataflex.features.distribution import seeded_draw, tsds_probabilities
 from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
 from dataflex.features.neighbors import EXACT_THRESHOLD, kde_density
@@ -66,7 +66,7 @@ class TsdsSelector(EmbeddingMixin, Selector):
                            "kde_K": self.kde_K, "version": TSDS_CODE_VERSION})  # fmt: skip
         path = self._root() / "tsds" / f"{key[:32]}.safetensors"
         status = "hit"
-        if not path.is_file():
+        if not cached_for_all(path):
             status = "computed"
             n = len(self.dataset)
             union = np.unique(idx)  # ρ is needed (and estimated) only on the retrieved rows
@@ -76,8 +76,10 @@ class TsdsSelector(EmbeddingMixin, Selector):
             probs, info = tsds_probabilities(dist, idx, density, n, alpha=self.alpha, C=self.C)
             logger.info("tsds: support %d of %d rows, level %.3g, mean radius %.1f neighbours", info["support"], n,
                         info["level"], info["mean_radius"])  # fmt: skip
-            atomic_write_bytes(path, save({"probs": torch.from_numpy(probs).contiguous()}, metadata={
-                "key": key, **{k: str(v) for k, v in info.items()}}))  # fmt: skip
+            with main_process_writes() as writer:
+                if writer:
+                    atomic_write_bytes(path, save({"probs": torch.from_numpy(probs).contiguous()}, metadata={
+                        "key": key, **{k: str(v) for k, v in info.items()}}))  # fmt: skip
         return {"pool": pool, "target": target, "neighbors": nref, "probs": {"path": str(path), "key": key},
                 "cache_hit": pool["status"] == target["status"] == nref["status"] == status == "hit"}  # fmt: skip
 
