@@ -55,3 +55,18 @@ def demo_groups() -> tuple[dict, dict]:
     params = yaml.safe_load((ROOT / "conf" / "base" / "parameters.yml").read_text())
     model = {**params["model"], "model_name_or_path": str(ROOT / params["model"]["model_name_or_path"])}
     return model, {**params["train"], "progress_bar": False}
+
+
+def report(out: Path | None, title: str, context: str, header: list[str], rows: list[tuple], summary: str) -> None:
+    """Print a markdown table of `rows` (numbers to 2 decimals) and the summary line; with `out`, append them to
+    it as a section `# title` whose first paragraph is the date and `context` (command, machine, settings)."""
+    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                       *("| " + " | ".join(r) + " |" for r in cells)])  # fmt: skip
+    print(table, "\n", summary, sep="")
+    if out:
+        import datetime as dt
+
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        with open(out, "a") as fh:
+            fh.write(f"\n# {title}\n\n{stamp}. {context}\n\n{table}\n\n{summary}\n")

@@ -14,11 +14,10 @@ minutes of device time:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import time
 from pathlib import Path
 
-from _common import machine_label, quiet_offline_env
+from _common import machine_label, quiet_offline_env, report
 
 quiet_offline_env()
 
@@ -131,22 +130,14 @@ def main() -> None:
     ref = feats[16][: len(sub)].float()
     rel = float(((ref - looped).norm(dim=1) / looped.norm(dim=1).clamp(min=1e-30)).max())
 
-    table = "\n".join(["| run | seconds |", "|---|---|", *(f"| {a} | {b:.2f} |" for a, b in results)])
     ratios = (f"ours bs 16 / plain: **{results[2][1] / t_plain:.2f}**; bs=1 loop / ours bs 16: "
               f"**{t_loop_all / results[2][1]:.1f}x**; max row relative difference ours vs loop: {rel:.2e} "
               f"({'bf16' if device.type == 'cuda' else 'fp32'} model, TF32 off)")  # fmt: skip
-    print(table, "\n", ratios, sep="")
-    if args.out:
-        what = torch.cuda.get_device_name() if device.type == "cuda" else machine_label()
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        section = (
-            "\n# Gradient features on a GPU (~0.5B random Llama)\n\n"
-            f"Command: `python bench/bench_gpu_features.py --out bench/RESULTS.md`. {stamp}, {what}, torch "
-            f"{torch.__version__}. {n_params / 1e6:.0f}M parameters, LoRA r 8 on 7 modules, {len(rows)} samples x T "
-            f"{args.seq}, SJLT k 8192.\n\n{table}\n\n{ratios}\n"
-        )
-        with open(args.out, "a") as fh:
-            fh.write(section)
+    what = torch.cuda.get_device_name() if device.type == "cuda" else machine_label()
+    context = (f"Command: `python bench/bench_gpu_features.py --out bench/RESULTS.md`. {what}, torch "
+               f"{torch.__version__}. {n_params / 1e6:.0f}M parameters, LoRA r 8 on 7 modules, {len(rows)} samples x "
+               f"T {args.seq}, SJLT k 8192.")  # fmt: skip
+    report(args.out, "Gradient features on a GPU (~0.5B random Llama)", context, ["run", "seconds"], results, ratios)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ own extraction time. Side by side in one run, the caches removed before each mea
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _common import demo_groups, machine_label, quiet_offline_env
+from _common import demo_groups, machine_label, quiet_offline_env, report
 
 quiet_offline_env()
 
@@ -65,23 +64,17 @@ def main() -> None:
     med = {k: {n: statistics.median(v[n]) for n in (1, 2)} for k, v in (("wall", wall), ("extract", extract))}
     rows = [(f"compute_features node, {n} process{'es' if n > 1 else ''}", med["wall"][n], med["extract"][n])
             for n in (1, 2)]  # fmt: skip
-    table = "\n".join(["| run | node wall s | datastore extraction s |", "|---|---|---|",
-                       *(f"| {a} | {b:.2f} | {c:.2f} |" for a, b, c in rows)])  # fmt: skip
     ratios = (
         f"speed-up with 2 processes: node **{med['wall'][1] / med['wall'][2]:.2f}x**, extraction alone "
         f"**{med['extract'][1] / med['extract'][2]:.2f}x** (medians of {args.repeats} interleaved pairs)"
     )
-    print(table, "\n", ratios, sep="")
-    if args.out:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        section = (
-            f"\n# Feature extraction on 1 vs 2 processes (CPU)\n\nCommand: `.venv/bin/python bench/bench_scaling.py "
-            f"--out bench/RESULTS.md`. {stamp}, {machine_label()}, torch {torch.__version__}. "
-            f"Demo tiny model, pool {len(pool)} + {len(targets['arith_dev'])} target samples, online-LESS features "
-            f"(Adam pool + SGD target, SJLT k = 8192), 2 processes on gloo.\n\n{table}\n\n{ratios}\n"
-        )
-        with open(args.out, "a") as fh:
-            fh.write(section)
+    context = (
+        f"Command: `.venv/bin/python bench/bench_scaling.py --out bench/RESULTS.md`. {machine_label()}, torch "
+        f"{torch.__version__}. Demo tiny model, pool {len(pool)} + {len(targets['arith_dev'])} target samples, "
+        "online-LESS features (Adam pool + SGD target, SJLT k = 8192), 2 processes on gloo."
+    )
+    report(args.out, "Feature extraction on 1 vs 2 processes (CPU)", context,
+           ["run", "node wall s", "datastore extraction s"], rows, ratios)  # fmt: skip
 
 
 if __name__ == "__main__":

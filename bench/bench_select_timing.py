@@ -10,14 +10,13 @@ project root after `make demo`:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_label, quiet_offline_env
+from _common import machine_label, quiet_offline_env, report
 
 quiet_offline_env()
 
@@ -100,19 +99,12 @@ def main() -> None:
         (f"dynamic_select run, less, {run['global_step']} steps, 3 selections", select_run_s),
         (f"static training, {run['global_step']} steps", static_s),
     ]
-    table = "\n".join(["| measurement | seconds |", "|---|---|", *(f"| {a} | {b:.2f} |" for a, b in rows)])
     ratios = (f"selection / plain forward+backward: **{selection_s / plain_s:.2f}** (goal <= 1.2; per interleaved "
-              f"pair: {per_pair}); "
-              f"dynamic-select run / static: **{select_run_s / static_s:.2f}**")  # fmt: skip
-    print(table, "\n", ratios, sep="")
-    if args.out:
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        section = (f"\n# Dynamic selection timing\n\nCommand: `.venv/bin/python bench/bench_select_timing.py --out "
-                   f"bench/RESULTS.md`. {stamp}, {machine_label()}, torch {torch.__version__}, 2 threads. Demo tiny "
-                   f"model, pool {len(pool)}, target arith_dev, G = 16, k = 8192 (SJLT).\n\n"
-                   f"{table}\n\n{ratios}\n")  # fmt: skip
-        with open(args.out, "a") as fh:
-            fh.write(section)
+              f"pair: {per_pair}); dynamic-select run / static: **{select_run_s / static_s:.2f}**")  # fmt: skip
+    context = (f"Command: `.venv/bin/python bench/bench_select_timing.py --out bench/RESULTS.md`. {machine_label()}, "
+               f"torch {torch.__version__}, 2 threads. Demo tiny model, pool {len(pool)}, target arith_dev, G = 16, "
+               "k = 8192 (SJLT).")  # fmt: skip
+    report(args.out, "Dynamic selection timing", context, ["measurement", "seconds"], rows, ratios)
 
 
 if __name__ == "__main__":

@@ -129,24 +129,32 @@ def test_online_less_on_two_processes_selects_the_same_and_shares_the_datastore(
     _close(_adapter(tmp_path / "p1"), _adapter(tmp_path / "p2"), atol=1e-5)
 
 
-def test_pool_losses_on_two_processes_equal_one_and_the_loss_selector_picks_the_same(tiny_model_dir, sft_pool,
-                                                                                       tmp_path):  # fmt: skip
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "loss", "warmup_step": 2,
-            "update_step": 2, "update_times": 1, "components": {"selectors": {"loss": {"name": "loss", "params": {
-                "focus": "high", "replacement": False}}}}}  # fmt: skip
+def _features_and_selection_on_1_and_2_processes(selector, params, sft_pool, evals, tiny_model_dir, tmp_path):
+    """Train round 0 once, then compute the selector's features and selection from that state with 1 and with 2
+    processes (caches removed in between): {processes: (features, indices)}."""
+    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": selector, "warmup_step": 2,
+            "update_step": 2, "update_times": 1,
+            "components": {"selectors": {selector: {"name": selector, "params": params}}}}  # fmt: skip
     out, model = tmp_path / "out", _model(tiny_model_dir)
-    one, two = _train(out, 1), _train(out, 2)
-    state = select.train_segment(sft_pool, None, model, one, flex, 0)
-    feats, picks = {}, {}
-    for p, train in ((1, one), (2, two)):
+    state = select.train_segment(sft_pool, evals, model, _train(out, 1), flex, 0)
+    results = {}
+    for p in (1, 2):
         shutil.rmtree(out / "selector_cache", ignore_errors=True)
         shutil.rmtree(out / "selections", ignore_errors=True)
-        feats[p] = select.compute_features(sft_pool, None, model, train, flex, state)
-        assert not feats[p]["features"]["cache_hit"]
-        picks[p] = select.compute_selection(sft_pool, None, model, train, flex, state, feats[p])["indices"]
-    assert len(feats[2]["features"]["losses"]) == len(sft_pool)  # every row once, in order
-    assert feats[2]["features"]["losses"] == pytest.approx(feats[1]["features"]["losses"], rel=1e-5)
-    assert picks[1] == picks[2] and len(picks[1]) == 16
+        feats = select.compute_features(sft_pool, evals, model, _train(out, p), flex, state)
+        assert not feats["features"]["cache_hit"]
+        picked = select.compute_selection(sft_pool, evals, model, _train(out, p), flex, state, feats)["indices"]
+        results[p] = (feats["features"], picked)
+    assert results[1][1] == results[2][1] and len(results[1][1]) == 16  # the same selection
+    return results
+
+
+def test_pool_losses_on_two_processes_equal_one_and_the_loss_selector_picks_the_same(tiny_model_dir, sft_pool,
+                                                                                       tmp_path):  # fmt: skip
+    runs = _features_and_selection_on_1_and_2_processes("loss", {"focus": "high", "replacement": False}, sft_pool,
+                                                        None, tiny_model_dir, tmp_path)  # fmt: skip
+    one, two = runs[1][0]["losses"], runs[2][0]["losses"]
+    assert len(two) == len(sft_pool) and two == pytest.approx(one, rel=1e-5)  # every row once, in order
 
 
 def test_embeddings_on_two_processes_equal_one_and_near_picks_the_same(demo_dir, tiny_model_dir, sft_pool,
@@ -156,22 +164,10 @@ def test_embeddings_on_two_processes_equal_one_and_near_picks_the_same(demo_dir,
 
     evals = {"arith_dev": build_dataset(dataset=["arith_dev"], dataset_dir=demo_dir, tokenizer=tokenizer,
                                         template="default", cutoff_len=64, stage="sft")}  # fmt: skip
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "near", "warmup_step": 2,
-            "update_step": 2, "update_times": 1, "components": {"selectors": {"near": {"name": "near", "params": {
-                "encoder": "model", "max_K": 20}}}}}  # fmt: skip
-    out, model = tmp_path / "out", _model(tiny_model_dir)
-    one, two = _train(out, 1), _train(out, 2)
-    state = select.train_segment(sft_pool, evals, model, one, flex, 0)
-    picks, embeddings = {}, {}
-    for p, train in ((1, one), (2, two)):
-        shutil.rmtree(out / "selector_cache", ignore_errors=True)
-        shutil.rmtree(out / "selections", ignore_errors=True)
-        feats = select.compute_features(sft_pool, evals, model, train, flex, state)
-        embeddings[p] = EmbeddingStore.load(feats["features"]["pool"])
-        picks[p] = select.compute_selection(sft_pool, evals, model, train, flex, state, feats)["indices"]
-    assert embeddings[2].shape == (len(sft_pool), embeddings[1].shape[1])  # every row once, in order
-    assert torch.allclose(embeddings[2], embeddings[1], atol=1e-5)
-    assert picks[1] == picks[2] and len(picks[1]) == 16
+    runs = _features_and_selection_on_1_and_2_processes("near", {"encoder": "model", "max_K": 20}, sft_pool, evals,
+                                                        tiny_model_dir, tmp_path)  # fmt: skip
+    one, two = (EmbeddingStore.load(runs[p][0]["pool"]) for p in (1, 2))
+    assert two.shape == (len(sft_pool), one.shape[1]) and torch.allclose(two, one, atol=1e-5)  # every row, in order
 
 
 KILLER = textwrap.dedent('''
