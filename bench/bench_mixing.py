@@ -152,8 +152,6 @@ def curve(result: dict, evaluate: Evaluator) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-
-
 def short(d: str) -> str:
     return d.removeprefix("text_") + ("*" if d == NOISY else "")
 

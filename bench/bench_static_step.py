@@ -71,12 +71,24 @@ def build_inputs(work: Path, args: argparse.Namespace):
 
     total_samples = (args.steps + args.warmup_steps_untimed) * args.batch_size * args.grad_accum
     per_domain = max(100, -(-total_samples // len(DOMAINS)))  # one epoch covers every run: no epoch boundary
-    demo = make_demo_data(work / "demo", seed=0, train_per_domain=per_domain, dev_per_domain=4, test_per_domain=4,
-                          text_docs_per_domain=100)
+    demo = make_demo_data(
+        work / "demo",
+        seed=0,
+        train_per_domain=per_domain,
+        dev_per_domain=4,
+        test_per_domain=4,
+        text_docs_per_domain=100,
+    )
     model_dir = init_tiny_model(work / "model", demo_texts(demo), size=args.size, seed=0)
     tokenizer = load_tokenizer(str(model_dir))
-    pool = build_dataset(dataset=DOMAINS, dataset_dir=demo, tokenizer=tokenizer, template="default",
-                         cutoff_len=args.cutoff_len, stage="sft")
+    pool = build_dataset(
+        dataset=DOMAINS,
+        dataset_dir=demo,
+        tokenizer=tokenizer,
+        template="default",
+        cutoff_len=args.cutoff_len,
+        stage="sft",
+    )
     # Mixed-domain batches read sequentially by both trainers: same batches in the same order.
     pool = pool.select_columns(COLUMNS).shuffle(seed=0).flatten_indices()
     return model_dir, tokenizer, pool
@@ -85,15 +97,31 @@ def build_inputs(work: Path, args: argparse.Namespace):
 def load(model_dir: Path, args: argparse.Namespace):
     from dataflex.models import load_model
 
-    return load_model(str(model_dir), finetuning_type=args.finetuning, lora_target="all", lora_rank=8,
-                      lora_alpha=16, dtype="fp32", seed=0)
+    return load_model(
+        str(model_dir),
+        finetuning_type=args.finetuning,
+        lora_target="all",
+        lora_rank=8,
+        lora_alpha=16,
+        dtype="fp32",
+        seed=0,
+    )
 
 
 def hparams(args: argparse.Namespace, total_steps: int) -> dict:
     """Arguments with the same name and meaning in both TrainingArguments classes."""
-    return dict(per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-                learning_rate=2e-3, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine",
-                warmup_steps=2, max_steps=total_steps, seed=42, logging_steps=10)
+    return dict(
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=2e-3,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_steps=total_steps,
+        seed=42,
+        logging_steps=10,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -110,7 +138,7 @@ class StepClock:
 
     def per_step(self, warmup: int) -> tuple[float, float]:
         """(median, mean) of the timed step intervals, in seconds."""
-        intervals = [b - a for a, b in zip(self.ends[warmup - 1:-1], self.ends[warmup:])]
+        intervals = [b - a for a, b in zip(self.ends[warmup - 1 : -1], self.ends[warmup:])]
         return statistics.median(intervals), statistics.fmean(intervals)
 
 
@@ -119,10 +147,16 @@ def run_ours(model_dir, tokenizer, pool, args, total_steps: int, out_dir: Path) 
     from dataflex.train.trainer import Trainer, TrainingArguments
 
     clock = StepClock()
-    targs = TrainingArguments(output_dir=str(out_dir / "ours"), disable_shuffling=True, progress_bar=False,
-                              save_steps=0, **hparams(args, total_steps))
-    trainer = Trainer(load(model_dir, args), pool, targs, data_collator=DataCollatorForCausalLM(tokenizer),
-                      observers=[clock])
+    targs = TrainingArguments(
+        output_dir=str(out_dir / "ours"),
+        disable_shuffling=True,
+        progress_bar=False,
+        save_steps=0,
+        **hparams(args, total_steps),
+    )
+    trainer = Trainer(
+        load(model_dir, args), pool, targs, data_collator=DataCollatorForCausalLM(tokenizer), observers=[clock]
+    )
     result = trainer.train()
     assert result.global_step == total_steps == len(clock.ends)
     return clock.per_step(args.warmup_steps_untimed), result.train_loss_mean
@@ -147,10 +181,19 @@ def run_hf(model_dir, tokenizer, pool, args, total_steps: int, out_dir: Path) ->
         batch = collate(rows)
         return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 
-    hf_args = HFArgs(output_dir=str(out_dir / "hf"), report_to=[], use_cpu=True, train_sampling_strategy="sequential",
-                     save_strategy="no", remove_unused_columns=False, disable_tqdm=True, **hparams(args, total_steps))
-    trainer = HFTrainer(model=load(model_dir, args), args=hf_args, train_dataset=pool, data_collator=hf_collate,
-                        callbacks=[HFClock()])
+    hf_args = HFArgs(
+        output_dir=str(out_dir / "hf"),
+        report_to=[],
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **hparams(args, total_steps),
+    )
+    trainer = HFTrainer(
+        model=load(model_dir, args), args=hf_args, train_dataset=pool, data_collator=hf_collate, callbacks=[HFClock()]
+    )
     trainer.remove_callback(PrinterCallback)  # no log printing on either side (ours: progress_bar=False)
     result = trainer.train()
     assert result.global_step == total_steps == len(clock.ends)
@@ -160,12 +203,12 @@ def run_hf(model_dir, tokenizer, pool, args, total_steps: int, out_dir: Path) ->
 # ------------------------------------------------------------------------------------------------ report
 
 
-
-
 def config_label(args: argparse.Namespace) -> str:
-    return (f"size={args.size} {args.finetuning} bs={args.batch_size} ga={args.grad_accum} "
-            f"cutoff={args.cutoff_len} steps={args.steps}(+{args.warmup_steps_untimed} untimed) "
-            f"repeats={args.repeats}")
+    return (
+        f"size={args.size} {args.finetuning} bs={args.batch_size} ga={args.grad_accum} "
+        f"cutoff={args.cutoff_len} steps={args.steps}(+{args.warmup_steps_untimed} untimed) "
+        f"repeats={args.repeats}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import transformers
 
-
     silence_libraries()
 
     load_before = os.getloadavg()[0]
     if load_before > 1.0:
-        print(f"warning: 1-min load average is {load_before:.2f} before the run: other processes may compete for the "
-              "CPU and make both timings noisy (ratios are side by side, but bursts do not hit both equally)")
+        print(
+            f"warning: 1-min load average is {load_before:.2f} before the run: other processes may compete for the "
+            "CPU and make both timings noisy (ratios are side by side, but bursts do not hit both equally)"
+        )
     total_steps = args.steps + args.warmup_steps_untimed
     runners = {"ours": run_ours, "hf": run_hf}
     times: dict[str, list[float]] = {"ours": [], "hf": []}  # per run: median step interval
@@ -205,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                 means[name].append(mean)
                 losses[name].append(loss)
             o, h, om, hm = times["ours"][-1], times["hf"][-1], means["ours"][-1], means["hf"][-1]
-            print(f"{r + 1:>6} {'/'.join(order):>8} {o:>8.4f} ({om:.4f}) {h:>8.4f} ({hm:.4f}) "
-                  f"{o / h:>6.3f} ({om / hm:.3f})", flush=True)
+            print(
+                f"{r + 1:>6} {'/'.join(order):>8} {o:>8.4f} ({om:.4f}) {h:>8.4f} ({hm:.4f}) "
+                f"{o / h:>6.3f} ({om / hm:.3f})",
+                flush=True,
+            )
 
     med_ours, med_hf = statistics.median(times["ours"]), statistics.median(times["hf"])
     ratio_of_medians = med_ours / med_hf
@@ -222,15 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio of medians:  {ratio_of_medians:.3f}  (ours / HF; goal <= 1.05)")
     print(f"median of ratios:  {median_ratio:.3f}  (same, from per-run means: {mean_ratio:.3f})")
     print(f"train loss check:  ours {losses['ours'][0]:.6f}  HF {losses['hf'][0]:.6f}  max |diff| {loss_gap:.2e}")
-    print(f"torch {torch.__version__} (threads {torch.get_num_threads()}), transformers {transformers.__version__}, "
-          f"python {platform.python_version()}")
-    print(f"machine:           {machine}  (1-min load average before/after: {load_before:.2f} / "
-          f"{os.getloadavg()[0]:.2f}; the run itself adds ~{torch.get_num_threads()})")
+    print(
+        f"torch {torch.__version__} (threads {torch.get_num_threads()}), transformers {transformers.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"machine:           {machine}  (1-min load average before/after: {load_before:.2f} / "
+        f"{os.getloadavg()[0]:.2f}; the run itself adds ~{torch.get_num_threads()})"
+    )
     print(f"date:              {date}")
     if args.out:
-        row = (f"| {date} | {machine} | {config_label(args)} | torch {torch.__version__}, "
-               f"transformers {transformers.__version__}, {torch.get_num_threads()} threads | {med_ours:.4f} | "
-               f"{med_hf:.4f} | {ratio_of_medians:.3f} | {median_ratio:.3f} |\n")
+        row = (
+            f"| {date} | {machine} | {config_label(args)} | torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, {torch.get_num_threads()} threads | {med_ours:.4f} | "
+            f"{med_hf:.4f} | {ratio_of_medians:.3f} | {median_ratio:.3f} |\n"
+        )
         with args.out.open("a") as f:
             f.write(row)
         print(f"appended a row to {args.out}")

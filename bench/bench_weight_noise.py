@@ -135,8 +135,6 @@ def run_one(label: str, strategy: str | None, pool, eval_sets, tokenizer, args, 
 # ------------------------------------------------------------------------------------------------ report
 
 
-
-
 def tables(results: list[dict], noisy: str) -> str:
     base = results[0]
     short = {d: d[:5] for d in DOMAINS}
