@@ -20,11 +20,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/kedro run
 
-test: setup
+# Lint first: a formatting or lint error fails the tests (and CI) in seconds.
+test: lint
 	$(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 bench: setup
 	$(BIN)/python bench/bench_static_step.py

@@ -11,8 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def quiet_offline_env() -> None:
     """Benchmarks never download and never draw progress bars (they would skew timings and logs)."""
-    for key, value in {"KEDRO_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}.items():  # fmt: skip
+    for key, value in {
+        "KEDRO_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+    }.items():
         os.environ.setdefault(key, value)
 
 
@@ -61,8 +66,9 @@ def report(out: Path | None, title: str, context: str, header: list[str], rows: 
     """Print a markdown table of `rows` (numbers to 2 decimals) and the summary line; with `out`, append them to
     it as a section `# title` whose first paragraph is the date and `context` (command, machine, settings)."""
     cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                       *("| " + " | ".join(r) + " |" for r in cells)])  # fmt: skip
+    table = "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in cells)]
+    )
     print(table, "\n", summary, sep="")
     if out:
         import datetime as dt

@@ -35,9 +35,12 @@ RUNS = [
     ("tsds", {}, 0),
     ("tsds", {"C": 1.0}, 0),
     ("cluster_less", {"n_clusters": 32, "representatives": 4, "proj_dim": 2048}, 1),
-    ("nice", {"policy_model_path": "data/01_raw/tiny_llama", "mc_samples": 4, "max_new_tokens": 8,
-              "proj_dim": 2048}, 1),
-]  # fmt: skip
+    (
+        "nice",
+        {"policy_model_path": "data/01_raw/tiny_llama", "mc_samples": 4, "max_new_tokens": 8, "proj_dim": 2048},
+        1,
+    ),
+]
 
 
 def main() -> None:
@@ -48,8 +51,13 @@ def main() -> None:
     torch.set_num_threads(2)
     model, train = demo_groups()
     root = Path(tempfile.mkdtemp(prefix="embedding_selectors_"))
-    data = {**DEFAULTS["data"], "dataset": ",".join(f"{d}_train" for d in DOMAINS), "eval_dataset": "arith_dev",
-            "dataset_dir": str(ROOT / "data/01_raw/demo"), "cutoff_len": 128}  # fmt: skip
+    data = {
+        **DEFAULTS["data"],
+        "dataset": ",".join(f"{d}_train" for d in DOMAINS),
+        "eval_dataset": "arith_dev",
+        "dataset_dir": str(ROOT / "data/01_raw/demo"),
+        "cutoff_len": 128,
+    }
     pool, _ = process_data({"model_name_or_path": model["model_name_or_path"]}, data, {"seed": 42})
     tok = load_tokenizer(model["model_name_or_path"])
     dom = pool["domain_id"]
@@ -59,10 +67,18 @@ def main() -> None:
         if name == "nice":
             params = {**params, "policy_model_path": str(ROOT / params["policy_model_path"])}
         tag = name + "".join(f" {k}={v}" for k, v in params.items() if k in ("C",))
-        cfg = one_shot.config({"selector": name, "params": params, "targets": ["arith_dev"], "percentage": 0.05,
-                               "warmup_epochs": warm_epochs, "warmup_dir": str(root / "warmup"),
-                               "cache_dir": str(root / tag.replace(" ", "_")),
-                               "output_dir": str(root / "sel")})  # fmt: skip
+        cfg = one_shot.config(
+            {
+                "selector": name,
+                "params": params,
+                "targets": ["arith_dev"],
+                "percentage": 0.05,
+                "warmup_epochs": warm_epochs,
+                "warmup_dir": str(root / "warmup"),
+                "cache_dir": str(root / tag.replace(" ", "_")),
+                "output_dir": str(root / "sel"),
+            }
+        )
         one_shot.check_config(cfg, data)
         targets = build_targets(data, cfg, tok, seed=42)
         start = time.perf_counter()
@@ -81,21 +97,27 @@ def main() -> None:
         (chosen,) = sel["targets"].values()
         frac = chosen["domain_counts"]["arith_train"] / sum(chosen["domain_counts"].values())
         rows.append((tag, miss, hit, bool(again["features"]["cache_hit"]), pick, frac, len(chosen["indices"])))
-        print(f"| {tag} | {miss:.2f} | {hit:.2f} ({'hit' if rows[-1][3] else 'MISS'}) | {pick:.2f} | {frac:.2f} |",
-              flush=True)  # fmt: skip
+        print(
+            f"| {tag} | {miss:.2f} | {hit:.2f} ({'hit' if rows[-1][3] else 'MISS'}) | {pick:.2f} | {frac:.2f} |",
+            flush=True,
+        )
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "# Embedding and reward selectors (one-shot, static_select)", "",
+        "# Embedding and reward selectors (one-shot, static_select)",
+        "",
         f"Command: `.venv/bin/python bench/bench_embedding_selectors.py --out bench/RESULTS.md`. {stamp}, "
         f"{machine_label()}, torch {torch.__version__}, 2 threads. Demo tiny model, pool {len(pool)} (6 domains), "
         f"target arith_dev, budget 5% ({rows[0][6]}); arith base rate {base:.2f}. ClusterLESS / NICE: Adam features "
-        f"at a 1-epoch warm-up on 5% of the pool ({warm_seconds:.1f} s, shared, not in the rows).", "",
+        f"at a 1-epoch warm-up on 5% of the pool ({warm_seconds:.1f} s, shared, not in the rows).",
+        "",
         "| selector | compute_features, miss (s) | again, cached (s) | select (s) | arith share of the selection |",
         "|---|---|---|---|---|",
-        *[f"| {t} | {m:.2f} | {h:.2f} ({'hit' if ok else 'MISS'}) | {p:.2f} | {f:.2f} |"
-          for t, m, h, ok, p, f, _ in rows],
+        *[
+            f"| {t} | {m:.2f} | {h:.2f} ({'hit' if ok else 'MISS'}) | {p:.2f} | {f:.2f} |"
+            for t, m, h, ok, p, f, _ in rows
+        ],
         "",
-    ]  # fmt: skip
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

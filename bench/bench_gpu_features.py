@@ -33,9 +33,15 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def build(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=args.inter,
-                      vocab_size=args.vocab, num_attention_heads=args.hidden // 64,
-                      num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq)  # fmt: skip
+    cfg = LlamaConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.inter,
+        vocab_size=args.vocab,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+    )
     base = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=MODULES))
     with torch.no_grad():  # a random LoRA B (not zeros) so that the A gradients are not all zero
@@ -106,8 +112,13 @@ def main() -> None:
         ids = torch.randint(3, args.vocab, (args.seq,), generator=gen).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * masked + ids[masked:]})
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    moments = {n: {"exp_avg": 1e-3 * torch.randn(q.shape, generator=gen).to(device),
-                   "exp_avg_sq": 1e-6 * torch.rand(q.shape, generator=gen).to(device)} for n, q in named}  # fmt: skip
+    moments = {
+        n: {
+            "exp_avg": 1e-3 * torch.randn(q.shape, generator=gen).to(device),
+            "exp_avg_sq": 1e-6 * torch.rand(q.shape, generator=gen).to(device),
+        }
+        for n, q in named
+    }
     proj = Projector("sjlt", [(n, q.numel()) for n, q in named], proj_dim=8192, seed=0)
 
     results: list[tuple[str, float]] = []
@@ -116,12 +127,16 @@ def main() -> None:
     results.append(("plain batched forward+backward, bs 16 (floor)", t_plain))
     feats = {}
     for bs in (8, 16, 32):
-        t, feats[bs] = timed(device, lambda bs=bs: per_sample_gradient_features(
-            model, rows, projector=proj, batch_size=bs))  # fmt: skip
+        t, feats[bs] = timed(
+            device, lambda bs=bs: per_sample_gradient_features(model, rows, projector=proj, batch_size=bs)
+        )
         results.append((f"ours, SGD features, bs {bs}", t))
-    t_adam, _ = timed(device, lambda: per_sample_gradient_features(model, rows, gradient_type="adam",
-                                                                   optimizer_state=moments, projector=proj,
-                                                                   batch_size=16))  # fmt: skip
+    t_adam, _ = timed(
+        device,
+        lambda: per_sample_gradient_features(
+            model, rows, gradient_type="adam", optimizer_state=moments, projector=proj, batch_size=16
+        ),
+    )
     results.append(("ours, Adam features, bs 16", t_adam))
     sub = rows[: args.loop_samples]
     t_loop, looped = timed(device, lambda: loop(model, sub, proj, device))
@@ -130,13 +145,17 @@ def main() -> None:
     ref = feats[16][: len(sub)].float()
     rel = float(((ref - looped).norm(dim=1) / looped.norm(dim=1).clamp(min=1e-30)).max())
 
-    ratios = (f"ours bs 16 / plain: **{results[2][1] / t_plain:.2f}**; bs=1 loop / ours bs 16: "
-              f"**{t_loop_all / results[2][1]:.1f}x**; max row relative difference ours vs loop: {rel:.2e} "
-              f"({'bf16' if device.type == 'cuda' else 'fp32'} model, TF32 off)")  # fmt: skip
+    ratios = (
+        f"ours bs 16 / plain: **{results[2][1] / t_plain:.2f}**; bs=1 loop / ours bs 16: "
+        f"**{t_loop_all / results[2][1]:.1f}x**; max row relative difference ours vs loop: {rel:.2e} "
+        f"({'bf16' if device.type == 'cuda' else 'fp32'} model, TF32 off)"
+    )
     what = torch.cuda.get_device_name() if device.type == "cuda" else machine_label()
-    context = (f"Command: `python bench/bench_gpu_features.py --out bench/RESULTS.md`. {what}, torch "
-               f"{torch.__version__}. {n_params / 1e6:.0f}M parameters, LoRA r 8 on 7 modules, {len(rows)} samples x "
-               f"T {args.seq}, SJLT k 8192.")  # fmt: skip
+    context = (
+        f"Command: `python bench/bench_gpu_features.py --out bench/RESULTS.md`. {what}, torch "
+        f"{torch.__version__}. {n_params / 1e6:.0f}M parameters, LoRA r 8 on 7 modules, {len(rows)} samples x "
+        f"T {args.seq}, SJLT k 8192."
+    )
     report(args.out, "Gradient features on a GPU (~0.5B random Llama)", context, ["run", "seconds"], results, ratios)
 
 

@@ -343,9 +343,16 @@ def child(args: argparse.Namespace) -> int:
         growth, method = hwm_after - rss_before, "VmHWM"
     else:  # no /proc: fall back to ru_maxrss (an underestimate if set-up peaked higher)
         growth, method = maxrss_after - maxrss_before, "ru_maxrss"
-    out = {"rss_before_kb": rss_before, "hwm_before_kb": hwm_before, "peak_kb": hwm_after,
-           "maxrss_before_kb": maxrss_before, "maxrss_after_kb": maxrss_after, "growth_kb": growth,
-           "method": method, "s": seconds}  # fmt: skip
+    out = {
+        "rss_before_kb": rss_before,
+        "hwm_before_kb": hwm_before,
+        "peak_kb": hwm_after,
+        "maxrss_before_kb": maxrss_before,
+        "maxrss_after_kb": maxrss_after,
+        "growth_kb": growth,
+        "method": method,
+        "s": seconds,
+    }
     print(json.dumps(out))
     return 0
 

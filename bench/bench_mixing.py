@@ -71,22 +71,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def flex_base(steps: int) -> dict:
-    return {"train_type": "dynamic_mix", "static_mix": True, "init_mixture_proportions": None, "train_step": steps,
-            "mixture_sample_rule": "mixture", "component_name": None, "components": {},
-            "components_cfg_file": None, "user_modules": [], "warmup_step": 0, "update_step": 0,
-            "update_times": 0}  # fmt: skip
+    return {
+        "train_type": "dynamic_mix",
+        "static_mix": True,
+        "init_mixture_proportions": None,
+        "train_step": steps,
+        "mixture_sample_rule": "mixture",
+        "component_name": None,
+        "components": {},
+        "components_cfg_file": None,
+        "user_modules": [],
+        "warmup_step": 0,
+        "update_step": 0,
+        "update_times": 0,
+    }
 
 
 def odm_flex(args: argparse.Namespace) -> dict:
-    odm = {"name": "odm", "params": {"alpha": 0.9, "warmup_steps": args.odm_warmup, "reward_scale": 15.0,
-                                     "min_exploration_rate": 0.03}}  # fmt: skip
-    return {**flex_base(args.steps), "static_mix": False, "single_segment": True, "component_name": "odm",
-            "components": {"mixers": {"odm": odm}}}  # fmt: skip
+    odm = {
+        "name": "odm",
+        "params": {"alpha": 0.9, "warmup_steps": args.odm_warmup, "reward_scale": 15.0, "min_exploration_rate": 0.03},
+    }
+    return {
+        **flex_base(args.steps),
+        "static_mix": False,
+        "single_segment": True,
+        "component_name": "odm",
+        "components": {"mixers": {"odm": odm}},
+    }
 
 
 def train_params(args: argparse.Namespace, out: Path, save: bool) -> dict:
-    return {**TRAIN, "output_dir": str(out), "per_device_train_batch_size": args.batch_size, "seed": args.seed,
-            "save_steps": args.eval_every if save else 0}  # fmt: skip
+    return {
+        **TRAIN,
+        "output_dir": str(out),
+        "per_device_train_batch_size": args.batch_size,
+        "seed": args.seed,
+        "save_steps": args.eval_every if save else 0,
+    }
 
 
 def run(label: str, pool, flex: dict, args: argparse.Namespace, work: Path, save: bool) -> dict:
@@ -95,8 +117,11 @@ def run(label: str, pool, flex: dict, args: argparse.Namespace, work: Path, save
     t0 = time.perf_counter()
     result = mix.run_single_segment(pool, MODEL, train_params(args, work / label, save), flex)
     result["seconds"] = time.perf_counter() - t0
-    print(f"  {label:<14} {result['global_step']} steps, train loss {result['final_train_loss']:.4f} "
-          f"({result['seconds']:.0f}s)", flush=True)  # fmt: skip
+    print(
+        f"  {label:<14} {result['global_step']} steps, train loss {result['final_train_loss']:.4f} "
+        f"({result['seconds']:.0f}s)",
+        flush=True,
+    )
     return result
 
 
@@ -133,10 +158,16 @@ class Evaluator:
         with torch.no_grad():
             for name, tensor in weights.items():
                 self.params[name].copy_(tensor)
-            loss = {d: eval_loss(self.model, self.eval_sets[d], self.collator, TRAIN["per_device_eval_batch_size"])
-                    ["loss"] for d in DOMAINS}  # fmt: skip
-        return {"loss": loss, "avg": statistics.fmean(loss.values()), "worst": max(loss.values()),
-                "worst_domain": max(loss, key=loss.get)}  # fmt: skip
+            loss = {
+                d: eval_loss(self.model, self.eval_sets[d], self.collator, TRAIN["per_device_eval_batch_size"])["loss"]
+                for d in DOMAINS
+            }
+        return {
+            "loss": loss,
+            "avg": statistics.fmean(loss.values()),
+            "worst": max(loss.values()),
+            "worst_domain": max(loss, key=loss.get),
+        }
 
 
 def curve(result: dict, evaluate: Evaluator) -> list[dict]:
@@ -144,8 +175,7 @@ def curve(result: dict, evaluate: Evaluator) -> list[dict]:
     for step, ckpt in checkpoints(result):
         state = json.loads((ckpt / "trainer_state.json").read_text())
         manager = state["plan"]["manager"]
-        rows.append({"step": step, **evaluate(ckpt), "proportions": manager["proportions"],
-                     "drawn": manager["drawn"]})  # fmt: skip
+        rows.append({"step": step, **evaluate(ckpt), "proportions": manager["proportions"], "drawn": manager["drawn"]})
     return rows
 
 
@@ -158,17 +188,31 @@ def short(d: str) -> str:
 
 def final_table(rows: dict[str, dict], steps: int) -> str:
     base = rows["uniform"]
-    head = ["run", "steps", *[f"{short(d)} loss" for d in DOMAINS], "worst-domain loss", "Δ worst vs uniform",
-            "average loss", "Δ avg vs uniform", "samples drawn"]  # fmt: skip
+    head = [
+        "run",
+        "steps",
+        *[f"{short(d)} loss" for d in DOMAINS],
+        "worst-domain loss",
+        "Δ worst vs uniform",
+        "average loss",
+        "Δ avg vs uniform",
+        "samples drawn",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in rows.items():
         same = label == "uniform"
         drawn = r["drawn"]
         frac = " / ".join(f"{x / max(sum(drawn), 1):.2f}" for x in drawn)
-        cells = [label, str(steps), *[f"{r['loss'][d]:.4f}" for d in DOMAINS],
-                 f"{r['worst']:.4f} ({short(r['worst_domain'])})",
-                 "—" if same else f"{r['worst'] - base['worst']:+.4f}", f"{r['avg']:.4f}",
-                 "—" if same else f"{r['avg'] - base['avg']:+.4f}", frac]  # fmt: skip
+        cells = [
+            label,
+            str(steps),
+            *[f"{r['loss'][d]:.4f}" for d in DOMAINS],
+            f"{r['worst']:.4f} ({short(r['worst_domain'])})",
+            "—" if same else f"{r['worst'] - base['worst']:+.4f}",
+            f"{r['avg']:.4f}",
+            "—" if same else f"{r['avg'] - base['avg']:+.4f}",
+            frac,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -232,14 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(MODEL["model_name_or_path"])
 
     def build(names: list[str]):
-        return build_dataset(dataset=names, dataset_dir=demo, tokenizer=tokenizer, cutoff_len=args.cutoff_len,
-                             stage="pt")  # fmt: skip
+        return build_dataset(
+            dataset=names, dataset_dir=demo, tokenizer=tokenizer, cutoff_len=args.cutoff_len, stage="pt"
+        )
 
     pool = build([f"{d}_train" for d in DOMAINS])
     eval_sets = {d: build([f"{d}_test"]) for d in DOMAINS}
-    print(f"pool {len(pool)} samples ({', '.join(f'{d}_train' for d in DOMAINS)}); {args.steps} steps x batch "
-          f"{args.batch_size} = {args.steps * args.batch_size} samples per run; seed {args.seed}",
-          flush=True)  # fmt: skip
+    print(
+        f"pool {len(pool)} samples ({', '.join(f'{d}_train' for d in DOMAINS)}); {args.steps} steps x batch "
+        f"{args.batch_size} = {args.steps * args.batch_size} samples per run; seed {args.seed}",
+        flush=True,
+    )
     evaluate = Evaluator(tokenizer, eval_sets, args.seed)
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench_mixing_") as tmp:
@@ -247,16 +294,25 @@ def main(argv: list[str] | None = None) -> int:
         flex = flex_base(args.steps)
         uniform = run("uniform", pool, mix.doremi_flex(flex, "reference"), args, work, save=True)
         flex_doremi = {**flex, "components": {"mixers": {"doremi": {"name": "doremi", "params": DOREMI_PARAMS}}}}
-        proxy = run("doremi-proxy", pool, mix.doremi_flex(flex_doremi, "proxy", reference_dir=uniform["adapter_dir"]),
-                    args, work, save=False)  # fmt: skip
+        proxy = run(
+            "doremi-proxy",
+            pool,
+            mix.doremi_flex(flex_doremi, "proxy", reference_dir=uniform["adapter_dir"]),
+            args,
+            work,
+            save=False,
+        )
         weights = proxy["doremi_average_weights"]
         final = run("doremi-final", pool, mix.doremi_flex(flex, "final", weights=weights), args, work, save=True)
         odm = run("odm", pool, odm_flex(args), args, work, save=True)
         for label, r in (("uniform", uniform), ("doremi-proxy", proxy), ("doremi-final", final), ("odm", odm)):
             seconds[label] = r["seconds"]
         t_eval = time.perf_counter()
-        curves = {"uniform": curve(uniform, evaluate), "ODM": curve(odm, evaluate),
-                  "DoReMi-final": curve(final, evaluate)}  # fmt: skip
+        curves = {
+            "uniform": curve(uniform, evaluate),
+            "ODM": curve(odm, evaluate),
+            "DoReMi-final": curve(final, evaluate),
+        }
         seconds["eval"] = time.perf_counter() - t_eval
         proxy_state = json.loads((Path(proxy["last_checkpoint"]) / "trainer_state.json").read_text())
         final_alpha = proxy_state["components"]["mixer"]["alpha"]
@@ -279,9 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         reach_txt = f"ODM reaches uniform's final average test loss {target:.4f} at step {reach} (uniform: {reach_u})"
     else:
         reach_txt = f"ODM never reaches uniform's final average test loss {target:.4f} within {args.steps} steps"
-    claims = (f"DoReMi-final worst-domain loss {finals['DoReMi-final']['worst']:.4f} vs uniform "
-              f"{finals['uniform']['worst']:.4f}: claim {'holds' if doremi_ok else 'does NOT hold'}. "
-              f"{reach_txt}: claim {'holds' if odm_ok else 'does NOT hold'}.")  # fmt: skip
+    claims = (
+        f"DoReMi-final worst-domain loss {finals['DoReMi-final']['worst']:.4f} vs uniform "
+        f"{finals['uniform']['worst']:.4f}: claim {'holds' if doremi_ok else 'does NOT hold'}. "
+        f"{reach_txt}: claim {'holds' if odm_ok else 'does NOT hold'}."
+    )
     machine = machine_label()
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     timing = ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
@@ -291,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     print(t2)
     print(f"\nDoReMi averaged weights (final step's mixture): {wtxt}; proxy's last alpha: {atxt}")
     print(claims)
-    print(f"machine: {machine}; {versions}; total {total:.0f}s ({timing}; 1-min load average before: "
-          f"{load_before:.2f})")  # fmt: skip
+    print(
+        f"machine: {machine}; {versions}; total {total:.0f}s ({timing}; 1-min load average before: {load_before:.2f})"
+    )
 
     cmd = " ".join([".venv/bin/python", "bench/bench_mixing.py", *(argv if argv is not None else sys.argv[1:])])
     if args.plot:
@@ -309,8 +368,14 @@ def main(argv: list[str] | None = None) -> int:
                 rel = str(args.plot)
             plot_ref = f"\n![average test loss vs steps, uniform / ODM / DoReMi-final]({rel})\n"
         section = [
-            "", "", "# Mixing: DoReMi and ODM vs uniform", "",
-            f"Run {date}, {machine}, {versions}, total {total:.0f}s ({timing}). Command:", "", f"    {cmd}", "",
+            "",
+            "",
+            "# Mixing: DoReMi and ODM vs uniform",
+            "",
+            f"Run {date}, {machine}, {versions}, total {total:.0f}s ({timing}). Command:",
+            "",
+            f"    {cmd}",
+            "",
             f"Pool: the demo's `text_stories_train`, `text_numbers_train`, `text_noisy_train` (300 samples each; "
             f"`*` = the noisy domain), stage `pt`, cutoff {args.cutoff_len}. Every run: tiny_llama + LoRA "
             f"(parameters.yml `model`/`train`, batch {args.batch_size}), {args.steps} optimizer steps, seed "
@@ -319,15 +384,21 @@ def main(argv: list[str] | None = None) -> int:
             f"-> final = static mix at the proxy's averaged weights, {args.steps} steps; ODM = `odm` mixer (alpha "
             f"0.9, warmup {args.odm_warmup}, reward_scale 15, min exploration 0.03). Test loss = token-mean loss on "
             "each `<domain>_test` set (64 samples); average = mean over the three domains; samples drawn = share of "
-            "training samples per domain (stories / numbers / noisy).", "",
-            t1, "",
-            f"DoReMi averaged weights (the final run's mixture): {wtxt}. Proxy's alpha at its last step: {atxt}.", "",
+            "training samples per domain (stories / numbers / noisy).",
+            "",
+            t1,
+            "",
+            f"DoReMi averaged weights (the final run's mixture): {wtxt}. Proxy's alpha at its last step: {atxt}.",
+            "",
             "Average test loss at each checkpoint (mid-run checkpoints are mid-LR-schedule; ODM proportions = its "
-            "sampling policy at that step):", "",
-            t2, "",
+            "sampling policy at that step):",
+            "",
+            t2,
+            "",
             plot_ref,
-            f"Summary: {claims}", "",
-        ]  # fmt: skip
+            f"Summary: {claims}",
+            "",
+        ]
         with args.out.open("a") as f:
             f.write("\n".join(section))
         print(f"appended to {args.out}")

@@ -38,15 +38,32 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     model, train_demo = demo_groups()
-    data = {**DEFAULTS["data"], "dataset": ",".join(f"{d}_train" for d in DOMAINS), "eval_dataset": "arith_dev",
-            "dataset_dir": "data/01_raw/demo", "cutoff_len": 128}  # fmt: skip
+    data = {
+        **DEFAULTS["data"],
+        "dataset": ",".join(f"{d}_train" for d in DOMAINS),
+        "eval_dataset": "arith_dev",
+        "dataset_dir": "data/01_raw/demo",
+        "cutoff_len": 128,
+    }
     pool, targets = process_data({"model_name_or_path": model["model_name_or_path"]}, data, {"seed": 42})
     root = Path(tempfile.mkdtemp(prefix="scaling_"))
-    train = {**train_demo, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "progress_bar": False,
-             "output_dir": str(root), "num_processes": 1}  # fmt: skip
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "less", "warmup_step": 5,
-            "update_step": 5, "update_times": 1,
-            "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 8192}}}}}  # fmt: skip
+    train = {
+        **train_demo,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "progress_bar": False,
+        "output_dir": str(root),
+        "num_processes": 1,
+    }
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_select",
+        "component_name": "less",
+        "warmup_step": 5,
+        "update_step": 5,
+        "update_times": 1,
+        "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 8192}}}},
+    }
     state = select.train_segment(pool, targets, model, train, flex, 0)
     # The same TrainState read with 2 processes x 8 x 1: the same global batch, so the same plan.
     variants = {1: train, 2: {**train, "gradient_accumulation_steps": 1, "num_processes": 2}}
@@ -62,8 +79,10 @@ def main() -> None:
             assert f["pool"]["status"] == "computed", f["pool"]["status"]
             extract[n].append(f["pool"]["seconds"] + f["target"]["seconds"])
     med = {k: {n: statistics.median(v[n]) for n in (1, 2)} for k, v in (("wall", wall), ("extract", extract))}
-    rows = [(f"compute_features node, {n} process{'es' if n > 1 else ''}", med["wall"][n], med["extract"][n])
-            for n in (1, 2)]  # fmt: skip
+    rows = [
+        (f"compute_features node, {n} process{'es' if n > 1 else ''}", med["wall"][n], med["extract"][n])
+        for n in (1, 2)
+    ]
     ratios = (
         f"speed-up with 2 processes: node **{med['wall'][1] / med['wall'][2]:.2f}x**, extraction alone "
         f"**{med['extract'][1] / med['extract'][2]:.2f}x** (medians of {args.repeats} interleaved pairs)"
@@ -73,8 +92,14 @@ def main() -> None:
         f"{torch.__version__}. Demo tiny model, pool {len(pool)} + {len(targets['arith_dev'])} target samples, "
         "online-LESS features (Adam pool + SGD target, SJLT k = 8192), 2 processes on gloo."
     )
-    report(args.out, "Feature extraction on 1 vs 2 processes (CPU)", context,
-           ["run", "node wall s", "datastore extraction s"], rows, ratios)  # fmt: skip
+    report(
+        args.out,
+        "Feature extraction on 1 vs 2 processes (CPU)",
+        context,
+        ["run", "node wall s", "datastore extraction s"],
+        rows,
+        ratios,
+    )
 
 
 if __name__ == "__main__":

@@ -55,16 +55,40 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     root = Path(tempfile.mkdtemp(prefix="select_timing_"))
-    data = {**DEFAULTS["data"], "dataset": ",".join(f"{d}_train" for d in DOMAINS), "eval_dataset": "arith_dev",
-            "dataset_dir": "data/01_raw/demo", "cutoff_len": 128}  # fmt: skip
+    data = {
+        **DEFAULTS["data"],
+        "dataset": ",".join(f"{d}_train" for d in DOMAINS),
+        "eval_dataset": "arith_dev",
+        "dataset_dir": "data/01_raw/demo",
+        "cutoff_len": 128,
+    }
     pool, targets = process_data({"model_name_or_path": MODEL_DIR}, data, {"seed": 42})
-    model = {"model_name_or_path": MODEL_DIR, "finetuning_type": "lora", "lora_target": "all", "lora_rank": 8,
-             "lora_alpha": 16, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
-    train = {**DEFAULTS["train"], "per_device_train_batch_size": 16, "learning_rate": 2e-3, "logging_steps": 5,
-             "progress_bar": False, "seed": 42}  # fmt: skip
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "less", "warmup_step": 5,
-            "update_step": 5, "update_times": 3,
-            "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 8192}}}}}  # fmt: skip
+    model = {
+        "model_name_or_path": MODEL_DIR,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+    }
+    train = {
+        **DEFAULTS["train"],
+        "per_device_train_batch_size": 16,
+        "learning_rate": 2e-3,
+        "logging_steps": 5,
+        "progress_bar": False,
+        "seed": 42,
+    }
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_select",
+        "component_name": "less",
+        "warmup_step": 5,
+        "update_step": 5,
+        "update_times": 3,
+        "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 8192}}}},
+    }
 
     # 1. One selection (features + scoring, cache miss) vs the plain pass over the same samples, interleaved
     # `--repeats` times (caches removed before each selection) so load on the machine hits both alike; medians.
@@ -99,11 +123,15 @@ def main() -> None:
         (f"dynamic_select run, less, {run['global_step']} steps, 3 selections", select_run_s),
         (f"static training, {run['global_step']} steps", static_s),
     ]
-    ratios = (f"selection / plain forward+backward: **{selection_s / plain_s:.2f}** (goal <= 1.2; per interleaved "
-              f"pair: {per_pair}); dynamic-select run / static: **{select_run_s / static_s:.2f}**")  # fmt: skip
-    context = (f"Command: `.venv/bin/python bench/bench_select_timing.py --out bench/RESULTS.md`. {machine_label()}, "
-               f"torch {torch.__version__}, 2 threads. Demo tiny model, pool {len(pool)}, target arith_dev, G = 16, "
-               "k = 8192 (SJLT).")  # fmt: skip
+    ratios = (
+        f"selection / plain forward+backward: **{selection_s / plain_s:.2f}** (goal <= 1.2; per interleaved "
+        f"pair: {per_pair}); dynamic-select run / static: **{select_run_s / static_s:.2f}**"
+    )
+    context = (
+        f"Command: `.venv/bin/python bench/bench_select_timing.py --out bench/RESULTS.md`. {machine_label()}, "
+        f"torch {torch.__version__}, 2 threads. Demo tiny model, pool {len(pool)}, target arith_dev, G = 16, "
+        "k = 8192 (SJLT)."
+    )
     report(args.out, "Dynamic selection timing", context, ["measurement", "seconds"], rows, ratios)
 
 

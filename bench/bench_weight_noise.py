@@ -104,8 +104,9 @@ def run_one(label: str, strategy: str | None, pool, eval_sets, tokenizer, args, 
     summary = train_model(pool, MODEL, train, flex_params(strategy, args), eval_sets=eval_sets)
     t_train = time.perf_counter() - t0
     model = build_model(MODEL, seed=args.seed, adapter_path=summary["adapter_dir"])
-    metrics = evaluate_sets(model, tokenizer, eval_sets, batch_size=TRAIN["per_device_eval_batch_size"],
-                            stage="sft", **EVAL)  # fmt: skip
+    metrics = evaluate_sets(
+        model, tokenizer, eval_sets, batch_size=TRAIN["per_device_eval_batch_size"], stage="sft", **EVAL
+    )
     loss = {d: metrics[f"{d}_test"]["loss"] for d in DOMAINS}
     acc = {d: metrics[f"{d}_test"].get("accuracy", float("nan")) for d in DOMAINS}
     clean = [d for d in DOMAINS if d != args.noise_domain]
@@ -138,25 +139,36 @@ def run_one(label: str, strategy: str | None, pool, eval_sets, tokenizer, args, 
 def tables(results: list[dict], noisy: str) -> str:
     base = results[0]
     short = {d: d[:5] for d in DOMAINS}
-    head = (["run", "steps", "clean-mean loss", "Δ vs static", f"{noisy} loss", "Δ vs static"]
-            + [f"{short[d]}{'*' if d == noisy else ''} loss" for d in DOMAINS]
-            + ["noisy/clean weight"])  # fmt: skip
+    head = (
+        ["run", "steps", "clean-mean loss", "Δ vs static", f"{noisy} loss", "Δ vs static"]
+        + [f"{short[d]}{'*' if d == noisy else ''} loss" for d in DOMAINS]
+        + ["noisy/clean weight"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         same = r is base
         w = r["weights"]
-        cells = [r["label"], str(r["steps"]), f"{r['clean_loss']:.4f}",
-                 "—" if same else f"{r['clean_loss'] - base['clean_loss']:+.4f}", f"{r['noisy_loss']:.4f}",
-                 "—" if same else f"{r['noisy_loss'] - base['noisy_loss']:+.4f}",
-                 *[f"{r['loss'][d]:.4f}" for d in DOMAINS],
-                 f"{w[2]:.3f} ({w[0]:.3f} / {w[1]:.3f})" if w else "1 (static)"]  # fmt: skip
+        cells = [
+            r["label"],
+            str(r["steps"]),
+            f"{r['clean_loss']:.4f}",
+            "—" if same else f"{r['clean_loss'] - base['clean_loss']:+.4f}",
+            f"{r['noisy_loss']:.4f}",
+            "—" if same else f"{r['noisy_loss'] - base['noisy_loss']:+.4f}",
+            *[f"{r['loss'][d]:.4f}" for d in DOMAINS],
+            f"{w[2]:.3f} ({w[0]:.3f} / {w[1]:.3f})" if w else "1 (static)",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     head2 = ["run", "clean-mean acc", "Δ vs static"] + [f"{short[d]}{'*' if d == noisy else ''} acc" for d in DOMAINS]
     lines += ["", "| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
     for r in results:
         same = r is base
-        cells = [r["label"], f"{r['clean_acc']:.3f}", "—" if same else f"{r['clean_acc'] - base['clean_acc']:+.3f}",
-                 *[f"{r['acc'][d]:.3f}" for d in DOMAINS]]  # fmt: skip
+        cells = [
+            r["label"],
+            f"{r['clean_acc']:.3f}",
+            "—" if same else f"{r['clean_acc'] - base['clean_acc']:+.3f}",
+            *[f"{r['acc'][d]:.3f}" for d in DOMAINS],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -183,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(MODEL["model_name_or_path"])
 
         def build(names: list[str]):
-            return build_dataset(dataset=names, dataset_dir=demo, tokenizer=tokenizer, template="default",
-                                 cutoff_len=128, stage="sft")  # fmt: skip
+            return build_dataset(
+                dataset=names, dataset_dir=demo, tokenizer=tokenizer, template="default", cutoff_len=128, stage="sft"
+            )
 
         pool = build([f"{d}_train" for d in DOMAINS])
         eval_sets = datasets.DatasetDict({f"{d}_test": build([f"{d}_test"]) for d in DOMAINS})
@@ -219,8 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             [".venv/bin/python", "bench/bench_weight_noise.py", *(argv if argv is not None else sys.argv[1:])]
         )
         section = [
-            "", "", "# Loss weighter under label noise", "",
-            f"Run {date}, {machine}, {versions}, total {total:.0f}s. Command:", "", f"    {cmd}", "",
+            "",
+            "",
+            "# Loss weighter under label noise",
+            "",
+            f"Run {date}, {machine}, {versions}, total {total:.0f}s. Command:",
+            "",
+            f"    {cmd}",
+            "",
             f"Compared: static training vs the `loss` weighter ({', '.join(args.strategy_list)}; delta={args.delta}, "
             f"r={args.r}, plain training for the first {args.warmup_step} steps) on the demo corpus with "
             f"{args.noise_rate:.0%} of `{args.noise_domain}_train` answers replaced by wrong ones (dev/test clean). "
@@ -230,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             "exact match of greedy generation. `*` = noisy domain; clean-mean = mean over the other five domains; "
             "Δ vs static (negative loss Δ = better); noisy/clean weight = mean relative weight (mean 1 per step) of "
             "the noisy domain's samples over that of the clean domains' samples, from the logged "
-            "`weights/domain/<name>_train` metrics (after warmup).", "",
-            table, "",
-        ]  # fmt: skip
+            "`weights/domain/<name>_train` metrics (after warmup).",
+            "",
+            table,
+            "",
+        ]
         with open(args.out, "a", encoding="utf-8") as f:
             f.write("\n".join(section))
         print(f"appended to {args.out} (add the interpretation by hand)")

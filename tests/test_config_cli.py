@@ -191,8 +191,10 @@ def test_missing_yaml_and_usage(tmp_path, capsys):
 
 
 def test_dynamic_select_without_a_selector_is_one_line(demo_dir, tiny_model_dir, tmp_path, capsys):
-    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, tmp_path / "out", train_type="dynamic_select",
-                                 warmup_step=1, update_step=1))  # fmt: skip
+    cfg = _write(
+        tmp_path,
+        _flat(demo_dir, tiny_model_dir, tmp_path / "out", train_type="dynamic_select", warmup_step=1, update_step=1),
+    )
     assert main(["train", str(cfg)]) == 2
     assert "needs component_name (a registered selector)" in capsys.readouterr().err
 

@@ -14,9 +14,17 @@ from pathlib import Path
 from dataflex.data import demo_texts, make_demo_data
 
 SPECIAL_TOKENS = [
-    "<s>", "</s>", "<pad>", "<unk>", "<|im_start|>", "<|im_end|>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-]  # fmt: skip
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 CHATML_JINJA = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

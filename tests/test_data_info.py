@@ -18,26 +18,55 @@ ROWS = [{"instruction": "Add.", "input": "1 + 2", "output": "3"}, {"instruction"
 
 
 def test_defaults_follow_llama_factory(tmp_path):
-    write_registry(tmp_path, {
-        "a": {"file_name": "a.json"},
-        "s": {"file_name": "s.json", "formatting": "sharegpt"},
-        "t": {"file_name": "t.jsonl", "columns": {"prompt": "text"}, "tags": {"domain": "x"}},
-        "o": {"file_name": "o.json", "formatting": "sharegpt", "columns": {"messages": "messages", "system": "sys"},
-              "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}},
-    })  # fmt: skip
+    write_registry(
+        tmp_path,
+        {
+            "a": {"file_name": "a.json"},
+            "s": {"file_name": "s.json", "formatting": "sharegpt"},
+            "t": {"file_name": "t.jsonl", "columns": {"prompt": "text"}, "tags": {"domain": "x"}},
+            "o": {
+                "file_name": "o.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "messages", "system": "sys"},
+                "tags": {
+                    "role_tag": "role",
+                    "content_tag": "content",
+                    "user_tag": "user",
+                    "assistant_tag": "assistant",
+                },
+            },
+        },
+    )
     info = load_dataset_info(tmp_path)
     assert list(info) == ["a", "s", "t", "o"]
     a = info["a"]
     assert (a.formatting, a.prompt, a.query, a.response, a.history, a.system) == (
-        "alpaca", "instruction", "input", "output", None, None)  # fmt: skip
+        "alpaca",
+        "instruction",
+        "input",
+        "output",
+        None,
+        None,
+    )
     s = info["s"]
     assert (s.messages, s.role_tag, s.content_tag, s.user_tag, s.assistant_tag) == (
-        "conversations", "from", "value", "human", "gpt")  # fmt: skip
+        "conversations",
+        "from",
+        "value",
+        "human",
+        "gpt",
+    )
     assert (s.observation_tag, s.function_tag, s.system_tag) == ("observation", "function_call", "system")
     assert info["t"].prompt == "text" and info["t"].extra_tags == {"domain": "x"}
     o = info["o"]
     assert (o.messages, o.system, o.role_tag, o.content_tag, o.user_tag, o.assistant_tag) == (
-        "messages", "sys", "role", "content", "user", "assistant")  # fmt: skip
+        "messages",
+        "sys",
+        "role",
+        "content",
+        "user",
+        "assistant",
+    )
     assert a.path(tmp_path) == tmp_path / "a.json"
     assert isinstance(a, DatasetAttr)
 
@@ -97,8 +126,9 @@ def test_read_parquet_folder_and_json_lines_in_json(tmp_path):
     write_rows(folder / "a.jsonl", ROWS[:1])
     (folder / "README.md").write_text("ignored")
     (tmp_path / "lines.json").write_text("".join(f'{{"text": "t{i}"}}\n' for i in range(3)))
-    write_registry(tmp_path, {"p": {"file_name": "p.parquet"}, "f": {"file_name": "parts"},
-                              "l": {"file_name": "lines.json"}})  # fmt: skip
+    write_registry(
+        tmp_path, {"p": {"file_name": "p.parquet"}, "f": {"file_name": "parts"}, "l": {"file_name": "lines.json"}}
+    )
     info = load_dataset_info(tmp_path)
     assert read_rows(info["p"], tmp_path) == ROWS
     assert read_rows(info["f"], tmp_path) == ROWS  # files in name order
@@ -106,13 +136,16 @@ def test_read_parquet_folder_and_json_lines_in_json(tmp_path):
 
 
 def test_reader_errors_name_file_line_and_dataset(tmp_path):
-    write_registry(tmp_path, {
-        "missing": {"file_name": "nope.json"},
-        "badjson": {"file_name": "bad.json"},
-        "badjsonl": {"file_name": "bad.jsonl"},
-        "notrows": {"file_name": "notrows.json"},
-        "csvx": {"file_name": "data.xlsx"},
-    })  # fmt: skip
+    write_registry(
+        tmp_path,
+        {
+            "missing": {"file_name": "nope.json"},
+            "badjson": {"file_name": "bad.json"},
+            "badjsonl": {"file_name": "bad.jsonl"},
+            "notrows": {"file_name": "notrows.json"},
+            "csvx": {"file_name": "data.xlsx"},
+        },
+    )
     (tmp_path / "bad.json").write_text('[\n  {"instruction": "a"},\n  {"instruction": }\n]')
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n\n{"text": "ok"}\n{"text": oops}\n')
     (tmp_path / "notrows.json").write_text('[{"a": 1}, 5]')

@@ -125,9 +125,12 @@ def test_bad_settings_raise_before_any_work(monkeypatch):
         (dict(dataset="arith_train,zzz"), DataError, "dataset 'zzz' is not in"),
         (dict(dataset=""), ConfigError, "dataset is empty"),
         # pt text rows have no `output`: the column error names dataset, column and row, before tokenizing
-        (dict(dataset="arith_train,text_stories_train"), DataError,
-         r"dataset 'text_stories_train': row 0 has no column 'output' \(mapped as response\)"),
-    ]  # fmt: skip
+        (
+            dict(dataset="arith_train,text_stories_train"),
+            DataError,
+            r"dataset 'text_stories_train': row 0 has no column 'output' \(mapped as response\)",
+        ),
+    ]
     for kw, err, msg in cases:
         kw = {"dataset": SFT, **kw}
         with pytest.raises(err, match=msg):
@@ -142,13 +145,16 @@ def test_data_errors_name_the_dataset(tmp_path):
     swapped = [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]
     write_rows(d / "badroles.json", [{"conversations": swapped}])
     write_rows(d / "unknownrole.json", [{"conversations": [{"from": "user", "value": "x"}]}])
-    write_registry(d, {
-        "empty": {"file_name": "empty.json"},
-        "noout": {"file_name": "noout.jsonl"},
-        "missing": {"file_name": "sub/missing.json"},
-        "badroles": {"file_name": "badroles.json", "formatting": "sharegpt"},
-        "unknownrole": {"file_name": "unknownrole.json", "formatting": "sharegpt"},
-    })  # fmt: skip
+    write_registry(
+        d,
+        {
+            "empty": {"file_name": "empty.json"},
+            "noout": {"file_name": "noout.jsonl"},
+            "missing": {"file_name": "sub/missing.json"},
+            "badroles": {"file_name": "badroles.json", "formatting": "sharegpt"},
+            "unknownrole": {"file_name": "unknownrole.json", "formatting": "sharegpt"},
+        },
+    )
     cases = {
         "empty": r"dataset 'empty': .*empty\.json has no rows",
         "noout": r"dataset 'noout': row 1 has no column 'output' \(mapped as response\)",

@@ -15,8 +15,15 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from test_data_fixtures import one_dataset, tiny_tokenizer
 
 ROW = {"instruction": "Sort the numbers in ascending order.", "input": "7 3 9", "output": "3 7 9"}
-END = {"default": "</s>", "alpaca": "</s>", "chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>",
-       "empty": "</s>", "tokenizer": "<|im_end|>"}  # fmt: skip
+END = {
+    "default": "</s>",
+    "alpaca": "</s>",
+    "chatml": "<|im_end|>",
+    "qwen": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "empty": "</s>",
+    "tokenizer": "<|im_end|>",
+}
 PROMPT = {
     "default": "Human: Sort the numbers in ascending order.\n7 3 9\nAssistant:",
     "alpaca": "Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -64,7 +71,7 @@ def test_single_turn_masking_is_exact(tmp_path, name):
     d = one_dataset(tmp_path, [ROW])
     ex = build_dataset(dataset="ds", dataset_dir=d, tokenizer=tok, template=name, cutoff_len=256)[0]
     ids, labels = ex["input_ids"], ex["labels"]
-    (start, end), = _spans(labels)  # fmt: skip
+    ((start, end),) = _spans(labels)
     assert end == len(ids)
     assert all(x == IGNORE_INDEX for x in labels[:start])
     assert labels[start:] == ids[start:]
@@ -109,8 +116,12 @@ def test_tokenizer_template_matches_named_chatml(tmp_path):
 
 def test_encode_prompt_is_the_training_prompt():
     tok = tiny_tokenizer()
-    messages = [{"role": "user", "content": "Add.\n2 + 2"}, {"role": "assistant", "content": "4"},
-                {"role": "user", "content": "Add.\n3 + 3"}, {"role": "assistant", "content": "6"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Add.\n2 + 2"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Add.\n3 + 3"},
+        {"role": "assistant", "content": "6"},
+    ]
     for name in ("default", "chatml", "tokenizer"):
         t = get_template(name)
         pairs = t.encode_multiturn(tok, messages)

@@ -53,8 +53,9 @@ def test_kill_and_rerun_reuses_completed_shards(tmp_path, monkeypatch):
     assert calls == [4, 2], "the completed first shard is not recomputed"
     assert ref["status"] == "resumed"
     got = GradientDatastore.load(ref)
-    uninterrupted = GradientDatastore(tmp_path / "clean", shard_size=4).extract(model, rows, SGD, base_model_id="tiny",
-                                                                                 progress=False)  # fmt: skip
+    uninterrupted = GradientDatastore(tmp_path / "clean", shard_size=4).extract(
+        model, rows, SGD, base_model_id="tiny", progress=False
+    )
     assert torch.equal(got.features, GradientDatastore.load(uninterrupted).features)
     # One batch over all rows pads differently than per-shard batches: equal up to fp32 summation order.
     whole = per_sample_gradient_features(model, rows, projector="sjlt", proj_dim=32, seed=1)

@@ -22,15 +22,30 @@ pytestmark = pytest.mark.slow
 
 
 def _model(tiny_model_dir):
-    return {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
-            "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
+    return {
+        "model_name_or_path": str(tiny_model_dir),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+    }
 
 
 def _train(out, processes, **kw):
     """Global batch 8 either way: 1 process x B 4 x A 2, or 2 processes x B 4 x A 1."""
-    return {**DEFAULTS["train"], "output_dir": str(out), "per_device_train_batch_size": 4,
-            "gradient_accumulation_steps": 2 // processes, "num_processes": processes, "learning_rate": 2e-3,
-            "logging_steps": 2, "progress_bar": False, **kw}  # fmt: skip
+    return {
+        **DEFAULTS["train"],
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2 // processes,
+        "num_processes": processes,
+        "learning_rate": 2e-3,
+        "logging_steps": 2,
+        "progress_bar": False,
+        **kw,
+    }
 
 
 def _adapter(result_dir):
@@ -62,9 +77,15 @@ def test_static_training_on_two_processes_equals_one(tiny_model_dir, sft_pool, t
     # 57 samples, global batch 8: the last step has one sample, so process 1 runs a zero-weight pass.
     pool = sft_pool.select(range(57))
     logs = {1: [], 2: []}
-    results = {p: train_model(pool, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p),
-                              metrics_sink=lambda m, s, p=p: logs[p].append((s, m["loss"])))
-               for p in (1, 2)}  # fmt: skip
+    results = {
+        p: train_model(
+            pool,
+            _model(tiny_model_dir),
+            _train(tmp_path / f"p{p}", p),
+            metrics_sink=lambda m, s, p=p: logs[p].append((s, m["loss"])),
+        )
+        for p in (1, 2)
+    }
     assert results[1]["global_step"] == results[2]["global_step"] == 8
     assert results[1]["train_samples_seen"] == results[2]["train_samples_seen"] == 57
     _close(_adapter(tmp_path / "p1"), _adapter(tmp_path / "p2"))
@@ -74,19 +95,30 @@ def test_static_training_on_two_processes_equals_one(tiny_model_dir, sft_pool, t
 
 
 def test_weighting_on_two_processes_normalises_over_both(tiny_model_dir, sft_pool, tmp_path):
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 1,
-            "train_step": 5}  # fmt: skip
-    results = {p: train_model(sft_pool, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex)
-               for p in (1, 2)}  # fmt: skip
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_weight",
+        "component_name": "loss",
+        "warmup_step": 1,
+        "train_step": 5,
+    }
+    results = {p: train_model(sft_pool, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex) for p in (1, 2)}
     _close(_adapter(tmp_path / "p1"), _adapter(tmp_path / "p2"))
     weighted = {p: [h["weighted_loss"] for h in r["log_history"] if "weighted_loss" in h] for p, r in results.items()}
     assert weighted[1] and weighted[2] == pytest.approx(weighted[1], rel=1e-5)
 
 
 def test_odm_on_two_processes_keeps_one_bandit_state(tiny_model_dir, sft_pool, tmp_path):
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_mix", "component_name": "odm", "single_segment": True,
-            "train_step": 6, "components": {"mixers": {"odm": {"name": "odm", "params": {
-                "warmup_steps": 1, "alpha": 0.5, "reward_scale": 2.0}}}}}  # fmt: skip
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_mix",
+        "component_name": "odm",
+        "single_segment": True,
+        "train_step": 6,
+        "components": {
+            "mixers": {"odm": {"name": "odm", "params": {"warmup_steps": 1, "alpha": 0.5, "reward_scale": 2.0}}}
+        },
+    }
     states = {}
     for p in (1, 2):
         result = mix.run_single_segment(sft_pool, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex)
@@ -105,19 +137,35 @@ def test_online_less_on_two_processes_selects_the_same_and_shares_the_datastore(
     from dataflex.data import build_dataset
     from dataflex.features import GradientDatastore
 
-    evals = {"arith_dev": build_dataset(dataset=["arith_dev"], dataset_dir=demo_dir, tokenizer=tokenizer,
-                                        template="default", cutoff_len=64, stage="sft")}  # fmt: skip
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "less", "warmup_step": 2,
-            "update_step": 2, "update_times": 1, "components": {"selectors": {"less": {"name": "less", "params": {
-                "proj_dim": 512, "batch_size": 8}}}}}  # fmt: skip
-    runs = {p: select.run_all(sft_pool, evals, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex)
-            for p in (1, 2)}  # fmt: skip
+    evals = {
+        "arith_dev": build_dataset(
+            dataset=["arith_dev"],
+            dataset_dir=demo_dir,
+            tokenizer=tokenizer,
+            template="default",
+            cutoff_len=64,
+            stage="sft",
+        )
+    }
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_select",
+        "component_name": "less",
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 1,
+        "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 512, "batch_size": 8}}}},
+    }
+    runs = {
+        p: select.run_all(sft_pool, evals, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex) for p in (1, 2)
+    }
     for sel1, sel2 in zip(*(r["selection_history"] for r in runs.values())):
         assert sel1["domain_counts"] == sel2["domain_counts"]
     one, two = (json.loads((tmp_path / f"p{p}" / "selections" / "step_2.json").read_text()) for p in (1, 2))
     assert one["indices"] == two["indices"] and len(one["indices"]) == 16
-    stores = {p: sorted((tmp_path / f"p{p}" / "selector_cache" / "datastore").glob("*/*/manifest.json"))
-              for p in (1, 2)}  # fmt: skip
+    stores = {
+        p: sorted((tmp_path / f"p{p}" / "selector_cache" / "datastore").glob("*/*/manifest.json")) for p in (1, 2)
+    }
     assert len(stores[1]) == len(stores[2]) == 2  # pool and target at the selection
     for a, b in zip(stores[1], stores[2]):
         fa, fb = GradientDatastore.load(a.parent), GradientDatastore.load(b.parent)
@@ -132,9 +180,15 @@ def test_online_less_on_two_processes_selects_the_same_and_shares_the_datastore(
 def _features_and_selection_on_1_and_2_processes(selector, params, sft_pool, evals, tiny_model_dir, tmp_path):
     """Train round 0 once, then compute the selector's features and selection from that state with 1 and with 2
     processes (caches removed in between): {processes: (features, indices)}."""
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": selector, "warmup_step": 2,
-            "update_step": 2, "update_times": 1,
-            "components": {"selectors": {selector: {"name": selector, "params": params}}}}  # fmt: skip
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_select",
+        "component_name": selector,
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 1,
+        "components": {"selectors": {selector: {"name": selector, "params": params}}},
+    }
     out, model = tmp_path / "out", _model(tiny_model_dir)
     state = select.train_segment(sft_pool, evals, model, _train(out, 1), flex, 0)
     results = {}
@@ -149,23 +203,35 @@ def _features_and_selection_on_1_and_2_processes(selector, params, sft_pool, eva
     return results
 
 
-def test_pool_losses_on_two_processes_equal_one_and_the_loss_selector_picks_the_same(tiny_model_dir, sft_pool,
-                                                                                       tmp_path):  # fmt: skip
-    runs = _features_and_selection_on_1_and_2_processes("loss", {"focus": "high", "replacement": False}, sft_pool,
-                                                        None, tiny_model_dir, tmp_path)  # fmt: skip
+def test_pool_losses_on_two_processes_equal_one_and_the_loss_selector_picks_the_same(
+    tiny_model_dir, sft_pool, tmp_path
+):
+    runs = _features_and_selection_on_1_and_2_processes(
+        "loss", {"focus": "high", "replacement": False}, sft_pool, None, tiny_model_dir, tmp_path
+    )
     one, two = runs[1][0]["losses"], runs[2][0]["losses"]
     assert len(two) == len(sft_pool) and two == pytest.approx(one, rel=1e-5)  # every row once, in order
 
 
-def test_embeddings_on_two_processes_equal_one_and_near_picks_the_same(demo_dir, tiny_model_dir, sft_pool,
-                                                                        tokenizer, tmp_path):  # fmt: skip
+def test_embeddings_on_two_processes_equal_one_and_near_picks_the_same(
+    demo_dir, tiny_model_dir, sft_pool, tokenizer, tmp_path
+):
     from dataflex.data import build_dataset
     from dataflex.features.embeddings import EmbeddingStore
 
-    evals = {"arith_dev": build_dataset(dataset=["arith_dev"], dataset_dir=demo_dir, tokenizer=tokenizer,
-                                        template="default", cutoff_len=64, stage="sft")}  # fmt: skip
-    runs = _features_and_selection_on_1_and_2_processes("near", {"encoder": "model", "max_K": 20}, sft_pool, evals,
-                                                        tiny_model_dir, tmp_path)  # fmt: skip
+    evals = {
+        "arith_dev": build_dataset(
+            dataset=["arith_dev"],
+            dataset_dir=demo_dir,
+            tokenizer=tokenizer,
+            template="default",
+            cutoff_len=64,
+            stage="sft",
+        )
+    }
+    runs = _features_and_selection_on_1_and_2_processes(
+        "near", {"encoder": "model", "max_K": 20}, sft_pool, evals, tiny_model_dir, tmp_path
+    )
     one, two = (EmbeddingStore.load(runs[p][0]["pool"]) for p in (1, 2))
     assert two.shape == (len(sft_pool), one.shape[1]) and torch.allclose(two, one, atol=1e-5)  # every row, in order
 
@@ -198,9 +264,14 @@ def test_a_killed_worker_fails_the_node_cleanly_and_a_rerun_resumes(tiny_model_d
     module = tmp_path / "killer.py"
     module.write_text(KILLER)
     marker = tmp_path / "killed.txt"
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_weight", "component_name": "killer", "train_step": 4,
-            "user_modules": [str(module)],
-            "components": {"weighters": {"killer": {"name": "killer", "params": {"marker": str(marker)}}}}}  # fmt: skip
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_weight",
+        "component_name": "killer",
+        "train_step": 4,
+        "user_modules": [str(module)],
+        "components": {"weighters": {"killer": {"name": "killer", "params": {"marker": str(marker)}}}},
+    }
     train = _train(tmp_path / "out", 2, save_steps=1, resume_from_checkpoint=True)
     with pytest.raises(WorkerError, match=r"failed on 2 processes: a worker was killed by SIGKILL; full log: ") as err:
         train_model(sft_pool, _model(tiny_model_dir), train, flex)

@@ -161,8 +161,12 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
 
     # The same resume on 2 accelerate workers (4 x 1 x 2 processes: the same global batch): the same adapter,
     # and the workers' metrics reach the orchestrator's MLflow run.
-    two = ["output_dir=saves/two", "num_processes=2", "gradient_accumulation_steps=1", ckpt3 := (
-        "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3")]  # fmt: skip
+    two = [
+        "output_dir=saves/two",
+        "num_processes=2",
+        "gradient_accumulation_steps=1",
+        ckpt3 := ("resume_from_checkpoint=saves/static/checkpoints/checkpoint-3"),
+    ]
     assert train(*two) == 0
     c = load_file(str(tmp_path / "saves" / "two" / "adapter" / "adapter_model.safetensors"))
     assert all((a[k] - c[k]).abs().max() <= 1e-6 for k in a)
@@ -210,12 +214,22 @@ def test_cli_dynamic_weight_with_components_file(demo_dir, tiny_model_dir, proje
         "  bad:\n    name: loss\n    params:\n      strategy: hardest\n"
     )
     cfg = {
-        "model_name_or_path": str(tiny_model_dir), "dataset": "arith_train,reverse_train", "eval_dataset": "arith_dev",
-        "dataset_dir": str(demo_dir), "cutoff_len": 64, "output_dir": "saves/weight", "logging_steps": 2,
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 1.0e-3,
-        "train_type": "dynamic_weight", "component_name": "loss", "components_cfg_file": "components.yaml",
-        "warmup_step": 2, "train_step": 6,
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset": "arith_train,reverse_train",
+        "eval_dataset": "arith_dev",
+        "dataset_dir": str(demo_dir),
+        "cutoff_len": 64,
+        "output_dir": "saves/weight",
+        "logging_steps": 2,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1.0e-3,
+        "train_type": "dynamic_weight",
+        "component_name": "loss",
+        "components_cfg_file": "components.yaml",
+        "warmup_step": 2,
+        "train_step": 6,
+    }
     (tmp_path / "weight.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
     argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
@@ -246,8 +260,12 @@ def test_dynamic_mix_pipeline_shape():
     from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline, rounds_from_params
 
     names = {n.name for n in create_pipeline(n_rounds=3).nodes}
-    assert {"dynamic_mix.round_0.train_segment", "dynamic_mix.round_1.compute_mixture",
-            "dynamic_mix.round_2.train_segment", "dynamic_mix.finalize"} <= names  # fmt: skip
+    assert {
+        "dynamic_mix.round_0.train_segment",
+        "dynamic_mix.round_1.compute_mixture",
+        "dynamic_mix.round_2.train_segment",
+        "dynamic_mix.finalize",
+    } <= names
     assert "dynamic_mix.round_3.compute_mixture" not in names
     flex = {"warmup_step": 5, "update_step": 10, "update_times": 0, "train_step": 31}
     assert rounds_from_params({"dataflex": flex}) == 4  # 5 | 15 | 25 | 31
@@ -260,8 +278,15 @@ def test_less_pipeline_shape():
 
     pipe = create_pipeline(n_checkpoints=3)
     names = {n.name for n in pipe.nodes}
-    assert {"less.warmup", "less.ckpt_0.train_features", "less.ckpt_2.target_features", "less.select",
-            "less.final_train", "evaluate", "report"} <= names  # fmt: skip
+    assert {
+        "less.warmup",
+        "less.ckpt_0.train_features",
+        "less.ckpt_2.target_features",
+        "less.select",
+        "less.final_train",
+        "evaluate",
+        "report",
+    } <= names
     assert "less.ckpt_3.train_features" not in names
     assert {n.namespace for n in pipe.nodes if "ckpt_1" in n.name} == {"less.ckpt_1"}
     select = next(n for n in pipe.nodes if n.name == "less.select")
@@ -274,9 +299,13 @@ def test_dynamic_select_pipeline_shape():
     from dataflex.pipelines.dynamic_select.pipeline import create_pipeline, rounds_from_params
 
     names = {n.name for n in create_pipeline(n_rounds=3).nodes}
-    assert {"dynamic_select.round_0.train_segment", "dynamic_select.round_1.compute_features",
-            "dynamic_select.round_2.compute_selection", "dynamic_select.round_2.train_segment",
-            "dynamic_select.finalize"} <= names  # fmt: skip
+    assert {
+        "dynamic_select.round_0.train_segment",
+        "dynamic_select.round_1.compute_features",
+        "dynamic_select.round_2.compute_selection",
+        "dynamic_select.round_2.train_segment",
+        "dynamic_select.finalize",
+    } <= names
     assert "dynamic_select.round_3.compute_features" not in names
     train = {"per_device_train_batch_size": 4, "num_train_epochs": 2.0}
     flex = {"warmup_step": 2, "update_step": 3, "update_times": 2, "train_step": 0}
@@ -320,13 +349,26 @@ def test_cli_dynamic_mix_with_the_seed_mixer(demo_dir, tiny_model_dir, project_r
         "mixers:\n  user_random:\n    name: user_random\n    params:\n      seed: 42\n"
     )
     cfg = {
-        "model_name_or_path": str(tiny_model_dir), "stage": "pt", "dataset_dir": str(demo_dir), "cutoff_len": 32,
-        "dataset": "text_stories_train,text_numbers_train,text_noisy_train", "eval_dataset": "text_noisy_test",
-        "output_dir": "saves/mix", "per_device_train_batch_size": 4, "logging_steps": 2, "learning_rate": 1.0e-3,
-        "train_type": "dynamic_mix", "component_name": "user_random", "components_cfg_file": "components.yaml",
-        "user_modules": ["my_mixers.py"], "mixture_sample_rule": "mixture", "init_mixture_proportions": [0.6, 0.2, 0.2],
-        "warmup_step": 2, "update_step": 2, "update_times": 2,
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_model_dir),
+        "stage": "pt",
+        "dataset_dir": str(demo_dir),
+        "cutoff_len": 32,
+        "dataset": "text_stories_train,text_numbers_train,text_noisy_train",
+        "eval_dataset": "text_noisy_test",
+        "output_dir": "saves/mix",
+        "per_device_train_batch_size": 4,
+        "logging_steps": 2,
+        "learning_rate": 1.0e-3,
+        "train_type": "dynamic_mix",
+        "component_name": "user_random",
+        "components_cfg_file": "components.yaml",
+        "user_modules": ["my_mixers.py"],
+        "mixture_sample_rule": "mixture",
+        "init_mixture_proportions": [0.6, 0.2, 0.2],
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 2,
+    }
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
     argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
@@ -362,11 +404,20 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
     project = make_project(project_root, tmp_path)
     monkeypatch.chdir(tmp_path)
     cfg = {
-        "model_name_or_path": str(tiny_model_dir), "stage": "pt", "dataset_dir": str(demo_dir), "cutoff_len": 32,
-        "dataset": "text_stories_train,text_numbers_train,text_noisy_train", "eval_dataset": "text_noisy_test",
-        "output_dir": "saves/doremi", "per_device_train_batch_size": 4, "logging_steps": 2, "learning_rate": 1.0e-3,
-        "train_type": "dynamic_mix", "static_mix": True, "train_step": 4,
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_model_dir),
+        "stage": "pt",
+        "dataset_dir": str(demo_dir),
+        "cutoff_len": 32,
+        "dataset": "text_stories_train,text_numbers_train,text_noisy_train",
+        "eval_dataset": "text_noisy_test",
+        "output_dir": "saves/doremi",
+        "per_device_train_batch_size": 4,
+        "logging_steps": 2,
+        "learning_rate": 1.0e-3,
+        "train_type": "dynamic_mix",
+        "static_mix": True,
+        "train_step": 4,
+    }
     (tmp_path / "doremi.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
     argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
@@ -381,8 +432,16 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
     assert json.loads((out / "run_summary.json").read_text())["global_step"] == 4
     assert (project / "data" / "08_reporting" / "doremi_weights.png").stat().st_size > 1000
 
-    odm = {**cfg, "output_dir": "saves/odm", "static_mix": False, "component_name": "odm", "warmup_step": 2,
-           "update_step": 2, "update_times": 2, "train_step": 0}  # fmt: skip
+    odm = {
+        **cfg,
+        "output_dir": "saves/odm",
+        "static_mix": False,
+        "component_name": "odm",
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 2,
+        "train_step": 0,
+    }
     (tmp_path / "odm.yaml").write_text(yaml.safe_dump(odm))
     components = {"mixers": {"odm": {"name": "odm", "params": {"warmup_steps": 1, "min_exploration_rate": 0.0}}}}
     (tmp_path / "odm_components.yaml").write_text(yaml.safe_dump(components))
@@ -409,13 +468,25 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     monkeypatch.chdir(tmp_path)
     domains = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
     cfg = {
-        "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(demo_dir), "cutoff_len": 64,
-        "dataset": ",".join(f"{d}_train" for d in domains), "eval_dataset": "arith_test",
-        "output_dir": "saves/less", "per_device_train_batch_size": 4, "logging_steps": 3, "learning_rate": 2.0e-3,
-        "lora_rank": 4, "lora_alpha": 8, "max_new_tokens": 4,
-        "less_targets": ["arith_dev"], "less_proj_dim": 1024, "less_shard_size": 100,
-        "less_datastore_dir": "store", "less_warmup_dir": "warmup", "less_output_dir": "selection",
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(demo_dir),
+        "cutoff_len": 64,
+        "dataset": ",".join(f"{d}_train" for d in domains),
+        "eval_dataset": "arith_test",
+        "output_dir": "saves/less",
+        "per_device_train_batch_size": 4,
+        "logging_steps": 3,
+        "learning_rate": 2.0e-3,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "max_new_tokens": 4,
+        "less_targets": ["arith_dev"],
+        "less_proj_dim": 1024,
+        "less_shard_size": 100,
+        "less_datastore_dir": "store",
+        "less_warmup_dir": "warmup",
+        "less_output_dir": "selection",
+    }
     (tmp_path / "less.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
     argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}", "--pipeline", "less"]
@@ -444,26 +515,58 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     # A random 5% of the same size, trained the same way, is worse on the target task.
     from dataflex.models import load_tokenizer
 
-    data = {"dataset": cfg["dataset"], "eval_dataset": "arith_test", "dataset_dir": str(demo_dir),
-            "template": "default", "cutoff_len": 64, "stage": "sft", "train_on_prompt": False, "max_samples": None,
-            "val_size": 0.0, "packing": False, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    data = {
+        "dataset": cfg["dataset"],
+        "eval_dataset": "arith_test",
+        "dataset_dir": str(demo_dir),
+        "template": "default",
+        "cutoff_len": 64,
+        "stage": "sft",
+        "train_on_prompt": False,
+        "max_samples": None,
+        "val_size": 0.0,
+        "packing": False,
+        "cache_dir": str(tmp_path / "cache"),
+    }
     pool, evals = process_data({"model_name_or_path": str(tiny_model_dir)}, data, {"seed": 42})
-    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
-             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
-    train = {"output_dir": str(tmp_path / "saves" / "random"), "per_device_train_batch_size": 4, "learning_rate": 2e-3,
-             "num_train_epochs": 4.0, "logging_steps": 3, "progress_bar": False}  # fmt: skip
+    model = {
+        "model_name_or_path": str(tiny_model_dir),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+    }
+    train = {
+        "output_dir": str(tmp_path / "saves" / "random"),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 2e-3,
+        "num_train_epochs": 4.0,
+        "logging_steps": 3,
+        "progress_bar": False,
+    }
     random_subset = pool.select(warmup_subset(len(pool), 0.05, seed=7))
     result = train_model(random_subset, model, train)
     tok = load_tokenizer(str(tiny_model_dir))
-    random_loss = evaluate_sets(build_model(model, 42, adapter_path=result["adapter_dir"]), tok, evals,
-                                batch_size=16, generate=False, max_new_tokens=4, max_generate_samples=0,
-                                stage="sft")["arith_test"]["loss"]  # fmt: skip
+    random_loss = evaluate_sets(
+        build_model(model, 42, adapter_path=result["adapter_dir"]),
+        tok,
+        evals,
+        batch_size=16,
+        generate=False,
+        max_new_tokens=4,
+        max_generate_samples=0,
+        stage="sft",
+    )["arith_test"]["loss"]
     assert summary["eval"]["arith_test"]["loss"] < random_loss
 
     # Two other targets at once, one with two subtasks: the warm-up and the pool's datastore are reused; only the
     # targets' new samples get features (arith_dev's rows are copied from the first run's target store).
-    assert main(["train", "less.yaml", "less_targets=reverse_dev,arith_dev+sort_dev", "output_dir=saves/less2",
-                 *argv]) == 0  # fmt: skip
+    assert (
+        main(["train", "less.yaml", "less_targets=reverse_dev,arith_dev+sort_dev", "output_dir=saves/less2", *argv])
+        == 0
+    )
     _end_runs()
     summary2 = json.loads((tmp_path / "saves" / "less2" / "run_summary.json").read_text())
     _, run2 = _mlflow_run(db, summary2["mlflow_run_id"])
@@ -497,8 +600,13 @@ def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp
 
     project = make_project(project_root, tmp_path)
     monkeypatch.chdir(tmp_path)
-    cfg = {"model_name_or_path": str(tiny_model_dir), "dataset_dir": str(demo_dir), "dataset": "arith_train",
-           "output_dir": "saves/bad", "less_targets": ["arith_dev"]}  # fmt: skip
+    cfg = {
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(demo_dir),
+        "dataset": "arith_train",
+        "output_dir": "saves/bad",
+        "less_targets": ["arith_dev"],
+    }
     (tmp_path / "less.yaml").write_text(yaml.safe_dump(cfg))
     argv = ["--project-dir", str(project), "--pipeline", "less"]
     for override, message in [
@@ -551,12 +659,23 @@ def test_cli_dynamic_select_with_the_seed_selector_and_a_user_module(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_selectors.py").write_text(SEED_CUSTOM_SELECTOR)
     cfg = {
-        "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(demo_dir), "cutoff_len": 64,
-        "dataset": "arith_train,reverse_train,sort_train", "eval_dataset": "arith_test", "output_dir": "saves/sel",
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 2,
-        "learning_rate": 1.0e-3, "max_new_tokens": 4, "train_type": "dynamic_select", "component_name": "custom",
-        "warmup_step": 2, "update_step": 2, "update_times": 2,
-    }  # fmt: skip
+        "model_name_or_path": str(tiny_model_dir),
+        "dataset_dir": str(demo_dir),
+        "cutoff_len": 64,
+        "dataset": "arith_train,reverse_train,sort_train",
+        "eval_dataset": "arith_test",
+        "output_dir": "saves/sel",
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 2,
+        "learning_rate": 1.0e-3,
+        "max_new_tokens": 4,
+        "train_type": "dynamic_select",
+        "component_name": "custom",
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 2,
+    }
     (tmp_path / "sel.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
     argv = ["--project-dir", str(project), "--mlflow-uri", f"sqlite:///{db}"]
@@ -572,15 +691,29 @@ def test_cli_dynamic_select_with_the_seed_selector_and_a_user_module(
     _, run = _mlflow_run(db, summary["mlflow_run_id"])
     assert run.data.metrics["select/fraction/arith_train"] == 1.0
 
-    assert main(["train", "sel.yaml", "component_name=user_first", "user_modules=my_selectors.py",
-                 "output_dir=saves/user", *argv]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "sel.yaml",
+                "component_name=user_first",
+                "user_modules=my_selectors.py",
+                "output_dir=saves/user",
+                *argv,
+            ]
+        )
+        == 0
+    )
     _end_runs()
     user = json.loads((tmp_path / "saves" / "user" / "selections" / "step_4.json").read_text())
     assert user["selector"] == "user_first"
 
     # Bad input: one line, before training.
-    for override, message in [("warmup_step=0", "warmup_step >= 1"), ("update_step=40", "G x update_step = 320"),
-                              ("component_name=less", None)]:  # fmt: skip
+    for override, message in [
+        ("warmup_step=0", "warmup_step >= 1"),
+        ("update_step=40", "G x update_step = 320"),
+        ("component_name=less", None),
+    ]:
         args = ["train", "sel.yaml", override, "output_dir=saves/bad", *argv]
         if message is None:  # less with an eval_dataset is fine; without one it is an error
             args.insert(3, "eval_dataset=")

@@ -122,18 +122,24 @@ def _lora(tiny_model_dir):
 def _dev(demo_dir, tokenizer, name="arith_dev", **kw):
     from dataflex.data import build_dataset
 
-    return build_dataset(dataset=[name], dataset_dir=demo_dir, tokenizer=tokenizer, template="default",
-                         cutoff_len=64, stage="sft", **kw)  # fmt: skip
+    return build_dataset(
+        dataset=[name], dataset_dir=demo_dir, tokenizer=tokenizer, template="default", cutoff_len=64, stage="sft", **kw
+    )
 
 
-def test_indices_are_pool_rows_after_filtering_max_samples_and_shuffling(demo_dir, tokenizer, tiny_model_dir,
-                                                                         tmp_path):  # fmt: skip
+def test_indices_are_pool_rows_after_filtering_max_samples_and_shuffling(demo_dir, tokenizer, tiny_model_dir, tmp_path):
     from dataflex.data import build_dataset
     from dataflex.train.selector.near_selector import NearSelector
 
-    pool = build_dataset(dataset=["arith_train", "reverse_train", "sort_train"], dataset_dir=demo_dir,
-                         tokenizer=tokenizer, template="default", cutoff_len=64, stage="sft",
-                         max_samples=12)  # fmt: skip
+    pool = build_dataset(
+        dataset=["arith_train", "reverse_train", "sort_train"],
+        dataset_dir=demo_dir,
+        tokenizer=tokenizer,
+        template="default",
+        cutoff_len=64,
+        stage="sft",
+        max_samples=12,
+    )
     assert pool["sample_id"] == list(range(len(pool)))
     # Filter rows out and shuffle (what processing may do): the selector sees row positions of *this* dataset.
     pool = pool.filter(lambda r: r["sample_id"] % 3 != 0).shuffle(seed=3).flatten_indices()
@@ -152,8 +158,9 @@ def test_embedding_and_neighbour_caches_hit_on_rerun(sft_pool, demo_dir, tokeniz
 
     model = _lora(tiny_model_dir)
     target = _dev(demo_dir, tokenizer)
-    sel = TsdsSelector(sft_pool, None, None, eval_dataset=target, cache_dir=str(tmp_path), max_K=40, kde_K=20,
-                       **MODEL_ENC)  # fmt: skip
+    sel = TsdsSelector(
+        sft_pool, None, None, eval_dataset=target, cache_dir=str(tmp_path), max_K=40, kde_K=20, **MODEL_ENC
+    )
     first = sel.compute_features(model, 1)
     assert not first["cache_hit"]
     again = sel.compute_features(model, 7)  # another step, same state: a hit
@@ -184,22 +191,37 @@ def test_bad_input_is_one_config_error_line(sft_pool, tiny_model_dir):
     ]
     for name, params, ev, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
-            REGISTRY.build("selector", name, runtime={"dataset": sft_pool, "eval_dataset": ev, "accelerator": None,
-                                                      "data_collator": None}, cfg=params)  # fmt: skip
+            REGISTRY.build(
+                "selector",
+                name,
+                runtime={"dataset": sft_pool, "eval_dataset": ev, "accelerator": None, "data_collator": None},
+                cfg=params,
+            )
         assert "\n" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------- ClusterLESS and NICE
 
 
-def test_cluster_less_selects_spread_clusters_from_less_features(sft_pool, demo_dir, tokenizer, tiny_model_dir,
-                                                                  tmp_path):  # fmt: skip
+def test_cluster_less_selects_spread_clusters_from_less_features(
+    sft_pool, demo_dir, tokenizer, tiny_model_dir, tmp_path
+):
     from dataflex.train.selector.cluster_less_selector import ClusterLessSelector
 
     model = _lora(tiny_model_dir)
-    sel = ClusterLessSelector(sft_pool, None, None, eval_dataset=_dev(demo_dir, tokenizer), cache_dir=str(tmp_path),
-                              encoder="model", n_clusters=6, representatives=2, gradient_type="sgd", proj_dim=64,
-                              max_cluster_share=0.4)  # fmt: skip
+    sel = ClusterLessSelector(
+        sft_pool,
+        None,
+        None,
+        eval_dataset=_dev(demo_dir, tokenizer),
+        cache_dir=str(tmp_path),
+        encoder="model",
+        n_clusters=6,
+        representatives=2,
+        gradient_type="sgd",
+        proj_dim=64,
+        max_cluster_share=0.4,
+    )
     feats = sel.compute_features(model, 0)
     assert len(feats["representatives"]) == 12 and not feats["cache_hit"]
     picked = sel.select(model, 0, 20, features=feats)
@@ -208,11 +230,13 @@ def test_cluster_less_selects_spread_clusters_from_less_features(sft_pool, demo_
     assert sel.compute_features(model, 5)["cache_hit"]
     with pytest.raises(ConfigError, match="optimizer state"):
         ClusterLessSelector(sft_pool, None, None, eval_dataset=sft_pool, cache_dir=str(tmp_path)).compute_features(
-            model, 0)  # fmt: skip
+            model, 0
+        )
 
 
-def test_nice_features_equal_the_reward_weighted_sum_of_per_rollout_gradients(tiny_model_dir, demo_dir, tokenizer,
-                                                                              tmp_path):  # fmt: skip
+def test_nice_features_equal_the_reward_weighted_sum_of_per_rollout_gradients(
+    tiny_model_dir, demo_dir, tokenizer, tmp_path
+):
     import datasets
 
     from dataflex.features import per_sample_gradient_features
@@ -221,12 +245,14 @@ def test_nice_features_equal_the_reward_weighted_sum_of_per_rollout_gradients(ti
     from dataflex.train.selector.nice_selector import nice_target_features
 
     target = _dev(demo_dir, tokenizer).select(range(3))
-    table = rollout_table(target, str(tiny_model_dir), tokenizer, "token_f1", tmp_path / "r", mc_samples=3, seed=1,
-                          max_new_tokens=6)  # fmt: skip
+    table = rollout_table(
+        target, str(tiny_model_dir), tokenizer, "token_f1", tmp_path / "r", mc_samples=3, seed=1, max_new_tokens=6
+    )
     rows = table["rows"]
     assert table["status"] == "computed" and len(rows) == 9 and {r["eval_id"] for r in rows} == {0, 1, 2}
-    again = rollout_table(target, str(tiny_model_dir), tokenizer, "token_f1", tmp_path / "r", mc_samples=3, seed=1,
-                          max_new_tokens=6)  # fmt: skip
+    again = rollout_table(
+        target, str(tiny_model_dir), tokenizer, "token_f1", tmp_path / "r", mc_samples=3, seed=1, max_new_tokens=6
+    )
     assert again["status"] == "hit" and again["rows"] == rows
     # Hand-set rewards (the tiny model rarely earns one) so every weight path is exercised, incl. a zero reward.
     for j, r in enumerate(rows):
@@ -258,10 +284,19 @@ def test_nice_selector_end_to_end_with_adam_features(sft_pool, demo_dir, tokeniz
     model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss.backward()
     opt.step()
     # sort_dev: the test-size policy earns some token-F1 there (numbers it copies from the prompt).
-    sel = NiceSelector(sft_pool, None, None, eval_dataset=_dev(demo_dir, tokenizer, "sort_dev").select(range(4)),
-                       cache_dir=str(tmp_path), policy_model_path=str(tiny_model_dir), mc_samples=2,
-                       max_new_tokens=8, proj_dim=64, reward="token_f1",
-                       tokenizer_path=str(tiny_model_dir))  # fmt: skip
+    sel = NiceSelector(
+        sft_pool,
+        None,
+        None,
+        eval_dataset=_dev(demo_dir, tokenizer, "sort_dev").select(range(4)),
+        cache_dir=str(tmp_path),
+        policy_model_path=str(tiny_model_dir),
+        mc_samples=2,
+        max_new_tokens=8,
+        proj_dim=64,
+        reward="token_f1",
+        tokenizer_path=str(tiny_model_dir),
+    )
     table = sel.rollouts(model, {})
     if not any(r["reward"] for r in table["rows"]):  # a policy that earns nothing: the error says so
         with pytest.raises(DataError, match="reward 0"):
@@ -272,9 +307,19 @@ def test_nice_selector_end_to_end_with_adam_features(sft_pool, demo_dir, tokeniz
     assert sel.compute_features(model, 0, optimizer=opt)["cache_hit"]
     picked = sel.select(model, 0, 10, features=feats)
     assert len(set(picked)) == 10 and all(0 <= i < len(sft_pool) for i in picked)
-    sgd = NiceSelector(sft_pool, None, None, eval_dataset=sel.eval_dataset, cache_dir=str(tmp_path),
-                       policy_model_path=str(tiny_model_dir), mc_samples=2, max_new_tokens=8, proj_dim=64,
-                       gradient_type="sgd", tokenizer_path=str(tiny_model_dir))  # fmt: skip
+    sgd = NiceSelector(
+        sft_pool,
+        None,
+        None,
+        eval_dataset=sel.eval_dataset,
+        cache_dir=str(tmp_path),
+        policy_model_path=str(tiny_model_dir),
+        mc_samples=2,
+        max_new_tokens=8,
+        proj_dim=64,
+        gradient_type="sgd",
+        tokenizer_path=str(tiny_model_dir),
+    )
     # The Adam transform is really applied (DataFlex's NICE returned the raw gradient).
     assert sgd.compute_features(model, 0)["pool"]["state_key"] != feats["pool"]["state_key"]
 
@@ -294,8 +339,13 @@ def test_near_and_tsds_pick_the_target_domain_with_minilm(name, sft_pool, demo_d
         # radius covers the whole pool (measured: 43% of the mass on arith with max_K = 120); C = 1 weighs
         # transport more, which stops at ~38 neighbours per query.
         params.update(C=1.0, max_K=120, kde_K=30)
-    runtime = {"dataset": sft_pool, "eval_dataset": target, "accelerator": None, "data_collator": None,
-               "cache_dir": str(tmp_path)}  # fmt: skip
+    runtime = {
+        "dataset": sft_pool,
+        "eval_dataset": target,
+        "accelerator": None,
+        "data_collator": None,
+        "cache_dir": str(tmp_path),
+    }
     sel = REGISTRY.build("selector", name, runtime=runtime, cfg=params)
     picked = sel.select(None, 0, 20)
     domains = sft_pool["domain_id"]
@@ -306,29 +356,55 @@ def test_near_and_tsds_pick_the_target_domain_with_minilm(name, sft_pool, demo_d
 
 
 @pytest.mark.slow
-def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_dir, tokenizer, tiny_model_dir,
-                                                              tmp_path):  # fmt: skip
+def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_dir, tokenizer, tiny_model_dir, tmp_path):
     from dataflex.config import DEFAULTS
     from dataflex.train import select
     from dataflex.train import static_select as one_shot
     from dataflex.train.less import build_targets
 
-    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
-             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
-    train = {**DEFAULTS["train"], "output_dir": str(tmp_path / "dyn"), "per_device_train_batch_size": 4,
-             "learning_rate": 2e-3, "logging_steps": 2, "progress_bar": False}  # fmt: skip
+    model = {
+        "model_name_or_path": str(tiny_model_dir),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+    }
+    train = {
+        **DEFAULTS["train"],
+        "output_dir": str(tmp_path / "dyn"),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 2e-3,
+        "logging_steps": 2,
+        "progress_bar": False,
+    }
     params = {"encoder": "model", "max_K": 20}
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": "near", "warmup_step": 1,
-            "update_step": 2, "update_times": 1, "components": {"selectors": {"near": {"name": "near",
-                                                                                      "params": params}}}}  # fmt: skip
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_select",
+        "component_name": "near",
+        "warmup_step": 1,
+        "update_step": 2,
+        "update_times": 1,
+        "components": {"selectors": {"near": {"name": "near", "params": params}}},
+    }
     result = select.run_all(sft_pool, {"arith_dev": _dev(demo_dir, tokenizer)}, model, train, flex)
     (history,) = result["selection_history"]
     assert sum(history["domain_counts"].values()) == 8 and result["global_step"] == 3
 
     data = {**DEFAULTS["data"], "dataset_dir": str(demo_dir), "cutoff_len": 64}
-    cfg = one_shot.config({"selector": "near", "params": params, "targets": ["arith_dev"], "max_samples": 12,
-                           "final_epochs": 1, "cache_dir": str(tmp_path / "cache"),
-                           "output_dir": str(tmp_path / "sel")})  # fmt: skip
+    cfg = one_shot.config(
+        {
+            "selector": "near",
+            "params": params,
+            "targets": ["arith_dev"],
+            "max_samples": 12,
+            "final_epochs": 1,
+            "cache_dir": str(tmp_path / "cache"),
+            "output_dir": str(tmp_path / "sel"),
+        }
+    )
     one_shot.check_config(cfg, data)
     targets = build_targets(data, cfg, tokenizer, seed=0)
     warm = one_shot.warmup(sft_pool, model, train, cfg)

@@ -26,10 +26,18 @@ ALL = [*ATTN, "gate_proj", "up_proj", "down_proj"]
 
 def tiny_lora(targets: list[str], rank: int = 4, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                                             lora_dropout=0.1))  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.1)
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -109,9 +117,17 @@ def test_adam_features_equal_the_less_formula_on_the_reference(placement, batch_
     num = b1 * m + (1 - b1) * g
     den = b2 * v + (1 - b2) * g**2
     expected = num / torch.sqrt(den + eps) if placement == "inside" else num / (torch.sqrt(den) + eps)
-    feats = per_sample_gradient_features(model, rows, gradient_type="adam", optimizer_state=state, projector="none",
-                                         batch_size=batch_size, adam_eps_placement=placement, betas=(b1, b2),
-                                         eps=eps)  # fmt: skip
+    feats = per_sample_gradient_features(
+        model,
+        rows,
+        gradient_type="adam",
+        optimizer_state=state,
+        projector="none",
+        batch_size=batch_size,
+        adam_eps_placement=placement,
+        betas=(b1, b2),
+        eps=eps,
+    )
     assert max_rel_err(feats, expected) <= 1e-5
 
 
@@ -157,8 +173,10 @@ def test_module_called_twice_sums_both_calls():
     torch.manual_seed(0)
     model = Twice()
     rows = samples(3, equal=False, seed=2)
-    rows = [{"input_ids": [t % 11 for t in r["input_ids"]], "labels": [t if t == -100 else t % 11 for t in r["labels"]]}
-            for r in rows]  # fmt: skip
+    rows = [
+        {"input_ids": [t % 11 for t in r["input_ids"]], "labels": [t if t == -100 else t % 11 for t in r["labels"]]}
+        for r in rows
+    ]
     params = [model.lin.weight, model.lin.bias]
     ref = []
     for r in rows:
@@ -274,8 +292,14 @@ def test_fused_and_per_parameter_paths_give_the_same_features(projector, monkeyp
 
     model = tiny_lora(ALL, rank=8)
     rows = samples(6, equal=False, seed=9)
-    kw = {"gradient_type": "adam", "optimizer_state": moments(model), "projector": projector, "proj_dim": 64,
-          "seed": 2, "batch_size": 4}  # fmt: skip
+    kw = {
+        "gradient_type": "adam",
+        "optimizer_state": moments(model),
+        "projector": projector,
+        "proj_dim": 64,
+        "seed": 2,
+        "batch_size": 4,
+    }
     fused = per_sample_gradient_features(model, rows, **kw)
     monkeypatch.setattr(gradients, "FUSED_BUFFER_BYTES", 0)
     per_parameter = per_sample_gradient_features(model, rows, **kw)
@@ -299,8 +323,10 @@ def test_projected_features_equal_projected_reference():
 def test_less_scores_on_a_hand_computed_example():
     # Two checkpoints, 3 pool samples, 4 target examples in two subtasks (0, 0, 1, 1); 2-d features.
     train = [torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [3.0, 0.0], [1.0, 0.0]])]
-    target = [torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 5.0]]),
-              torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]])]  # fmt: skip
+    target = [
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 5.0]]),
+        torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]]),
+    ]
     lrs = [3e-4, 1e-4]  # -> weights 0.75, 0.25
     assert checkpoint_weights(lrs) == pytest.approx([0.75, 0.25])
     r = 1 / math.sqrt(2)

@@ -101,9 +101,16 @@ def test_trainer_on_a_mixture_resumes_exactly(tmp_path, tiny_model_dir, sft_pool
         manager = MixedProportionManager(names, sizes, init_proportions=[0.6, 0.3, 0.1], seed=5)
         plan = MixturePlan(manager, offsets, 4, 2, num_steps=6)
         model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, seed=0)
-        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                                 max_steps=6, save_steps=3, logging_steps=3, progress_bar=False,
-                                 resume_from_checkpoint=resume)  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(out),
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_steps=6,
+            save_steps=3,
+            logging_steps=3,
+            progress_bar=False,
+            resume_from_checkpoint=resume,
+        )
         seen = []
 
         class Watch:
@@ -144,15 +151,37 @@ def test_random_and_static_mixers():
 
 
 def _mix_params(tmp_path, tiny_model_dir, **flex):
-    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
-             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
-    train = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                              gradient_accumulation_steps=1, max_steps=-1, logging_steps=2,
-                              progress_bar=False).to_dict()  # fmt: skip
-    base = {"train_type": "dynamic_mix", "component_name": "random", "components_cfg_file": None,
-            "components": {"mixers": {"random": {"name": "random", "params": {"seed": 11}}}}, "user_modules": [],
-            "warmup_step": 2, "update_step": 2, "update_times": 2, "train_step": 0, "static_mix": False,
-            "mixture_sample_rule": "mixture", "init_mixture_proportions": [0.8, 0.1, 0.1]}  # fmt: skip
+    model = {
+        "model_name_or_path": str(tiny_model_dir),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+    }
+    train = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=-1,
+        logging_steps=2,
+        progress_bar=False,
+    ).to_dict()
+    base = {
+        "train_type": "dynamic_mix",
+        "component_name": "random",
+        "components_cfg_file": None,
+        "components": {"mixers": {"random": {"name": "random", "params": {"seed": 11}}}},
+        "user_modules": [],
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 2,
+        "train_step": 0,
+        "static_mix": False,
+        "mixture_sample_rule": "mixture",
+        "init_mixture_proportions": [0.8, 0.1, 0.1],
+    }
     base.update(flex)
     return model, train, base
 
@@ -196,8 +225,14 @@ def test_rounds_chained_equal_one_run(tmp_path, tiny_model_dir, sft_pool, tokeni
 
     model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, lora_alpha=8, seed=42)
     args = TrainingArguments(**{**train_p, "output_dir": str(tmp_path / "one")})
-    Trainer(model, sft_pool, args, data_collator=DataCollatorForCausalLM(tokenizer),
-            plan=MixturePlan(manager, offsets, 4, 1, num_steps=6), observers=[Mix()]).train()  # fmt: skip
+    Trainer(
+        model,
+        sft_pool,
+        args,
+        data_collator=DataCollatorForCausalLM(tokenizer),
+        plan=MixturePlan(manager, offsets, 4, 1, num_steps=6),
+        observers=[Mix()],
+    ).train()
     from safetensors.torch import load_file
 
     adapter = load_file(str(tmp_path / "rounds" / "out" / "adapter" / "adapter_model.safetensors"))
@@ -231,8 +266,12 @@ class _Ctx:
 def _losses(domain_ids, sums, counts):
     from dataflex.train.trainer.losses import MicroBatchLosses
 
-    return MicroBatchLosses(token_loss_sum=torch.tensor(sums), token_count=torch.tensor(counts), window_tokens=1,
-                            domain_id=torch.tensor(domain_ids))  # fmt: skip
+    return MicroBatchLosses(
+        token_loss_sum=torch.tensor(sums),
+        token_count=torch.tensor(counts),
+        window_tokens=1,
+        domain_id=torch.tensor(domain_ids),
+    )
 
 
 def test_odm_formulas_and_credit_to_each_domain():
@@ -281,8 +320,12 @@ def test_doremi_excess_and_weighted_proxy_loss(tiny_model_dir, sft_pool, tokeniz
     from dataflex.train.trainer import forward_losses
 
     manager = MixedProportionManager(["a", "b", "c"], [40, 40, 40])
-    mixer = REGISTRY.build("mixer", "doremi", runtime={"mixture_manager": manager},
-                           cfg={"reference_model_path": str(tiny_model_dir), "reweight_eta": 1.0})  # fmt: skip
+    mixer = REGISTRY.build(
+        "mixer",
+        "doremi",
+        runtime={"mixture_manager": manager},
+        cfg={"reference_model_path": str(tiny_model_dir), "reweight_eta": 1.0},
+    )
     proxy = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, seed=0)
     with torch.no_grad():  # move the proxy away from the reference (the base model) so the excess is not all 0
         for name, p in proxy.named_parameters():
@@ -319,5 +362,9 @@ def test_doremi_needs_a_reference(tmp_path):
     with pytest.raises(ConfigError, match="needs reference_model_path"):
         REGISTRY.build("mixer", "doremi", runtime={"mixture_manager": manager}, cfg={})
     with pytest.raises(ConfigError, match="does not exist"):
-        REGISTRY.build("mixer", "doremi", runtime={"mixture_manager": manager},
-                       cfg={"reference_model_path": str(tmp_path / "nope")})  # fmt: skip
+        REGISTRY.build(
+            "mixer",
+            "doremi",
+            runtime={"mixture_manager": manager},
+            cfg={"reference_model_path": str(tmp_path / "nope")},
+        )

@@ -20,8 +20,9 @@ from dataflex.train.selector.loss_selector import bucket_probabilities
 
 def sched(b=1, a=1, w=10, u=10, t=2, s=0, e=1.0, n=999):
     flex = {"warmup_step": w, "update_step": u, "update_times": t, "train_step": s}
-    return select.select_schedule(flex, {"per_device_train_batch_size": b, "gradient_accumulation_steps": a,
-                                         "num_train_epochs": e}, n)  # fmt: skip
+    return select.select_schedule(
+        flex, {"per_device_train_batch_size": b, "gradient_accumulation_steps": a, "num_train_epochs": e}, n
+    )
 
 
 def steps(schedule, kind):
@@ -91,22 +92,52 @@ def test_delta_loss_window_slides_and_never_includes_worse_samples():
 def _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, component="random", params=None, **flex_kw):
     from dataflex.data import build_dataset
 
-    evals = {"arith_dev": build_dataset(dataset=["arith_dev"], dataset_dir=demo_dir, tokenizer=tokenizer,
-                                        template="default", cutoff_len=64, stage="sft")}  # fmt: skip
-    model = {"model_name_or_path": str(tiny_model_dir), "finetuning_type": "lora", "lora_target": "all",
-             "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "dtype": "fp32"}  # fmt: skip
-    train = {**DEFAULTS["train"], "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4,
-             "learning_rate": 2e-3, "logging_steps": 2, "progress_bar": False}  # fmt: skip
+    evals = {
+        "arith_dev": build_dataset(
+            dataset=["arith_dev"],
+            dataset_dir=demo_dir,
+            tokenizer=tokenizer,
+            template="default",
+            cutoff_len=64,
+            stage="sft",
+        )
+    }
+    model = {
+        "model_name_or_path": str(tiny_model_dir),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+    }
+    train = {
+        **DEFAULTS["train"],
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 2e-3,
+        "logging_steps": 2,
+        "progress_bar": False,
+    }
     comps = {"selectors": {component: {"name": component, "params": params or {}}}}
-    flex = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "component_name": component, "warmup_step": 2,
-            "update_step": 2, "update_times": 2, "components": comps, **flex_kw}  # fmt: skip
+    flex = {
+        **DEFAULTS["dataflex"],
+        "train_type": "dynamic_select",
+        "component_name": component,
+        "warmup_step": 2,
+        "update_step": 2,
+        "update_times": 2,
+        "components": comps,
+        **flex_kw,
+    }
     return evals, model, train, flex
 
 
 @pytest.mark.slow
 def test_rounds_cache_and_resume_from_a_save_steps_checkpoint(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer):
-    evals, model, train, flex = _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, "loss",
-                                       {"focus": "high", "replacement": False})  # fmt: skip
+    evals, model, train, flex = _setup(
+        demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, "loss", {"focus": "high", "replacement": False}
+    )
     train["save_steps"] = 3
     result = select.run_all(sft_pool, evals, model, train, flex)
     assert result["global_step"] == 6 and [h["step"] for h in result["selection_history"]] == [2, 4]
@@ -148,9 +179,12 @@ class _Bad:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "how, message",
-    [("short", "returned 7 indices; it must return exactly num_samples=8"),
-     ("range", "returned index 120, outside the pool"), ("type", "returned str, not a list of pool indices")],
-)  # fmt: skip
+    [
+        ("short", "returned 7 indices; it must return exactly num_samples=8"),
+        ("range", "returned index 120, outside the pool"),
+        ("type", "returned str, not a list of pool indices"),
+    ],
+)
 def test_a_broken_selection_is_a_clear_error(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, how, message):
     from dataflex.core.registry import register_selector
     from dataflex.train.selector.base_selector import Selector
@@ -181,36 +215,53 @@ def test_bad_select_config_is_refused_before_training(sft_pool):
     listed = str(err.value).split("registered selectors: ")[1].split(" (")[0].split(", ")
     assert {"custom", "delta_loss", "less", "loss", "random"} <= set(listed) and listed == sorted(listed)
     with pytest.raises(ConfigError, match="does not accept parameter"):
-        select.check_select_config({**base, "component_name": "random", "components": {
-            "selectors": {"random": {"name": "random", "params": {"sed": 1}}}}}, train, True)  # fmt: skip
+        select.check_select_config(
+            {
+                **base,
+                "component_name": "random",
+                "components": {"selectors": {"random": {"name": "random", "params": {"sed": 1}}}},
+            },
+            train,
+            True,
+        )
     with pytest.raises(ConfigError, match="'less' needs an eval_dataset"):
         select.check_select_config({**base, "component_name": "less"}, train, False)
     with pytest.raises(ConfigError, match="G x update_step = 160 samples but the pool has 120"):
         select.check_select_config({**base, "component_name": "random", "update_step": 10}, train, True, 120)
     rep = {"selectors": {"random": {"name": "random", "params": {"replacement": True}}}}
-    select.check_select_config({**base, "component_name": "random", "update_step": 10, "components": rep}, train,
-                               True, 120)  # fmt: skip
+    select.check_select_config(
+        {**base, "component_name": "random", "update_step": 10, "components": rep}, train, True, 120
+    )
 
 
 @pytest.mark.slow
-def test_online_less_picks_the_target_domain_and_beats_random_on_it(demo_dir, tiny_model_dir, sft_pool, tmp_path,
-                                                                     tokenizer):  # fmt: skip
+def test_online_less_picks_the_target_domain_and_beats_random_on_it(
+    demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer
+):
     """Issue #4's end-to-end claim on the demo: with arith_dev as the target, `less` selects mostly arith from
     the first selection on, and after the same number of steps its held-out arith loss is lower than `random`'s."""
     from dataflex.data import DataCollatorForCausalLM, build_dataset
     from dataflex.evaluation import eval_loss
     from dataflex.train.runner import load_checkpoint_model
 
-    held_out = build_dataset(dataset=["arith_test"], dataset_dir=demo_dir, tokenizer=tokenizer, template="default",
-                             cutoff_len=64, stage="sft")  # fmt: skip
+    held_out = build_dataset(
+        dataset=["arith_test"],
+        dataset_dir=demo_dir,
+        tokenizer=tokenizer,
+        template="default",
+        cutoff_len=64,
+        stage="sft",
+    )
     base_rate = sum(d == 0 for d in sft_pool["domain_id"]) / len(sft_pool)  # arith is domain 0 of the pool
     losses = {}
     for name, params in (("less", {"proj_dim": 2048, "batch_size": 8}), ("random", {})):
-        evals, model, train, flex = _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path / name, tokenizer, name,
-                                           params, warmup_step=2, update_step=4)  # fmt: skip
+        evals, model, train, flex = _setup(
+            demo_dir, tiny_model_dir, sft_pool, tmp_path / name, tokenizer, name, params, warmup_step=2, update_step=4
+        )
         result = select.run_all(sft_pool, evals, model, train, flex)
-        fractions = [h["domain_counts"]["arith_train"] / sum(h["domain_counts"].values())
-                     for h in result["selection_history"]]  # fmt: skip
+        fractions = [
+            h["domain_counts"]["arith_train"] / sum(h["domain_counts"].values()) for h in result["selection_history"]
+        ]
         if name == "less":
             assert len(fractions) == 2 and min(fractions) >= 0.75 > base_rate + 0.3, fractions
         net = load_checkpoint_model(model, result["last_checkpoint"], int(train["seed"]))

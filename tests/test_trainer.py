@@ -250,9 +250,14 @@ def test_bad_training_arguments(bad, match):
 def test_bf16_mixed_precision_after_fp32_in_one_process(tmp_path, tiny_model_dir, sft_pool, tokenizer):
     """bf16 autocast works on CPU, and a second run in the same process may change precision."""
     collate = DataCollatorForCausalLM(tokenizer)
-    fp32 = Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path / "a", max_steps=2, logging_steps=1),
-                   data_collator=collate).train()  # fmt: skip
-    bf16 = Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path / "b", max_steps=2, logging_steps=1,
-                   mixed_precision="bf16"), data_collator=collate).train()  # fmt: skip
+    fp32 = Trainer(
+        _lora(tiny_model_dir), sft_pool, _args(tmp_path / "a", max_steps=2, logging_steps=1), data_collator=collate
+    ).train()
+    bf16 = Trainer(
+        _lora(tiny_model_dir),
+        sft_pool,
+        _args(tmp_path / "b", max_steps=2, logging_steps=1, mixed_precision="bf16"),
+        data_collator=collate,
+    ).train()
     for a, b in zip(fp32.log_history, bf16.log_history):
         assert math.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 0.1

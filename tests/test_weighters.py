@@ -50,13 +50,22 @@ def test_uniform_is_an_alias_that_upweights_hard_samples():
 
 
 def _lora(model_dir, seed=0, dropout=0.0):
-    return load_model(str(model_dir), finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=dropout,
-                      dtype="fp32", seed=seed)  # fmt: skip
+    return load_model(
+        str(model_dir), finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=dropout, dtype="fp32", seed=seed
+    )
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                learning_rate=5e-3, max_steps=4, seed=3, logging_steps=2, progress_bar=False)  # fmt: skip
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        max_steps=4,
+        seed=3,
+        logging_steps=2,
+        progress_bar=False,
+    )
     base.update(kw)
     return TrainingArguments(**base)
 
@@ -77,8 +86,14 @@ def test_uniform_weights_reproduce_static_training(ga, tmp_path, tiny_model_dir,
     static = _lora(tiny_model_dir)
     Trainer(static, sft_pool, _args(tmp_path / "s", gradient_accumulation_steps=ga), data_collator=collate).train()
     weighted = _lora(tiny_model_dir)
-    result = Trainer(weighted, sft_pool, _args(tmp_path / "w", gradient_accumulation_steps=ga),
-                     data_collator=collate, weighter=Uniform(), weighting_warmup_steps=2).train()  # fmt: skip
+    result = Trainer(
+        weighted,
+        sft_pool,
+        _args(tmp_path / "w", gradient_accumulation_steps=ga),
+        data_collator=collate,
+        weighter=Uniform(),
+        weighting_warmup_steps=2,
+    ).train()
     for name, value in _weights(static).items():
         torch.testing.assert_close(weighted.get_parameter(name).detach(), value, rtol=0, atol=1e-7)
     logged = [h for h in result.log_history if "weights/min" in h]
@@ -96,8 +111,13 @@ def test_weights_are_normalised_over_the_whole_step(tmp_path, tiny_model_dir, sf
     for batch, ga in ((4, 1), (2, 2)):
         model = _lora(tiny_model_dir)
         weighter = REGISTRY.build("weighter", "loss", cfg={"strategy": "linupper", "delta": 2.0})
-        args = _args(tmp_path / f"{batch}x{ga}", per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-                     disable_shuffling=True, max_steps=3)  # fmt: skip
+        args = _args(
+            tmp_path / f"{batch}x{ga}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=ga,
+            disable_shuffling=True,
+            max_steps=3,
+        )
         Trainer(model, sft_pool, args, data_collator=collate, weighter=weighter).train()
         runs.append((model, weighter))
     (m1, w1), (m2, w2) = runs
@@ -132,10 +152,19 @@ def test_seed_custom_weighter_runs_verbatim(tmp_path, tiny_model_dir, sft_pool, 
 def test_adapt_weighter(tmp_path, tiny_model_dir, sft_pool, tokenizer):
     collate = DataCollatorForCausalLM(tokenizer)
     anchors = sft_pool.select(range(0, 10))
-    w = REGISTRY.build("weighter", "adapt", runtime={"eval_dataset": anchors, "data_collator": collate},
-                       cfg={"tau": 0.1, "refresh_interval": 2, "anchor_batch_size": 4})  # fmt: skip
-    result = Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path, max_steps=4, gradient_accumulation_steps=2),
-                     data_collator=collate, weighter=w).train()  # fmt: skip
+    w = REGISTRY.build(
+        "weighter",
+        "adapt",
+        runtime={"eval_dataset": anchors, "data_collator": collate},
+        cfg={"tau": 0.1, "refresh_interval": 2, "anchor_batch_size": 4},
+    )
+    result = Trainer(
+        _lora(tiny_model_dir),
+        sft_pool,
+        _args(tmp_path, max_steps=4, gradient_accumulation_steps=2),
+        data_collator=collate,
+        weighter=w,
+    ).train()
     assert w.anchor_step == 2 and w.anchor_mean.shape == (64,)
     assert any("weights/max" in h for h in result.log_history)
     # embedding: later tokens weigh more, padding none, unit norm
@@ -153,11 +182,17 @@ def test_resume_equals_uninterrupted(name, cfg, tmp_path, tiny_model_dir, sft_po
 
     def run(out, resume=None, observers=()):
         model = _lora(tiny_model_dir, dropout=0.1)
-        args = _args(out, max_steps=6, gradient_accumulation_steps=2, save_steps=4 if resume is None else 0,
-                     resume_from_checkpoint=resume)  # fmt: skip
+        args = _args(
+            out,
+            max_steps=6,
+            gradient_accumulation_steps=2,
+            save_steps=4 if resume is None else 0,
+            resume_from_checkpoint=resume,
+        )
         w = REGISTRY.build("weighter", name, runtime=runtime, cfg=cfg)
-        trainer = Trainer(model, sft_pool, args, data_collator=collate, weighter=w, weighting_warmup_steps=1,
-                          observers=observers)  # fmt: skip
+        trainer = Trainer(
+            model, sft_pool, args, data_collator=collate, weighter=w, weighting_warmup_steps=1, observers=observers
+        )
         return model, trainer.train()
 
     full_model, full = run(tmp_path / "a")
@@ -194,8 +229,15 @@ def test_bad_weighter_output_names_weighter_and_step(mode, match, tmp_path, tiny
     with pytest.raises(
         WeighterError, match=f"weighter 'broken' at step 1 .*{match}|weighter 'broken' at step 1 returned"
     ):
-        Trainer(_lora(tiny_model_dir), sft_pool, _args(tmp_path), data_collator=DataCollatorForCausalLM(tokenizer),
-                weighter=Broken(mode), weighter_name="broken", weighting_warmup_steps=1).train()  # fmt: skip
+        Trainer(
+            _lora(tiny_model_dir),
+            sft_pool,
+            _args(tmp_path),
+            data_collator=DataCollatorForCausalLM(tokenizer),
+            weighter=Broken(mode),
+            weighter_name="broken",
+            weighting_warmup_steps=1,
+        ).train()
 
 
 def test_bad_weighter_config():

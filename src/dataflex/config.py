@@ -106,22 +106,59 @@ FLAT_KEYS.update(
 _CONVERTED = {"bf16", "fp16"}
 
 # Known keys that change nothing here (logging, hub, workers, memory tricks): accepted with a one-line notice.
-# fmt: off
-IGNORED_KEYS = frozenset({
-    "ddp_timeout", "plot_loss", "report_to", "overwrite_cache", "overwrite_output_dir",
-    "preprocessing_num_workers", "dataloader_num_workers", "do_train", "do_eval", "do_predict",
-    "trust_remote_code", "save_only_model", "eval_strategy", "evaluation_strategy", "eval_steps",
-    "metric_for_best_model", "greater_is_better", "load_best_model_at_end", "logging_dir", "run_name",
-    "flash_attn", "disable_version_check", "ddp_find_unused_parameters", "save_strategy",
-    "include_num_input_tokens_seen", "gradient_checkpointing", "enable_liger_kernel", "dataloader_pin_memory",
-    "bf16_full_eval", "early_stopping_steps", "early_stopping_min_delta", "save_safetensors",
-})
+IGNORED_KEYS = frozenset(
+    {
+        "ddp_timeout",
+        "plot_loss",
+        "report_to",
+        "overwrite_cache",
+        "overwrite_output_dir",
+        "preprocessing_num_workers",
+        "dataloader_num_workers",
+        "do_train",
+        "do_eval",
+        "do_predict",
+        "trust_remote_code",
+        "save_only_model",
+        "eval_strategy",
+        "evaluation_strategy",
+        "eval_steps",
+        "metric_for_best_model",
+        "greater_is_better",
+        "load_best_model_at_end",
+        "logging_dir",
+        "run_name",
+        "flash_attn",
+        "disable_version_check",
+        "ddp_find_unused_parameters",
+        "save_strategy",
+        "include_num_input_tokens_seen",
+        "gradient_checkpointing",
+        "enable_liger_kernel",
+        "dataloader_pin_memory",
+        "bf16_full_eval",
+        "early_stopping_steps",
+        "early_stopping_min_delta",
+        "save_safetensors",
+    }
+)
 # Known keys whose meaning this version does not implement: silently dropping them would change the run.
-UNSUPPORTED_KEYS = frozenset({
-    "quantization_bit", "use_unsloth", "streaming", "buffer_size", "neat_packing", "mix_strategy",
-    "interleave_probs", "tokenized_path", "upcast_layernorm", "freeze_gate", "resize_vocab", "optim",
-})
-# fmt: on
+UNSUPPORTED_KEYS = frozenset(
+    {
+        "quantization_bit",
+        "use_unsloth",
+        "streaming",
+        "buffer_size",
+        "neat_packing",
+        "mix_strategy",
+        "interleave_probs",
+        "tokenized_path",
+        "upcast_layernorm",
+        "freeze_gate",
+        "resize_vocab",
+        "optim",
+    }
+)
 _SAME_OPTIMIZER = ("adamw_torch", "adamw_torch_fused")
 
 
@@ -332,12 +369,16 @@ def _check_dynamic(params: Mapping[str, Any]) -> None:
         from dataflex.train.select import check_select_config
 
         if flex.get("update_times", 1) <= 0 and flex["train_step"] <= 0:
-            raise ConfigError("dynamic_select with update_times <= 0 needs train_step > 0 (the rounds are unrolled "
-                              "before the data is read); or set update_times >= 1")  # fmt: skip
+            raise ConfigError(
+                "dynamic_select with update_times <= 0 needs train_step > 0 (the rounds are unrolled "
+                "before the data is read); or set update_times >= 1"
+            )
         check_select_config(flex, params["train"], bool(data.get("eval_dataset") or data.get("val_size")))
     if flex["train_step"] and flex["warmup_step"] > flex["train_step"]:
-        raise ConfigError(f"warmup_step ({flex['warmup_step']}) > train_step ({flex['train_step']}): the {kind} "
-                          "would never start; lower warmup_step or raise train_step")  # fmt: skip
+        raise ConfigError(
+            f"warmup_step ({flex['warmup_step']}) > train_step ({flex['train_step']}): the {kind} "
+            "would never start; lower warmup_step or raise train_step"
+        )
     if name == "adapt" and not (data.get("eval_dataset") or data.get("val_size")):
         raise ConfigError("weighter 'adapt' needs an eval_dataset (its anchor set); set eval_dataset or val_size")
 

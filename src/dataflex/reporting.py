@@ -135,12 +135,21 @@ def selection_composition_plot(selection: Mapping[str, Any]) -> plt.Figure:
     for t, target in enumerate(targets):
         counts = selection["targets"][target]["domain_counts"]
         total = max(1, sum(counts.values()))
-        ax.bar([d + t * width for d in range(len(names))], [counts.get(n, 0) / total for n in names], width,
-               label=f"selected for {target}")  # fmt: skip
+        ax.bar(
+            [d + t * width for d in range(len(names))],
+            [counts.get(n, 0) / total for n in names],
+            width,
+            label=f"selected for {target}",
+        )
     if pool:
         total = max(1, sum(pool.values()))
-        ax.bar([d + len(targets) * width for d in range(len(names))], [pool.get(n, 0) / total for n in names], width,
-               color="lightgrey", label="pool")  # fmt: skip
+        ax.bar(
+            [d + len(targets) * width for d in range(len(names))],
+            [pool.get(n, 0) / total for n in names],
+            width,
+            color="lightgrey",
+            label="pool",
+        )
     ax.set_xticks([d + 0.4 - width / 2 for d in range(len(names))], names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("fraction of the selection")
     ax.set_ylim(0, 1)

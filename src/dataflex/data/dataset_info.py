@@ -39,9 +39,22 @@ _TAG_DEFAULTS: dict[str, str] = {
 }
 # Keys LLaMA-Factory accepts in an entry; anything else is probably a typo and is reported.
 _KNOWN_KEYS = {
-    "file_name", "formatting", "columns", "tags", "ranking", "split", "folder", "subset", "num_samples",
-    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "load_from",
-}  # fmt: skip
+    "file_name",
+    "formatting",
+    "columns",
+    "tags",
+    "ranking",
+    "split",
+    "folder",
+    "subset",
+    "num_samples",
+    "hf_hub_url",
+    "ms_hub_url",
+    "om_hub_url",
+    "script_url",
+    "cloud_file_name",
+    "load_from",
+}
 # Columns LF knows but this project does not use (multimodal, preference): accepted, ignored.
 _IGNORED_COLUMNS = {"images", "videos", "audios", "chosen", "rejected", "kto_tag"}
 

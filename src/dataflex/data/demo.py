@@ -92,7 +92,7 @@ _PHRASES = {
         "Change the date format to DD/MM/YYYY.",
     ],
     "upper": ["Write the word in upper case.", "Convert the word to capital letters.", "Uppercase the word."],
-}  # fmt: skip
+}
 
 
 def _arith(rng: random.Random) -> tuple[str, str, str, str]:
@@ -230,8 +230,12 @@ def make_demo_data(
     Each file is written atomically and `dataset_info.json` last, so a crash never leaves a registry
     that points at missing or partial files. Same arguments -> byte-identical files.
     """
-    for name, v in (("train_per_domain", train_per_domain), ("dev_per_domain", dev_per_domain),
-                    ("test_per_domain", test_per_domain), ("text_docs_per_domain", text_docs_per_domain)):  # fmt: skip
+    for name, v in (
+        ("train_per_domain", train_per_domain),
+        ("dev_per_domain", dev_per_domain),
+        ("test_per_domain", test_per_domain),
+        ("text_docs_per_domain", text_docs_per_domain),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"make_demo_data: {name} must be an integer >= 1, got {v!r}")
     if noise_domain is not None and noise_domain not in INSTRUCTION_DOMAINS:
@@ -271,8 +275,12 @@ def make_demo_data(
             split_tags = {**tags, "split": split}
             if split == "train" and dom == noise_domain and noise_rate > 0:
                 split_tags["noise_rate"] = noise_rate
-            info[name] = {"file_name": f"{name}.json", "formatting": "alpaca", "columns": alpaca_cols,
-                          "tags": split_tags}  # fmt: skip
+            info[name] = {
+                "file_name": f"{name}.json",
+                "formatting": "alpaca",
+                "columns": alpaca_cols,
+                "tags": split_tags,
+            }
 
     for dom in TEXT_DOMAINS:
         rng = random.Random(f"{seed}:{dom}")
@@ -281,8 +289,12 @@ def make_demo_data(
             name = f"{dom}_{split}"
             lines = "".join(json.dumps({"text": gen(rng)}) + "\n" for _ in range(n))
             atomic_write_text(out / f"{name}.jsonl", lines)
-            info[name] = {"file_name": f"{name}.jsonl", "formatting": "alpaca", "columns": {"prompt": "text"},
-                          "tags": {"domain": dom, "split": split}}  # fmt: skip
+            info[name] = {
+                "file_name": f"{name}.jsonl",
+                "formatting": "alpaca",
+                "columns": {"prompt": "text"},
+                "tags": {"domain": dom, "split": split},
+            }
 
     rng = random.Random(f"{seed}:chat")
     chats = []
@@ -300,9 +312,15 @@ def make_demo_data(
         "file_name": "chat_train.json",
         "formatting": "sharegpt",
         "columns": {"messages": "conversations"},
-        "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "domain": "chat", "split": "train"},
-    }  # fmt: skip
+        "tags": {
+            "role_tag": "from",
+            "content_tag": "value",
+            "user_tag": "human",
+            "assistant_tag": "gpt",
+            "domain": "chat",
+            "split": "train",
+        },
+    }
 
     atomic_write_json(out / "dataset_info.json", info)
     return out

@@ -123,13 +123,19 @@ def _prepare(
     seed: int = 0,
 ) -> tuple[Any, list[DatasetAttr], dict[str, Any], str]:
     """Checks and hashing shared by building, caching and fingerprinting: (template, attrs, settings, fingerprint)."""
-    tmpl = _check_settings(template=template, cutoff_len=cutoff_len, stage=stage, max_samples=max_samples,
-                           packing=packing)  # fmt: skip
+    tmpl = _check_settings(
+        template=template, cutoff_len=cutoff_len, stage=stage, max_samples=max_samples, packing=packing
+    )
     attrs = resolve_datasets(dataset, dataset_dir)
     settings = _settings(
-        stage=stage, template=template, cutoff_len=cutoff_len, train_on_prompt=bool(train_on_prompt),
-        max_samples=max_samples, packing=bool(packing), seed=seed,
-    )  # fmt: skip
+        stage=stage,
+        template=template,
+        cutoff_len=cutoff_len,
+        train_on_prompt=bool(train_on_prompt),
+        max_samples=max_samples,
+        packing=bool(packing),
+        seed=seed,
+    )
     return tmpl, attrs, settings, _fingerprint(attrs, dataset_dir, tokenizer, settings)
 
 
@@ -198,9 +204,17 @@ def build_dataset(
     `seed` is recorded (and fingerprinted) but nothing here is random: order is file order, domain by domain.
     """
     tmpl, attrs, settings, fingerprint = _prepare(
-        dataset=dataset, dataset_dir=dataset_dir, tokenizer=tokenizer, template=template, cutoff_len=cutoff_len,
-        stage=stage, train_on_prompt=train_on_prompt, max_samples=max_samples, packing=packing, seed=seed,
-    )  # fmt: skip
+        dataset=dataset,
+        dataset_dir=dataset_dir,
+        tokenizer=tokenizer,
+        template=template,
+        cutoff_len=cutoff_len,
+        stage=stage,
+        train_on_prompt=train_on_prompt,
+        max_samples=max_samples,
+        packing=packing,
+        seed=seed,
+    )
     names = [a.name for a in attrs]
     if stage == "sft":
         tmpl.check_tokenizer(tokenizer)
@@ -248,8 +262,11 @@ def build_dataset(
     )
     logger.info(
         "built %s dataset: %d samples from %s (fingerprint %s)",
-        stage, len(ds), ", ".join(f"{n}={s}" for n, s in zip(names, meta["domain_sizes"])), fingerprint[:12],
-    )  # fmt: skip
+        stage,
+        len(ds),
+        ", ".join(f"{n}={s}" for n, s in zip(names, meta["domain_sizes"])),
+        fingerprint[:12],
+    )
     return ds
 
 
@@ -280,11 +297,16 @@ def _encode_sft(
                 continue
             examples.append((ids, lab, row))
         if invalid:
-            logger.warning("dataset '%s': dropped %d row(s) whose roles do not alternate user/assistant",
-                           attr.name, invalid)  # fmt: skip
+            logger.warning(
+                "dataset '%s': dropped %d row(s) whose roles do not alternate user/assistant", attr.name, invalid
+            )
         if masked:
-            logger.warning("dataset '%s': dropped %d row(s) with no supervised token after truncation to "
-                           "cutoff_len=%d", attr.name, masked, cutoff_len)  # fmt: skip
+            logger.warning(
+                "dataset '%s': dropped %d row(s) with no supervised token after truncation to cutoff_len=%d",
+                attr.name,
+                masked,
+                cutoff_len,
+            )
         masked_total += masked
         if not examples:
             problems.append((attr.name, len(convs), invalid, masked))

@@ -149,9 +149,9 @@ class Template:
     def _tokenizer_end_of_turn(self, tokenizer: Any) -> str | None:
         probe = "x7q"
         try:
-            (_, response), *_ = self._render_with_tokenizer(tokenizer, "", [
-                ({"role": "user", "content": "hi"}, {"role": "assistant", "content": probe})
-            ])  # fmt: skip
+            (_, response), *_ = self._render_with_tokenizer(
+                tokenizer, "", [({"role": "user", "content": "hi"}, {"role": "assistant", "content": probe})]
+            )
         except Exception:  # a template that cannot render a probe has no detectable end marker
             return None
         text = response[0] if response and isinstance(response[0], str) else ""

@@ -76,11 +76,21 @@ def _save_datasets(datasets: Mapping[str, Any], root: Path) -> dict[str, Any]:
     return refs
 
 
-def launch_command(num_processes: int, task: Path, *, accelerate_config: str | None = None,
-                   mixed_precision: str = "no") -> list[str]:  # fmt: skip
+def launch_command(
+    num_processes: int, task: Path, *, accelerate_config: str | None = None, mixed_precision: str = "no"
+) -> list[str]:
     """The `accelerate launch` command line: DDP by default, or the given accelerate config file."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
-           "--main_process_port", str(_free_port()), "--dynamo_backend", "no"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(_free_port()),
+        "--dynamo_backend",
+        "no",
+    ]
     if accelerate_config:
         cmd += ["--config_file", accelerate_config]
     else:  # also on CPU: MULTI_CPU with gloo (`--cpu` would start one process)
@@ -111,8 +121,10 @@ def check_launch_config(params: Mapping[str, Any]) -> None:
         n = cfg.get("num_processes")
         ours = int(params.get("num_processes") or 1)
         if n is not None and int(n) != ours:
-            raise ConfigError(f"accelerate_config {path} has num_processes {n} but train.num_processes is {ours}; "
-                              "make them equal (the global batch uses it)")  # fmt: skip
+            raise ConfigError(
+                f"accelerate_config {path} has num_processes {n} but train.num_processes is {ours}; "
+                "make them equal (the global batch uses it)"
+            )
 
 
 # Accelerate would launch these, but TrainState checkpoints hold full unwrapped weights and a plain AdamW state:
@@ -123,8 +135,14 @@ _SHARDED = (
 )
 
 
-def launch(target: str, train_params: Mapping[str, Any], *, datasets: Mapping[str, Any],
-           kwargs: Mapping[str, Any], metrics_sink: MetricsSink | None = None) -> Any:  # fmt: skip
+def launch(
+    target: str,
+    train_params: Mapping[str, Any],
+    *,
+    datasets: Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+    metrics_sink: MetricsSink | None = None,
+) -> Any:
     """Run `target` ("module:function", one of worker.TARGETS) on `train_params['num_processes']` processes with
     `datasets` (Arrow-saved) and JSON `kwargs`; returns rank 0's result. Metrics are replayed into `metrics_sink`."""
     from dataflex.distributed.worker import TARGETS
@@ -137,14 +155,20 @@ def launch(target: str, train_params: Mapping[str, Any], *, datasets: Mapping[st
     work.mkdir(parents=True, exist_ok=True)
     log = work / "worker.log"
     try:
-        task = {"target": target, "datasets": _save_datasets(datasets, work / "inputs"), "kwargs": dict(kwargs),
-                "metrics": metrics_sink is not None, "result": str(work / "result.json")}  # fmt: skip
+        task = {
+            "target": target,
+            "datasets": _save_datasets(datasets, work / "inputs"),
+            "kwargs": dict(kwargs),
+            "metrics": metrics_sink is not None,
+            "result": str(work / "result.json"),
+        }
         atomic_write_json(work / "task.json", task)
         mixed = str(train_params.get("mixed_precision") or "no")
         if mixed == "fp16" and not torch.cuda.is_available():
             mixed = "no"
-        cmd = launch_command(n, work / "task.json", accelerate_config=train_params.get("accelerate_config"),
-                             mixed_precision=mixed)  # fmt: skip
+        cmd = launch_command(
+            n, work / "task.json", accelerate_config=train_params.get("accelerate_config"), mixed_precision=mixed
+        )
         env = {**os.environ, WORKER_ENV: "1", "PYTHONUNBUFFERED": "1"}
         if not torch.cuda.is_available():  # share the cores instead of oversubscribing them
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
@@ -191,8 +215,12 @@ def _run(cmd: list[str], env: Mapping[str, str], log: Path) -> list[str] | None:
     """Run the launcher, echoing its output (progress bars included) and keeping it in `log`; None on success,
     else the last lines."""
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    with open(log, "w") as fh, subprocess.Popen(cmd, env=dict(env), stdout=subprocess.PIPE,
-                                                stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:  # fmt: skip
+    with (
+        open(log, "w") as fh,
+        subprocess.Popen(
+            cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc,
+    ):
         assert proc.stdout is not None
         for line in proc.stdout:
             fh.write(line)

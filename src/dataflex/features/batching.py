@@ -9,8 +9,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 
 
-def length_sorted_batches(ids: Sequence[Sequence[int]], batch_size: int,
-                          rows: Iterable[int] | None = None) -> list[list[int]]:  # fmt: skip
+def length_sorted_batches(
+    ids: Sequence[Sequence[int]], batch_size: int, rows: Iterable[int] | None = None
+) -> list[list[int]]:
     """`rows` (default: all) in batches, longest first, ties by row: the first batch shows the peak memory and
     each batch is padded only to its own longest row."""
     order = sorted(range(len(ids)) if rows is None else rows, key=lambda i: (-len(ids[i]), i))

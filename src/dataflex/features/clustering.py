@@ -14,13 +14,15 @@ import torch
 from dataflex.core.errors import ConfigError, DataError
 
 
-def kmeans(embeddings: torch.Tensor | np.ndarray, n_clusters: int, *, seed: int = 0, tol: float = 1e-4,
-           max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def kmeans(
+    embeddings: torch.Tensor | np.ndarray, n_clusters: int, *, seed: int = 0, tol: float = 1e-4, max_iter: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels [N] int64, centroids [K, d]) of Lloyd k-means from a seeded k-means++ start; K = min(n_clusters, N)."""
     from sklearn.cluster import KMeans
 
-    x = np.ascontiguousarray(embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor)
-                             else embeddings, dtype=np.float64)  # fmt: skip
+    x = np.ascontiguousarray(
+        embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float64
+    )
     if x.ndim != 2 or len(x) == 0:
         raise DataError(f"k-means needs a non-empty [N, d] matrix, got shape {x.shape}")
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
@@ -33,8 +35,7 @@ def kmeans(embeddings: torch.Tensor | np.ndarray, n_clusters: int, *, seed: int 
     return labels.astype(np.int64), km.cluster_centers_
 
 
-def ranked_members(embeddings: torch.Tensor | np.ndarray, labels: np.ndarray,
-                   centroids: np.ndarray) -> list[list[int]]:  # fmt: skip
+def ranked_members(embeddings: torch.Tensor | np.ndarray, labels: np.ndarray, centroids: np.ndarray) -> list[list[int]]:
     """Per cluster, its rows from nearest to farthest from the centroid (ties to the lower row)."""
     x = embeddings.detach().cpu().numpy() if isinstance(embeddings, torch.Tensor) else np.asarray(embeddings)
     out = []
@@ -45,8 +46,9 @@ def ranked_members(embeddings: torch.Tensor | np.ndarray, labels: np.ndarray,
     return out
 
 
-def spread_budget(cluster_order: Sequence[int], members: Sequence[Sequence[int]], budget: int,
-                  max_cluster_share: float = 0.5) -> list[int]:  # fmt: skip
+def spread_budget(
+    cluster_order: Sequence[int], members: Sequence[Sequence[int]], budget: int, max_cluster_share: float = 0.5
+) -> list[int]:
     """`budget` rows: clusters in `cluster_order` (best first), each giving at most ceil(max_cluster_share · budget)
     rows (its most central first) per pass; passes repeat until the budget is met or every row is taken."""
     if not 0 < max_cluster_share <= 1:

@@ -143,8 +143,14 @@ class GradientDatastore:
         self.root = Path(root)
         self.shard_size = shard_size
 
-    def key_fields(self, model: torch.nn.Module, settings: FeatureSettings, *, base_model_id: str | None,
-                   optimizer_state: Any = None) -> dict[str, Any]:  # fmt: skip
+    def key_fields(
+        self,
+        model: torch.nn.Module,
+        settings: FeatureSettings,
+        *,
+        base_model_id: str | None,
+        optimizer_state: Any = None,
+    ) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "model": model_state_fingerprint(model, base_model_id),
             "trainable": [[n, list(p.shape)] for n, p in trainable_parameters(model)],
@@ -161,9 +167,18 @@ class GradientDatastore:
             fields["adam"] = {"moments": h.hexdigest(), "betas": list(adam.betas), "eps": adam.eps}
         return fields
 
-    def extract(self, model: torch.nn.Module, dataset: Any, settings: FeatureSettings, *,
-                base_model_id: str | None = None, optimizer_state: Any = None, batch_size: int = 16,
-                name: str | None = None, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    def extract(
+        self,
+        model: torch.nn.Module,
+        dataset: Any,
+        settings: FeatureSettings,
+        *,
+        base_model_id: str | None = None,
+        optimizer_state: Any = None,
+        batch_size: int = 16,
+        name: str | None = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
         """Features of every sample of `dataset`, computed or reused; returns a JSON-able reference."""
         start = time.perf_counter()
         if settings.gradient_type == "adam":  # read the moments once (a TrainState is a file), not per shard
@@ -178,8 +193,9 @@ class GradientDatastore:
         # Launched workers (dataflex.distributed): the main process decides what is done and writes; every
         # process computes a contiguous share of each shard's missing rows, merged in row order.
         acc = current_accelerator()
-        manifest, done = broadcast_object(acc, self._open(path, state_key, dataset_key, fields, name, hashes)
-                                          if is_main(acc) else None)  # fmt: skip
+        manifest, done = broadcast_object(
+            acc, self._open(path, state_key, dataset_key, fields, name, hashes) if is_main(acc) else None
+        )
         shard_size = manifest["shard_size"]
         n_shards = -(-len(hashes) // shard_size)
         todo = [s for s in range(n_shards) if s not in done]
@@ -188,16 +204,28 @@ class GradientDatastore:
             donors = self._donors(path, state_key)
             for s in todo:
                 lo, hi = s * shard_size, min((s + 1) * shard_size, len(hashes))
-                feats, c, r = self._compute_shard(model, dataset, hashes, lo, hi, settings, donors, optimizer_state,
-                                                  batch_size, progress and is_main(acc), acc)  # fmt: skip
+                feats, c, r = self._compute_shard(
+                    model,
+                    dataset,
+                    hashes,
+                    lo,
+                    hi,
+                    settings,
+                    donors,
+                    optimizer_state,
+                    batch_size,
+                    progress and is_main(acc),
+                    acc,
+                )
                 computed, reused = computed + c, reused + r
                 if not is_main(acc):
                     continue
                 file = f"shard-{s:05d}.safetensors"
                 norms = feats.float().norm(dim=1)
-                data = save({"features": feats.contiguous(), "norms": norms,
-                             "rows": torch.arange(lo, hi, dtype=torch.int64)},
-                            metadata={"state_key": state_key, "dataset_key": dataset_key})  # fmt: skip
+                data = save(
+                    {"features": feats.contiguous(), "norms": norms, "rows": torch.arange(lo, hi, dtype=torch.int64)},
+                    metadata={"state_key": state_key, "dataset_key": dataset_key},
+                )
                 atomic_write_bytes(path / file, data)
                 manifest["shards"][str(s)] = {"file": file, "rows": [lo, hi], "sha256": sha256_file(path / file)}
                 manifest["dim"] = int(feats.shape[1])
@@ -207,20 +235,48 @@ class GradientDatastore:
             manifest = broadcast_object(acc, manifest)
         status = "hit" if not todo else ("resumed" if done else ("reused" if computed == 0 else "computed"))
         seconds = time.perf_counter() - start
-        logger.info("gradient datastore %s: %s (%d samples, %d computed, %d reused from other datasets, %.1fs) at %s",
-                    name or "", status, len(hashes), computed, reused, seconds, path)  # fmt: skip
-        return {"path": str(path), "state_key": state_key, "dataset_key": dataset_key, "name": name,
-                "num_samples": len(hashes), "dim": manifest["dim"], "status": status, "computed_samples": computed,
-                "reused_samples": reused, "seconds": seconds, "settings": asdict(settings)}  # fmt: skip
+        logger.info(
+            "gradient datastore %s: %s (%d samples, %d computed, %d reused from other datasets, %.1fs) at %s",
+            name or "",
+            status,
+            len(hashes),
+            computed,
+            reused,
+            seconds,
+            path,
+        )
+        return {
+            "path": str(path),
+            "state_key": state_key,
+            "dataset_key": dataset_key,
+            "name": name,
+            "num_samples": len(hashes),
+            "dim": manifest["dim"],
+            "status": status,
+            "computed_samples": computed,
+            "reused_samples": reused,
+            "seconds": seconds,
+            "settings": asdict(settings),
+        }
 
-    def _open(self, path: Path, state_key: str, dataset_key: str, fields: dict[str, Any], name: str | None,
-              hashes: list[str]) -> tuple[dict[str, Any], set[int]]:  # fmt: skip
+    def _open(
+        self, path: Path, state_key: str, dataset_key: str, fields: dict[str, Any], name: str | None, hashes: list[str]
+    ) -> tuple[dict[str, Any], set[int]]:
         """(manifest, shards already done and intact) of the store at `path`, started afresh when absent."""
         manifest = _read_json(path / "manifest.json")
         if manifest is None or manifest.get("state_key") != state_key or manifest.get("dataset_key") != dataset_key:
-            manifest = {"format": FORMAT, "state_key": state_key, "dataset_key": dataset_key, "key_fields": fields,
-                        "name": name, "num_samples": len(hashes), "shard_size": self.shard_size, "dim": None,
-                        "shards": {}, "complete": False}  # fmt: skip
+            manifest = {
+                "format": FORMAT,
+                "state_key": state_key,
+                "dataset_key": dataset_key,
+                "key_fields": fields,
+                "name": name,
+                "num_samples": len(hashes),
+                "shard_size": self.shard_size,
+                "dim": None,
+                "shards": {},
+                "complete": False,
+            }
             atomic_write_json(path / "samples.json", hashes, indent=None)
         return manifest, {int(k) for k, v in manifest["shards"].items() if self._shard_ok(path, v)}
 
@@ -246,9 +302,20 @@ class GradientDatastore:
                 found.setdefault(h, (other, row))
         return found
 
-    def _compute_shard(self, model: torch.nn.Module, dataset: Any, hashes: list[str], lo: int, hi: int,
-                       settings: FeatureSettings, donors: dict[str, tuple[Path, int]], optimizer_state: Any,
-                       batch_size: int, progress: bool, acc: Any = None) -> tuple[torch.Tensor, int, int]:  # fmt: skip
+    def _compute_shard(
+        self,
+        model: torch.nn.Module,
+        dataset: Any,
+        hashes: list[str],
+        lo: int,
+        hi: int,
+        settings: FeatureSettings,
+        donors: dict[str, tuple[Path, int]],
+        optimizer_state: Any,
+        batch_size: int,
+        progress: bool,
+        acc: Any = None,
+    ) -> tuple[torch.Tensor, int, int]:
         rows = list(range(lo, hi))
         from_donor = [i for i in rows if hashes[i] in donors]
         compute = [i for i in rows if hashes[i] not in donors]
@@ -259,11 +326,18 @@ class GradientDatastore:
             if mine:
                 subset = dataset.select(mine) if hasattr(dataset, "select") else [dataset[i] for i in mine]
                 feats = per_sample_gradient_features(
-                    model, subset, gradient_type=settings.gradient_type, optimizer_state=optimizer_state,
-                    projector=settings.projector, proj_dim=settings.proj_dim, seed=settings.seed,
-                    batch_size=batch_size, adam_eps_placement=settings.adam_eps_placement, dtype=settings.dtype,
+                    model,
+                    subset,
+                    gradient_type=settings.gradient_type,
+                    optimizer_state=optimizer_state,
+                    projector=settings.projector,
+                    proj_dim=settings.proj_dim,
+                    seed=settings.seed,
+                    batch_size=batch_size,
+                    adam_eps_placement=settings.adam_eps_placement,
+                    dtype=settings.dtype,
                     progress=progress,
-                )  # fmt: skip
+                )
             parts.update(zip(compute, gather_varlen(acc, feats)))
         if from_donor:
             parts.update(zip(from_donor, _read_rows([donors[hashes[i]] for i in from_donor])))

@@ -29,8 +29,9 @@ def near_order(neighbors: np.ndarray, k: int | None = None) -> list[int]:
     return order if k is None else order[:k]
 
 
-def tsds_probabilities(dist: np.ndarray, idx: np.ndarray, density: np.ndarray, n: int, *, alpha: float = 0.6,
-                       C: float = 5.0) -> tuple[np.ndarray, dict[str, float]]:  # fmt: skip
+def tsds_probabilities(
+    dist: np.ndarray, idx: np.ndarray, density: np.ndarray, n: int, *, alpha: float = 0.6, C: float = 5.0
+) -> tuple[np.ndarray, dict[str, float]]:
     """[n] TSDS sampling probabilities (spec §3.10 steps 3-4) and a summary of the greedy stop.
 
     `dist` / `idx`: [M, K] ascending distances and pool rows of every query's neighbours; `density[i]` = ρ of pool
@@ -86,8 +87,12 @@ def tsds_probabilities(dist: np.ndarray, idx: np.ndarray, density: np.ndarray, n
     if probs.sum() <= 0:
         raise DataError("tsds produced an all-zero distribution")
     probs /= probs.sum()
-    return probs, {"level": s, "transport_cost": total, "mean_radius": float(last.mean() + 1),
-                   "support": int((probs > 0).sum())}  # fmt: skip
+    return probs, {
+        "level": s,
+        "transport_cost": total,
+        "mean_radius": float(last.mean() + 1),
+        "support": int((probs > 0).sum()),
+    }
 
 
 def seeded_draw(probs: np.ndarray | torch.Tensor, k: int, seed: int) -> list[int]:
@@ -102,7 +107,8 @@ def seeded_draw(probs: np.ndarray | torch.Tensor, k: int, seed: int) -> list[int
     support = int((p > 0).sum())
     if k <= support:
         return torch.multinomial(p, k, replacement=False, generator=gen).tolist()
-    logger.warning("only %d rows have probability mass for %d samples: taking all of them and repeating draws",
-                   support, k)  # fmt: skip
+    logger.warning(
+        "only %d rows have probability mass for %d samples: taking all of them and repeating draws", support, k
+    )
     first = torch.multinomial(p, support, replacement=False, generator=gen).tolist()
     return first + torch.multinomial(p, k - support, replacement=True, generator=gen).tolist()

@@ -66,8 +66,9 @@ class EmbeddingSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.encoder, str) or not self.encoder:
-            raise ConfigError(f"embedding encoder must be '{DEFAULT_ENCODER}', 'model' or a model folder, "
-                              f"got {self.encoder!r}")  # fmt: skip
+            raise ConfigError(
+                f"embedding encoder must be '{DEFAULT_ENCODER}', 'model' or a model folder, got {self.encoder!r}"
+            )
         if self.text not in TEXT_MODES:
             raise ConfigError(f"embedding text must be one of {', '.join(TEXT_MODES)}, got {self.text!r}")
         for key in ("max_length", "batch_size"):
@@ -77,9 +78,11 @@ class EmbeddingSettings:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise ConfigError(f"embedding layer must be an integer (-1 = last), got {self.layer!r}")
         if self.encoder not in (DEFAULT_ENCODER, MODEL_ENCODER) and not Path(self.encoder).expanduser().is_dir():
-            raise ConfigError(f"embedding encoder {self.encoder!r} is not '{DEFAULT_ENCODER}', 'model' or a local "
-                              "model folder (embeddings never download); point it at a sentence-transformers or "
-                              "Hugging Face model directory")  # fmt: skip
+            raise ConfigError(
+                f"embedding encoder {self.encoder!r} is not '{DEFAULT_ENCODER}', 'model' or a local "
+                "model folder (embeddings never download); point it at a sentence-transformers or "
+                "Hugging Face model directory"
+            )
 
 
 def packaged_minilm_path() -> Path:
@@ -119,8 +122,9 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_texts(texts: Sequence[str], path: str | Path, *, batch_size: int = 32, max_length: int = 256,
-                 progress: bool = False) -> torch.Tensor:  # fmt: skip
+def encode_texts(
+    texts: Sequence[str], path: str | Path, *, batch_size: int = 32, max_length: int = 256, progress: bool = False
+) -> torch.Tensor:
     """[N, d] normalised sentence embeddings with a local encoder (sentence-transformers folder or HF model)."""
     path = Path(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach the hub
@@ -129,8 +133,13 @@ def encode_texts(texts: Sequence[str], path: str | Path, *, batch_size: int = 32
 
         model = SentenceTransformer(str(path), device="cpu" if not torch.cuda.is_available() else None)
         model.max_seq_length = min(max_length, model.max_seq_length or max_length)
-        emb = model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress,
-                           normalize_embeddings=True)  # fmt: skip
+        emb = model.encode(
+            list(texts),
+            batch_size=batch_size,
+            convert_to_tensor=True,
+            show_progress_bar=progress,
+            normalize_embeddings=True,
+        )
         return emb.float().cpu()
     from transformers import AutoModel, AutoTokenizer
 
@@ -143,8 +152,9 @@ def encode_texts(texts: Sequence[str], path: str | Path, *, batch_size: int = 32
     parts = []
     starts = range(0, len(texts), batch_size)
     for s in tqdm(starts, desc="embeddings", unit="batch", disable=not progress):
-        enc = tok(list(texts[s : s + batch_size]), padding=True, truncation=True, max_length=max_length,
-                  return_tensors="pt").to(device)  # fmt: skip
+        enc = tok(
+            list(texts[s : s + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(device)
         hidden = model(**enc).last_hidden_state
         parts.append(_masked_mean(hidden, enc["attention_mask"]).cpu())
     return _normalize(torch.cat(parts)) if parts else torch.zeros(0, 1)
@@ -156,24 +166,34 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hidden_state_embeddings(model: torch.nn.Module, dataset: Any, *, layer: int = -1, batch_size: int = 32,
-                            max_length: int = 256, progress: bool = False) -> torch.Tensor:  # fmt: skip
+def hidden_state_embeddings(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    layer: int = -1,
+    batch_size: int = 32,
+    max_length: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
     """[N, hidden] normalised mean of `model`'s hidden states at `layer` over each row's tokens (eval mode)."""
     ids, _ = _as_rows(dataset)
     ids = [r[:max_length] for r in ids]
     device = next(model.parameters()).device
     out: torch.Tensor | None = None
     with eval_mode(model):
-        for rows in tqdm(length_sorted_batches(ids, batch_size), desc="hidden-state embeddings", unit="batch",
-                         disable=not progress):  # fmt: skip
+        for rows in tqdm(
+            length_sorted_batches(ids, batch_size), desc="hidden-state embeddings", unit="batch", disable=not progress
+        ):
             x = _pad([ids[i] for i in rows], 0, device)
             mask = _pad([[1] * len(ids[i]) for i in rows], 0, device)
             hs = model(input_ids=x, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
             try:
                 h = hs[layer]
             except IndexError as exc:
-                raise ConfigError(f"embedding layer {layer} is out of range: the model has {len(hs)} hidden-state "
-                                  f"layers (use -1 for the last)") from exc  # fmt: skip
+                raise ConfigError(
+                    f"embedding layer {layer} is out of range: the model has {len(hs)} hidden-state "
+                    f"layers (use -1 for the last)"
+                ) from exc
             emb = _masked_mean(h, mask).cpu()
             if out is None:
                 out = torch.zeros(len(ids), emb.shape[1])
@@ -187,8 +207,15 @@ class EmbeddingStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def key_fields(self, dataset: Any, settings: EmbeddingSettings, *, model: torch.nn.Module | None,
-                   base_model_id: str | None, tokenizer_id: str | None) -> dict[str, Any]:  # fmt: skip
+    def key_fields(
+        self,
+        dataset: Any,
+        settings: EmbeddingSettings,
+        *,
+        model: torch.nn.Module | None,
+        base_model_id: str | None,
+        tokenizer_id: str | None,
+    ) -> dict[str, Any]:
         from dataflex.models import model_fingerprint
 
         if settings.encoder == MODEL_ENCODER:
@@ -197,20 +224,32 @@ class EmbeddingStore:
             encoder = {"model_state": model_state_fingerprint(model, base_model_id)}
         else:
             encoder = {"weights": model_fingerprint(str(encoder_path(settings))), "tokenizer": tokenizer_id}
-        return {"encoder": encoder, "samples": sha256_json(sample_hashes(dataset)), "settings": asdict(settings),
-                "code_version": EMBEDDING_CODE_VERSION}  # fmt: skip
+        return {
+            "encoder": encoder,
+            "samples": sha256_json(sample_hashes(dataset)),
+            "settings": asdict(settings),
+            "code_version": EMBEDDING_CODE_VERSION,
+        }
 
-    def embed(self, dataset: Any, settings: EmbeddingSettings, *, model: torch.nn.Module | None = None,
-              tokenizer: Any = None, base_model_id: str | None = None, tokenizer_id: str | None = None,
-              name: str | None = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    def embed(
+        self,
+        dataset: Any,
+        settings: EmbeddingSettings,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        base_model_id: str | None = None,
+        tokenizer_id: str | None = None,
+        name: str | None = None,
+        progress: bool = False,
+    ) -> dict[str, Any]:
         """Embeddings of every row of `dataset`, computed or reused; returns a JSON-able reference."""
         start = time.perf_counter()
         if len(dataset) == 0:
             raise DataError(f"embeddings: dataset {name or ''} is empty".replace("  ", " "))
         if settings.encoder != MODEL_ENCODER and tokenizer is None:
             raise ConfigError("text encoders need the training tokenizer to turn token ids back into text")
-        fields = self.key_fields(dataset, settings, model=model, base_model_id=base_model_id,
-                                 tokenizer_id=tokenizer_id)  # fmt: skip
+        fields = self.key_fields(dataset, settings, model=model, base_model_id=base_model_id, tokenizer_id=tokenizer_id)
         key = sha256_json(fields)
         path = self.root / f"{key[:32]}.safetensors"
         manifest_path = path.with_suffix(".json")
@@ -224,23 +263,57 @@ class EmbeddingStore:
             share = acc if splittable else None
             rows = dataset.select(list(rank_block(len(dataset), share))) if share is not None else dataset
             if settings.encoder == MODEL_ENCODER:
-                emb = hidden_state_embeddings(model, rows, layer=settings.layer, batch_size=settings.batch_size,
-                                              max_length=settings.max_length, progress=progress)  # fmt: skip
+                emb = hidden_state_embeddings(
+                    model,
+                    rows,
+                    layer=settings.layer,
+                    batch_size=settings.batch_size,
+                    max_length=settings.max_length,
+                    progress=progress,
+                )
             else:
                 texts = row_texts(rows, tokenizer, settings.text)
-                emb = encode_texts(texts, encoder_path(settings), batch_size=settings.batch_size,
-                                   max_length=settings.max_length, progress=progress)  # fmt: skip
+                emb = encode_texts(
+                    texts,
+                    encoder_path(settings),
+                    batch_size=settings.batch_size,
+                    max_length=settings.max_length,
+                    progress=progress,
+                )
             emb = gather_varlen(share, emb)
             if is_main(acc):
                 atomic_write_bytes(path, save({"embeddings": emb.contiguous()}, metadata={"key": key}))
-                atomic_write_json(manifest_path, {"format": FORMAT, "key": key, "key_fields": fields, "name": name,
-                                                  "num_samples": len(dataset), "dim": int(emb.shape[1])})  # fmt: skip
+                atomic_write_json(
+                    manifest_path,
+                    {
+                        "format": FORMAT,
+                        "key": key,
+                        "key_fields": fields,
+                        "name": name,
+                        "num_samples": len(dataset),
+                        "dim": int(emb.shape[1]),
+                    },
+                )
             barrier(acc)
         seconds = time.perf_counter() - start
-        logger.info("embeddings %s: %s (%d samples, encoder %s, %.1fs) at %s", name or "", status, len(dataset),
-                    settings.encoder, seconds, path)  # fmt: skip
-        return {"path": str(path), "key": key, "name": name, "num_samples": len(dataset), "status": status,
-                "seconds": seconds, "settings": asdict(settings)}  # fmt: skip
+        logger.info(
+            "embeddings %s: %s (%d samples, encoder %s, %.1fs) at %s",
+            name or "",
+            status,
+            len(dataset),
+            settings.encoder,
+            seconds,
+            path,
+        )
+        return {
+            "path": str(path),
+            "key": key,
+            "name": name,
+            "num_samples": len(dataset),
+            "status": status,
+            "seconds": seconds,
+            "settings": asdict(settings),
+        }
 
     @staticmethod
     def load(ref: str | Path | dict[str, Any]) -> torch.Tensor:

@@ -29,15 +29,22 @@ from dataflex.utils.logging import logger
 
 GRADIENT_TYPES = ("sgd", "adam")
 FUSED_BUFFER_BYTES = 512 * 2**20  # a batch's per-sample gradients up to this size are transformed in one go
-FEATURE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+FEATURE_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
-        raise ConfigError("the model has no trainable parameters; per-sample gradients need a LoRA adapter or "
-                          "finetuning_type: full")  # fmt: skip
+        raise ConfigError(
+            "the model has no trainable parameters; per-sample gradients need a LoRA adapter or finetuning_type: full"
+        )
     return named
 
 
@@ -72,8 +79,10 @@ def _as_rows(dataset: Any) -> tuple[list[list[int]], list[list[int]]]:
         if len(a) != len(b):
             raise DataError(f"sample {i}: labels length {len(b)} != input_ids length {len(a)}")
         if not any(t != IGNORE_INDEX for t in b[1:]):
-            raise DataError(f"sample {i} has no supervised token (all labels are -100 after the shift), so it has no "
-                            "gradient; drop it or set train_on_prompt / a longer cutoff_len")  # fmt: skip
+            raise DataError(
+                f"sample {i} has no supervised token (all labels are -100 after the shift), so it has no "
+                "gradient; drop it or set train_on_prompt / a longer cutoff_len"
+            )
     return ids, labels
 
 
@@ -107,8 +116,10 @@ class _Transform:
         if key not in self._scaled:  # β1·m and β2·v once per parameter, not once per batch
             m, v = self.adam.moments[name]
             b1, b2 = self.adam.betas
-            self._scaled[key] = (b1 * m.to(g.device, torch.float32).reshape(1, -1),
-                                 b2 * v.to(g.device, torch.float32).reshape(1, -1))  # fmt: skip
+            self._scaled[key] = (
+                b1 * m.to(g.device, torch.float32).reshape(1, -1),
+                b2 * v.to(g.device, torch.float32).reshape(1, -1),
+            )
         return adam_transform_scaled(g, *self._scaled[key], self.adam.betas, self.adam.eps, self.placement)
 
     def all(self, names: list[str], g: torch.Tensor) -> torch.Tensor:
@@ -127,8 +138,12 @@ class _Transform:
 class _HookedBatch:
     """Forward/backward hooks that turn one batch's backward pass into projected per-sample features."""
 
-    def __init__(self, owners: dict[str, tuple[str, torch.nn.Linear, str]], sizes: dict[str, int],
-                 emit: Callable[[str, torch.Tensor], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        owners: dict[str, tuple[str, torch.nn.Linear, str]],
+        sizes: dict[str, int],
+        emit: Callable[[str, torch.Tensor], None],
+    ) -> None:
         self.emit = emit
         self.sizes = sizes
         self.by_module: dict[str, list[tuple[str, str]]] = {}
@@ -187,8 +202,9 @@ class _HookedBatch:
             if self.received.get(mname, 0) < max(self.calls.get(mname, 0), 1):
                 for pname, _ in params:
                     grad = self.buffers.pop(pname, None)
-                    self.emit(pname, grad if grad is not None else torch.zeros(batch_size, self.sizes[pname],
-                                                                               device=device))  # fmt: skip
+                    self.emit(
+                        pname, grad if grad is not None else torch.zeros(batch_size, self.sizes[pname], device=device)
+                    )
 
 
 def per_sample_gradient_features(
@@ -237,22 +253,46 @@ def per_sample_gradient_features(
     unsupported = [name for name in sizes if name not in owners]
     with eval_mode(model):
         if unsupported:
-            logger.warning("per-sample gradients: %d trainable parameters are not nn.Linear weights (first: %s); "
-                           "using a per-sample autograd loop (correct but slower)", len(unsupported),
-                           unsupported[0])  # fmt: skip
+            logger.warning(
+                "per-sample gradients: %d trainable parameters are not nn.Linear weights (first: %s); "
+                "using a per-sample autograd loop (correct but slower)",
+                len(unsupported),
+                unsupported[0],
+            )
             order = [i for batch in length_sorted_batches(ids, 1) for i in batch]
             _loop_features(model, named, ids, labels, order, proj, transform, out, device, progress)
         else:
-            _hooked_features(model, named, owners, sizes, ids, labels, length_sorted_batches(ids, batch_size), proj,
-                             transform, out, device, progress)  # fmt: skip
+            _hooked_features(
+                model,
+                named,
+                owners,
+                sizes,
+                ids,
+                labels,
+                length_sorted_batches(ids, batch_size),
+                proj,
+                transform,
+                out,
+                device,
+                progress,
+            )
     return out
 
 
-def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
-                     owners: dict[str, tuple[str, torch.nn.Linear, str]], sizes: dict[str, int],
-                     ids: list[list[int]], labels: list[list[int]], batches: list[list[int]],
-                     proj: Projector, transform: _Transform, out: torch.Tensor, device: torch.device,
-                     progress: bool) -> None:  # fmt: skip
+def _hooked_features(
+    model: torch.nn.Module,
+    named: list[tuple[str, torch.nn.Parameter]],
+    owners: dict[str, tuple[str, torch.nn.Linear, str]],
+    sizes: dict[str, int],
+    ids: list[list[int]],
+    labels: list[list[int]],
+    batches: list[list[int]],
+    proj: Projector,
+    transform: _Transform,
+    out: torch.Tensor,
+    device: torch.device,
+    progress: bool,
+) -> None:
     params = [p for _, p in named]
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     acc: dict[str, torch.Tensor] = {}
@@ -293,9 +333,18 @@ def _hooked_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Par
             out[torch.tensor(rows)] = acc["features"].to(out.dtype).cpu()
 
 
-def _loop_features(model: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], ids: list[list[int]],
-                   labels: list[list[int]], order: list[int], proj: Projector, transform: _Transform,
-                   out: torch.Tensor, device: torch.device, progress: bool) -> None:  # fmt: skip
+def _loop_features(
+    model: torch.nn.Module,
+    named: list[tuple[str, torch.nn.Parameter]],
+    ids: list[list[int]],
+    labels: list[list[int]],
+    order: list[int],
+    proj: Projector,
+    transform: _Transform,
+    out: torch.Tensor,
+    device: torch.device,
+    progress: bool,
+) -> None:
     params = [p for _, p in named]
     with torch.enable_grad():
         for i in tqdm(order, desc="gradient features (per-sample loop)", unit="sample", disable=not progress):

@@ -36,13 +36,17 @@ def checkpoint_weights(lrs: Sequence[float]) -> list[float]:
 def influence(train: Sequence[torch.Tensor], target: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """[N, M] Σ_c w_c · cos(train_c[i], target_c[j]); `weights` are used as given (see checkpoint_weights)."""
     if not (len(train) == len(target) == len(weights)) or not train:
-        raise ConfigError(f"matching needs one train and one target feature set per checkpoint and one weight each; "
-                          f"got {len(train)}, {len(target)} and {len(weights)}")  # fmt: skip
+        raise ConfigError(
+            f"matching needs one train and one target feature set per checkpoint and one weight each; "
+            f"got {len(train)}, {len(target)} and {len(weights)}"
+        )
     out = None
     for tr, tg, w in zip(train, target, weights):
         if tr.shape[1] != tg.shape[1]:
-            raise DataError(f"train features have dim {tr.shape[1]} but target features {tg.shape[1]}: they must "
-                            "come from the same projector")  # fmt: skip
+            raise DataError(
+                f"train features have dim {tr.shape[1]} but target features {tg.shape[1]}: they must "
+                "come from the same projector"
+            )
         part = w * (normalize_rows(tr) @ normalize_rows(tg).T)
         out = part if out is None else out + part
     return out
@@ -61,8 +65,13 @@ def aggregate(scores: torch.Tensor, subtasks: Sequence[int] | None = None, how: 
     return torch.stack(means, dim=1).max(dim=1).values
 
 
-def less_scores(train: Sequence[torch.Tensor], target: Sequence[torch.Tensor], lrs: Sequence[float],
-                subtasks: Sequence[int] | None = None, aggregation: str = "max") -> torch.Tensor:  # fmt: skip
+def less_scores(
+    train: Sequence[torch.Tensor],
+    target: Sequence[torch.Tensor],
+    lrs: Sequence[float],
+    subtasks: Sequence[int] | None = None,
+    aggregation: str = "max",
+) -> torch.Tensor:
     """[N] LESS scores of the pool for one target."""
     return aggregate(influence(train, target, checkpoint_weights(lrs)), subtasks, aggregation)
 

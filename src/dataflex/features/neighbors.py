@@ -23,9 +23,15 @@ def _f32(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
-def knn(candidates: torch.Tensor | np.ndarray, queries: torch.Tensor | np.ndarray, k: int, *,
-        exact_threshold: int = EXACT_THRESHOLD, nprobe: int = 10,
-        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def knn(
+    candidates: torch.Tensor | np.ndarray,
+    queries: torch.Tensor | np.ndarray,
+    k: int,
+    *,
+    exact_threshold: int = EXACT_THRESHOLD,
+    nprobe: int = 10,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(distances [M, K] Euclidean, ascending; indices [M, K] int64 rows of `candidates`), K = min(k, N)."""
     import faiss
 
@@ -52,8 +58,9 @@ def knn(candidates: torch.Tensor | np.ndarray, queries: torch.Tensor | np.ndarra
         dist, idx = index.search(q, k)
         bad = np.where((idx < 0).any(axis=1))[0]
         if len(bad):  # the probed lists were too small: redo those queries exactly
-            logger.info("IVF search left %d of %d queries short of %d neighbours; searching them exactly",
-                        len(bad), len(q), k)  # fmt: skip
+            logger.info(
+                "IVF search left %d of %d queries short of %d neighbours; searching them exactly", len(bad), len(q), k
+            )
             flat = faiss.IndexFlatL2(d)
             flat.add(cand)
             dist[bad], idx[bad] = flat.search(q[bad], k)

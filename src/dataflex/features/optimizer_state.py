@@ -60,8 +60,9 @@ def _from_train_state(path: Path) -> AdamMoments:
     return AdamMoments(moments, tuple(group["betas"]), float(group["eps"]))  # type: ignore[arg-type]
 
 
-def resolve_adam_state(optimizer_state: Any, model: torch.nn.Module, *, betas: tuple[float, float] | None = None,
-                       eps: float | None = None) -> AdamMoments:  # fmt: skip
+def resolve_adam_state(
+    optimizer_state: Any, model: torch.nn.Module, *, betas: tuple[float, float] | None = None, eps: float | None = None
+) -> AdamMoments:
     """Normalise `optimizer_state` to AdamMoments; explicit `betas` / `eps` override what the state carries."""
     if optimizer_state is None:
         raise ConfigError("gradient_type 'adam' needs optimizer_state (Adam moments, an optimizer or a TrainState)")
@@ -79,8 +80,10 @@ def resolve_adam_state(optimizer_state: Any, model: torch.nn.Module, *, betas: t
             moments[name] = (torch.as_tensor(st["exp_avg"]).float(), torch.as_tensor(st["exp_avg_sq"]).float())
         found = AdamMoments(moments, (0.9, 0.999), 1e-8)
     else:
-        raise ConfigError(f"optimizer_state of type {type(optimizer_state).__name__} is not supported; pass a mapping "
-                          "of Adam moments by parameter name, a torch optimizer or a TrainState directory")  # fmt: skip
+        raise ConfigError(
+            f"optimizer_state of type {type(optimizer_state).__name__} is not supported; pass a mapping "
+            "of Adam moments by parameter name, a torch optimizer or a TrainState directory"
+        )
     if betas is not None:
         found = AdamMoments(found.moments, tuple(betas), found.eps)  # type: ignore[arg-type]
     if eps is not None:
@@ -89,16 +92,19 @@ def resolve_adam_state(optimizer_state: Any, model: torch.nn.Module, *, betas: t
         if not p.requires_grad:
             continue
         if name not in found.moments:
-            raise ConfigError(f"optimizer_state has no Adam moments for trainable parameter '{name}'; "
-                              "use the optimizer state saved with these weights")  # fmt: skip
+            raise ConfigError(
+                f"optimizer_state has no Adam moments for trainable parameter '{name}'; "
+                "use the optimizer state saved with these weights"
+            )
         m, v = found.moments[name]
         if m.shape != p.shape or v.shape != p.shape:
             raise ConfigError(f"Adam moments of '{name}' have shape {tuple(m.shape)}, the parameter {tuple(p.shape)}")
     return found
 
 
-def adam_transform(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas: tuple[float, float], eps: float,
-                   placement: str = "inside") -> torch.Tensor:  # fmt: skip
+def adam_transform(
+    g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas: tuple[float, float], eps: float, placement: str = "inside"
+) -> torch.Tensor:
     """LESS's Adam feature of per-sample gradients g [B, n] given flat moments m, v [n] (no bias correction).
 
     inside (LESS): (β1·m + (1−β1)·g) / sqrt(β2·v + (1−β2)·g² + ε); outside (DataFlex): ... / (sqrt(...) + ε).
@@ -107,8 +113,14 @@ def adam_transform(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas: tup
     return adam_transform_scaled(g, b1 * m, b2 * v, betas, eps, placement)
 
 
-def adam_transform_scaled(g: torch.Tensor, b1_m: torch.Tensor, b2_v: torch.Tensor, betas: tuple[float, float],
-                          eps: float, placement: str = "inside") -> torch.Tensor:  # fmt: skip
+def adam_transform_scaled(
+    g: torch.Tensor,
+    b1_m: torch.Tensor,
+    b2_v: torch.Tensor,
+    betas: tuple[float, float],
+    eps: float,
+    placement: str = "inside",
+) -> torch.Tensor:
     """`adam_transform` with β1·m and β2·v precomputed; five passes over [B, n] (it runs once per parameter and
     batch inside the backward pass, where ten separate elementwise ops showed up in profiles)."""
     if placement not in ("inside", "outside"):

@@ -31,8 +31,9 @@ def block_seed(seed: int, name: str) -> int:
 class Projector:
     """Projects named parameter blocks [B, numel] into one [B, out_dim] fp32 feature, additively."""
 
-    def __init__(self, kind: str, blocks: Sequence[tuple[str, int]], proj_dim: int = 8192, seed: int = 0,
-                 sparsity: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, kind: str, blocks: Sequence[tuple[str, int]], proj_dim: int = 8192, seed: int = 0, sparsity: int = 1
+    ) -> None:
         if kind not in PROJECTORS:
             raise ConfigError(f"projector '{kind}' is not known; use one of {', '.join(PROJECTORS)}")
         if kind != "none" and (isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 1):
@@ -56,8 +57,13 @@ class Projector:
 
     def describe(self) -> dict[str, object]:
         """Everything that determines the map (part of the datastore key)."""
-        return {"kind": self.kind, "proj_dim": self.out_dim, "seed": self.seed, "sparsity": self.sparsity,
-                "blocks": [[n, s] for n, s in self.sizes.items()]}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "proj_dim": self.out_dim,
+            "seed": self.seed,
+            "sparsity": self.sparsity,
+            "blocks": [[n, s] for n, s in self.sizes.items()],
+        }
 
     def _generator(self, name: str) -> torch.Generator:
         return torch.Generator().manual_seed(block_seed(self.seed, name))

@@ -94,8 +94,9 @@ class ClassifierReward:
         texts = [f"Prompt: {p}\nReference: {r}\nResponse: {c}" for p, c, r in zip(prompts, candidates, references)]
         out: list[float] = []
         for s in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[s : s + self.batch_size], padding=True, truncation=True, max_length=512,
-                           return_tensors="pt")  # fmt: skip
+            enc = self.tok(
+                texts[s : s + self.batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt"
+            )
             logits = self.model(**enc).logits.float()
             vals = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(-1)[:, -1]
             out.extend(vals.tolist())
@@ -108,8 +109,10 @@ def reward_function(reward: str) -> tuple[Callable[[Sequence[str], Sequence[str]
         metric = exact_match if reward == "exact_match" else token_f1
         return (lambda p, c, r: [metric(x, y) for x, y in zip(c, r)]), reward
     if not Path(reward).expanduser().is_dir():
-        raise ConfigError(f"nice reward must be one of {', '.join(METRIC_REWARDS)} or a local sequence-"
-                          f"classification model folder, got {reward!r}")  # fmt: skip
+        raise ConfigError(
+            f"nice reward must be one of {', '.join(METRIC_REWARDS)} or a local sequence-"
+            f"classification model folder, got {reward!r}"
+        )
     from dataflex.models import model_fingerprint
 
     return ClassifierReward(Path(reward).expanduser()), {"classifier": model_fingerprint(str(reward))}
@@ -127,9 +130,18 @@ def _strip_response(seq: list[int], eos: int | None, pad: int | None) -> list[in
 
 
 @torch.no_grad()
-def generate_rollouts(policy: torch.nn.Module, prompts: Sequence[list[int]], *, mc_samples: int, seed: int,
-                      max_new_tokens: int, temperature: float, eos_token_id: int | None,
-                      pad_token_id: int | None, progress: bool = False) -> list[list[list[int]]]:  # fmt: skip
+def generate_rollouts(
+    policy: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    *,
+    mc_samples: int,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    progress: bool = False,
+) -> list[list[list[int]]]:
     """For each prompt, `mc_samples` sampled responses (token ids, cut after eos); prompt i uses seed + 997·i, so
     a prompt's rollouts do not depend on which other prompts are in the batch."""
     device = next(policy.parameters()).device
@@ -139,17 +151,36 @@ def generate_rollouts(policy: torch.nn.Module, prompts: Sequence[list[int]], *, 
             x = torch.tensor([prompt], dtype=torch.long, device=device)
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 torch.manual_seed(seed + 997 * i)
-                gen = policy.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
-                                      temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                      num_return_sequences=mc_samples, eos_token_id=eos_token_id,
-                                      pad_token_id=eos_token_id if pad_token_id is None else pad_token_id)  # fmt: skip
+                gen = policy.generate(
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=mc_samples,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=eos_token_id if pad_token_id is None else pad_token_id,
+                )
             out.append([_strip_response(row[len(prompt) :].tolist(), eos_token_id, pad_token_id) for row in gen])
     return out
 
 
-def rollout_table(target: Any, policy_path: str, tokenizer: Any, reward: str, cache_dir: str | Path, *,
-                  mc_samples: int = 4, seed: int = 0, max_new_tokens: int = 32, temperature: float = 0.7,
-                  vocab_size: int | None = None, progress: bool = False) -> dict[str, Any]:  # fmt: skip
+def rollout_table(
+    target: Any,
+    policy_path: str,
+    tokenizer: Any,
+    reward: str,
+    cache_dir: str | Path,
+    *,
+    mc_samples: int = 4,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+    temperature: float = 0.7,
+    vocab_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Rollouts and rewards of every target prompt: computed once, then read from `<cache_dir>/<key>.json`.
 
     Returns {"path", "status", "rows": [{eval_id, m, prompt_ids, response_ids, response, reference, reward}]}."""
@@ -161,9 +192,18 @@ def rollout_table(target: Any, policy_path: str, tokenizer: Any, reward: str, ca
         raise ConfigError(f"nice temperature must be > 0, got {temperature!r}")
     scorer, reward_id = reward_function(reward)
     pairs = split_prompts(target)
-    key = sha256_json({"policy": model_fingerprint(policy_path), "prompts": sha256_json(sample_hashes(target)),
-                       "reward": reward_id, "mc_samples": mc_samples, "seed": seed, "max_new_tokens": max_new_tokens,
-                       "temperature": temperature, "version": ROLLOUT_CODE_VERSION})  # fmt: skip
+    key = sha256_json(
+        {
+            "policy": model_fingerprint(policy_path),
+            "prompts": sha256_json(sample_hashes(target)),
+            "reward": reward_id,
+            "mc_samples": mc_samples,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "version": ROLLOUT_CODE_VERSION,
+        }
+    )
     path = Path(cache_dir) / f"{key[:32]}.json"
     try:
         cached = json.loads(path.read_text()) if cached_for_all(path) else {}  # one decision on every process
@@ -176,24 +216,40 @@ def rollout_table(target: Any, policy_path: str, tokenizer: Any, reward: str, ca
 
     policy = AutoModelForCausalLM.from_pretrained(policy_path)
     if vocab_size is not None and policy.get_input_embeddings().num_embeddings != vocab_size:
-        raise ConfigError(f"nice policy {policy_path!r} has a vocabulary of "
-                          f"{policy.get_input_embeddings().num_embeddings} but the training model has {vocab_size}: "
-                          "its token ids would be fed to the training model, so use a policy with the same "
-                          "tokenizer")  # fmt: skip
+        raise ConfigError(
+            f"nice policy {policy_path!r} has a vocabulary of "
+            f"{policy.get_input_embeddings().num_embeddings} but the training model has {vocab_size}: "
+            "its token ids would be fed to the training model, so use a policy with the same "
+            "tokenizer"
+        )
     if torch.cuda.is_available():
         policy.cuda()
-    responses = generate_rollouts(policy, [p for p, _ in pairs], mc_samples=mc_samples, seed=seed,
-                                  max_new_tokens=max_new_tokens, temperature=temperature,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  progress=progress)  # fmt: skip
+    responses = generate_rollouts(
+        policy,
+        [p for p, _ in pairs],
+        mc_samples=mc_samples,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        progress=progress,
+    )
     del policy
     rows = []
     for i, ((prompt, ref), resp) in enumerate(zip(pairs, responses)):
         for m, r in enumerate(resp):
-            rows.append({"eval_id": i, "m": m, "prompt_ids": prompt, "response_ids": r,
-                         "response": tokenizer.decode(r, skip_special_tokens=True).strip(),
-                         "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(),
-                         "prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip()})  # fmt: skip
+            rows.append(
+                {
+                    "eval_id": i,
+                    "m": m,
+                    "prompt_ids": prompt,
+                    "response_ids": r,
+                    "response": tokenizer.decode(r, skip_special_tokens=True).strip(),
+                    "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(),
+                    "prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(),
+                }
+            )
     rewards = scorer([r["prompt"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])
     for row, value in zip(rows, rewards):
         row["reward"] = float(value)
@@ -201,13 +257,15 @@ def rollout_table(target: Any, policy_path: str, tokenizer: Any, reward: str, ca
         if writer:
             atomic_write_json(path, {"key": key, "policy": policy_path, "reward": reward_id, "rows": rows}, indent=None)
     mean = sum(rewards) / max(len(rewards), 1)
-    logger.info("NICE rollouts: %d prompts x %d samples, mean reward %.3f, written to %s", len(pairs), mc_samples,
-                mean, path)  # fmt: skip
+    logger.info(
+        "NICE rollouts: %d prompts x %d samples, mean reward %.3f, written to %s", len(pairs), mc_samples, mean, path
+    )
     return {"path": str(path), "status": "computed", "rows": rows}
 
 
-def rollout_weights(rows: Sequence[dict[str, Any]], n_targets: int, mc_samples: int, *, baseline: str = "none",
-                    nll: str = "sum") -> tuple[list[int], torch.Tensor]:  # fmt: skip
+def rollout_weights(
+    rows: Sequence[dict[str, Any]], n_targets: int, mc_samples: int, *, baseline: str = "none", nll: str = "sum"
+) -> tuple[list[int], torch.Tensor]:
     """(rows with a non-zero weight, W [n_targets, len(those rows)]) with G = W @ per-rollout features of each
     rollout's token-mean loss: W[x, r] = (reward_r − b_x) · (response tokens of r if nll == 'sum' else 1) / mc."""
     if baseline not in BASELINES:
@@ -233,8 +291,10 @@ def rollout_weights(rows: Sequence[dict[str, Any]], n_targets: int, mc_samples: 
 def rollout_dataset(rows: Sequence[dict[str, Any]], keep: Sequence[int]) -> dict[str, list[list[int]]]:
     """Rows `keep` as training examples: prompt + response, labels -100 on the prompt."""
     if not keep:
-        raise DataError("every NICE rollout has reward 0 (or an empty response): the target features would all be "
-                        "zero; use a denser reward (token_f1), more mc_samples, or another policy")  # fmt: skip
+        raise DataError(
+            "every NICE rollout has reward 0 (or an empty response): the target features would all be "
+            "zero; use a denser reward (token_f1), more mc_samples, or another policy"
+        )
     ids = [rows[j]["prompt_ids"] + rows[j]["response_ids"] for j in keep]
     labels = [[IGNORE_INDEX] * len(rows[j]["prompt_ids"]) + rows[j]["response_ids"] for j in keep]
     return {"input_ids": ids, "labels": labels}

@@ -51,15 +51,23 @@ def build_targets(data: Mapping[str, Any], less: Mapping[str, Any], tokenizer: A
     """Tokenised dev set of each target; a target's subtasks are its datasets (domain ids)."""
     return datasets.DatasetDict(
         {name: build_named(t, data, tokenizer, seed) for name, t in zip(target_names(less), target_list(less))}
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- 1. warm-up
 
 
 def _warmup_args(train: Mapping[str, Any], less: Mapping[str, Any], out: Path) -> TrainingArguments:
-    return TrainingArguments.from_dict({**dict(train), "output_dir": str(out), "num_train_epochs": float(
-        less["warmup_epochs"]), "max_steps": -1, "save_steps": 0, "resume_from_checkpoint": None})  # fmt: skip
+    return TrainingArguments.from_dict(
+        {
+            **dict(train),
+            "output_dir": str(out),
+            "num_train_epochs": float(less["warmup_epochs"]),
+            "max_steps": -1,
+            "save_steps": 0,
+            "resume_from_checkpoint": None,
+        }
+    )
 
 
 def warmup_subset(pool_size: int, percentage: float, seed: int) -> list[int]:
@@ -67,34 +75,56 @@ def warmup_subset(pool_size: int, percentage: float, seed: int) -> list[int]:
     return sorted(random.Random(f"less-warmup:{seed}").sample(range(pool_size), k))
 
 
-def warmup(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-           less: Mapping[str, Any], metrics_sink: Callable[[dict[str, float], int], None] | None = None
-           ) -> dict[str, Any]:  # fmt: skip
+def warmup(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    less: Mapping[str, Any],
+    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
     """Train on the warm-up subset with a checkpoint per epoch; cached by (pool, model, settings)."""
     seed = int(train_params["seed"])
     subset = warmup_subset(len(train_pool), less["warmup_percentage"], seed)
-    key = sha256_json({"pool": dataset_fingerprint(train_pool), "model": model_fingerprint(
-        model_params["model_name_or_path"]), "model_params": dict(model_params), "train": {
-        k: v for k, v in dict(train_params).items() if k not in ("output_dir", "progress_bar", "logging_steps")},
-        "warmup_percentage": less["warmup_percentage"], "warmup_epochs": less["warmup_epochs"],
-        "version": WARMUP_VERSION})  # fmt: skip
+    key = sha256_json(
+        {
+            "pool": dataset_fingerprint(train_pool),
+            "model": model_fingerprint(model_params["model_name_or_path"]),
+            "model_params": dict(model_params),
+            "train": {
+                k: v for k, v in dict(train_params).items() if k not in ("output_dir", "progress_bar", "logging_steps")
+            },
+            "warmup_percentage": less["warmup_percentage"],
+            "warmup_epochs": less["warmup_epochs"],
+            "version": WARMUP_VERSION,
+        }
+    )
     out = Path(less["warmup_dir"]) / key[:24]
     cached = _cached_warmup(out, key)
     if cached is not None:
         logger.info("LESS warm-up: cache hit (%d checkpoints) at %s", len(cached["checkpoints"]), out)
         return {**cached, "cache": "hit"}
     if distributed(train_params):  # a miss: train the warm-up on num_processes accelerate workers
-        return launch("dataflex.train.less:warmup", train_params, datasets={"train_pool": train_pool},
-                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
-                              "less": dict(less)}, metrics_sink=metrics_sink)  # fmt: skip
+        return launch(
+            "dataflex.train.less:warmup",
+            train_params,
+            datasets={"train_pool": train_pool},
+            kwargs={"model_params": dict(model_params), "train_params": dict(train_params), "less": dict(less)},
+            metrics_sink=metrics_sink,
+        )
     args = _warmup_args(train_params, less, out)
     tokenizer = load_tokenizer(model_params["model_name_or_path"])
     model = build_model(model_params, seed=seed)
     subset_ds = train_pool.select(subset)
-    trainer = Trainer(model, subset_ds, args, data_collator=DataCollatorForCausalLM(tokenizer),
-                      accelerator=make_accelerator(args), metrics_sink=metrics_sink,
-                      domain_names=domain_names(train_pool),
-                      model_fingerprint=model_fingerprint(model_params["model_name_or_path"]))  # fmt: skip
+    trainer = Trainer(
+        model,
+        subset_ds,
+        args,
+        data_collator=DataCollatorForCausalLM(tokenizer),
+        accelerator=make_accelerator(args),
+        metrics_sink=metrics_sink,
+        domain_names=domain_names(train_pool),
+        model_fingerprint=model_fingerprint(model_params["model_name_or_path"]),
+    )
     lrs = scheduled_learning_rates(args, trainer.plan.num_steps)
     per_epoch = trainer.plan.steps_per_epoch
     checkpoints = []
@@ -105,10 +135,18 @@ def warmup(train_pool: Any, model_params: Mapping[str, Any], train_params: Mappi
         window = lrs[(epoch - 1) * per_epoch : end]
         checkpoints.append({"epoch": epoch, "step": end, "path": str(path), "avg_lr": sum(window) / len(window)})
         logger.info("LESS warm-up: epoch %d done at step %d (average lr %.3g)", epoch, end, checkpoints[-1]["avg_lr"])
-    result = {"key": key, "dir": str(out), "model_name_or_path": model_params["model_name_or_path"], "subset": subset,
-              "num_samples": len(subset), "pool_size": len(train_pool), "steps_per_epoch": per_epoch,
-              "checkpoints": checkpoints, "log_history": trainer.log_history,
-              "domains": domain_names(train_pool)}  # fmt: skip
+    result = {
+        "key": key,
+        "dir": str(out),
+        "model_name_or_path": model_params["model_name_or_path"],
+        "subset": subset,
+        "num_samples": len(subset),
+        "pool_size": len(train_pool),
+        "steps_per_epoch": per_epoch,
+        "checkpoints": checkpoints,
+        "log_history": trainer.log_history,
+        "domains": domain_names(train_pool),
+    }
     if trainer.accelerator.is_main_process:
         atomic_write_json(out / "warmup_result.json", result)
     return {**result, "cache": "miss"}
@@ -131,38 +169,77 @@ def _cached_warmup(out: Path, key: str) -> dict[str, Any] | None:
 
 def feature_settings(less: Mapping[str, Any], kind: str) -> FeatureSettings:
     """Pool features use `gradient_type` (adam, as LESS); targets always use SGD gradients, as LESS does."""
-    return FeatureSettings(gradient_type=less["gradient_type"] if kind == "train" else "sgd",
-                           projector=less["projector"], proj_dim=int(less["proj_dim"]), seed=int(less["proj_seed"]),
-                           adam_eps_placement=less["adam_eps_placement"], dtype=less["feature_dtype"])  # fmt: skip
+    return FeatureSettings(
+        gradient_type=less["gradient_type"] if kind == "train" else "sgd",
+        projector=less["projector"],
+        proj_dim=int(less["proj_dim"]),
+        seed=int(less["proj_seed"]),
+        adam_eps_placement=less["adam_eps_placement"],
+        dtype=less["feature_dtype"],
+    )
 
 
-def checkpoint_features(dataset: Any, warmup_result: Mapping[str, Any], k: int, model_params: Mapping[str, Any],
-                        less: Mapping[str, Any], *, kind: str, name: str, seed: int = 0, progress: bool = True,
-                        train_params: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def checkpoint_features(
+    dataset: Any,
+    warmup_result: Mapping[str, Any],
+    k: int,
+    model_params: Mapping[str, Any],
+    less: Mapping[str, Any],
+    *,
+    kind: str,
+    name: str,
+    seed: int = 0,
+    progress: bool = True,
+    train_params: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Features of `dataset` at warm-up checkpoint `k` through the datastore (reused when present); computed by
     train_params' num_processes workers, each on a share of the rows, when that is > 1."""
     if distributed(train_params):
-        return launch("dataflex.train.less:checkpoint_features", train_params or {}, datasets={"dataset": dataset},
-                      kwargs={"warmup_result": dict(warmup_result), "k": k, "model_params": dict(model_params),
-                              "less": dict(less), "kind": kind, "name": name, "seed": seed, "progress": progress,
-                              "train_params": dict(train_params or {})})  # fmt: skip
+        return launch(
+            "dataflex.train.less:checkpoint_features",
+            train_params or {},
+            datasets={"dataset": dataset},
+            kwargs={
+                "warmup_result": dict(warmup_result),
+                "k": k,
+                "model_params": dict(model_params),
+                "less": dict(less),
+                "kind": kind,
+                "name": name,
+                "seed": seed,
+                "progress": progress,
+                "train_params": dict(train_params or {}),
+            },
+        )
     ckpt = warmup_result["checkpoints"][k]
     model = load_checkpoint_model(model_params, ckpt["path"], seed)
     settings = feature_settings(less, kind)
     store = GradientDatastore(less["datastore_dir"], shard_size=int(less["shard_size"]))
-    ref = store.extract(model, dataset, settings, base_model_id=model_fingerprint(model_params["model_name_or_path"]),
-                        optimizer_state=ckpt["path"] if settings.gradient_type == "adam" else None,
-                        batch_size=int(less["feature_batch_size"]), name=f"{name}@epoch-{ckpt['epoch']}",
-                        progress=progress)  # fmt: skip
+    ref = store.extract(
+        model,
+        dataset,
+        settings,
+        base_model_id=model_fingerprint(model_params["model_name_or_path"]),
+        optimizer_state=ckpt["path"] if settings.gradient_type == "adam" else None,
+        batch_size=int(less["feature_batch_size"]),
+        name=f"{name}@epoch-{ckpt['epoch']}",
+        progress=progress,
+    )
     return {**ref, "checkpoint": k, "epoch": ckpt["epoch"], "kind": kind}
 
 
 # ----------------------------------------------------------------------------- 4. matching and selection
 
 
-def select(train_pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[str, Any],
-           train_refs: list[Mapping[str, Any]], target_refs: list[Mapping[str, Mapping[str, Any]]],
-           less: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def select(
+    train_pool: Any,
+    targets: Mapping[str, Any],
+    warmup_result: Mapping[str, Any],
+    train_refs: list[Mapping[str, Any]],
+    target_refs: list[Mapping[str, Mapping[str, Any]]],
+    less: Mapping[str, Any],
+    data: Mapping[str, Any],
+) -> dict[str, Any]:
     """Score the pool for every target, pick the top ones and write the selection files."""
     lrs = [c["avg_lr"] for c in warmup_result["checkpoints"]]
     train_feats = [GradientDatastore.load(r).features for r in train_refs]
@@ -171,8 +248,13 @@ def select(train_pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[s
     pool_domains = list(train_pool["domain_id"])
     names = domain_names(train_pool)
     pool_counts = {n: pool_domains.count(d) for d, n in enumerate(names)}
-    summary: dict[str, Any] = {"targets": {}, "checkpoint_lrs": lrs, "pool_size": len(train_pool),
-                               "domains": names, "pool_domain_counts": pool_counts}  # fmt: skip
+    summary: dict[str, Any] = {
+        "targets": {},
+        "checkpoint_lrs": lrs,
+        "pool_size": len(train_pool),
+        "domains": names,
+        "pool_domain_counts": pool_counts,
+    }
     table: dict[str, torch.Tensor] = {}
     for target in targets:
         target_set = targets[target]
@@ -184,16 +266,27 @@ def select(train_pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[s
         counts = [0] * len(names)
         for i in picked:
             counts[pool_domains[i]] += 1
-        selection = {"target": target, "indices": [sample_ids[i] for i in picked],
-                     "scores": [float(scores[i]) for i in picked], "aggregation": less["aggregation"],
-                     "percentage": less["percentage"], "max_samples": less["max_samples"],
-                     "checkpoint_lrs": lrs, "domain_counts": dict(zip(names, counts))}  # fmt: skip
+        selection = {
+            "target": target,
+            "indices": [sample_ids[i] for i in picked],
+            "scores": [float(scores[i]) for i in picked],
+            "aggregation": less["aggregation"],
+            "percentage": less["percentage"],
+            "max_samples": less["max_samples"],
+            "checkpoint_lrs": lrs,
+            "domain_counts": dict(zip(names, counts)),
+        }
         atomic_write_json(out / "selections" / f"{target}.json", selection)
         atomic_write_text(out / "selected" / f"{target}.jsonl", selected_jsonl(train_pool, picked, data))
         summary["targets"][target] = {k: v for k, v in selection.items() if k not in ("scores",)}
         summary["targets"][target]["score_stats"] = _stats(scores)
-        logger.info("LESS selected %d of %d samples for %s: %s", len(picked), len(train_pool), target,
-                    ", ".join(f"{n}={c}" for n, c in zip(names, counts) if c))  # fmt: skip
+        logger.info(
+            "LESS selected %d of %d samples for %s: %s",
+            len(picked),
+            len(train_pool),
+            target,
+            ", ".join(f"{n}={c}" for n, c in zip(names, counts) if c),
+        )
     atomic_write_text(out / "scores.csv", score_table(train_pool, table))
     summary["scores_path"] = str(out / "scores.csv")
     return summary
@@ -239,9 +332,14 @@ def selected_indices(selection: Mapping[str, Any]) -> list[int]:
     return sorted({i for t in selection["targets"].values() for i in t["indices"]})
 
 
-def final_train(train_pool: Any, selection: Mapping[str, Any], model_params: Mapping[str, Any],
-                train_params: Mapping[str, Any], less: Mapping[str, Any],
-                metrics_sink: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def final_train(
+    train_pool: Any,
+    selection: Mapping[str, Any],
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    less: Mapping[str, Any],
+    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
     """A fresh model from the base, trained `final_epochs` epochs on the selected subset (LESS's step 5)."""
     indices = selected_indices(selection)
     subset = train_pool.select(indices)

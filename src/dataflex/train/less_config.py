@@ -53,8 +53,9 @@ def check_less_config(less: Mapping[str, Any], data: Mapping[str, Any] | None = 
     """Every LESS setting, before any work; with `data`, also that each target is a known dataset."""
     unknown = sorted(set(less) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown parameter(s) {', '.join('less.' + k for k in unknown)}; "
-                          f"valid: {', '.join(sorted(DEFAULTS))}")  # fmt: skip
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join('less.' + k for k in unknown)}; valid: {', '.join(sorted(DEFAULTS))}"
+        )
     targets = target_list(less)
     if not targets or not all(targets):
         raise ConfigError("less.targets is empty: name the target task's dev set(s), e.g. targets: [arith_dev]")
@@ -76,8 +77,12 @@ def check_less_config(less: Mapping[str, Any], data: Mapping[str, Any] | None = 
     from dataflex.features.matching import AGGREGATIONS
     from dataflex.features.projectors import PROJECTORS
 
-    choices = {"aggregation": AGGREGATIONS, "gradient_type": ("adam", "sgd"), "projector": PROJECTORS,
-               "adam_eps_placement": ("inside", "outside")}  # fmt: skip
+    choices = {
+        "aggregation": AGGREGATIONS,
+        "gradient_type": ("adam", "sgd"),
+        "projector": PROJECTORS,
+        "adam_eps_placement": ("inside", "outside"),
+    }
     for key, allowed in choices.items():
         if less.get(key) not in allowed:
             raise ConfigError(f"less.{key} must be one of {', '.join(allowed)}, got {less.get(key)!r}")

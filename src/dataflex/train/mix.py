@@ -83,8 +83,9 @@ def build_manager(train_pool: Any, flex: Mapping[str, Any], seed: int) -> tuple[
     init = flex.get("init_mixture_proportions")
     if init is not None:
         check_proportions(init, len(names), "init_mixture_proportions")
-    manager = MixedProportionManager(names, sizes, rule=flex.get("mixture_sample_rule") or "mixture",
-                                     init_proportions=init, seed=seed)  # fmt: skip
+    manager = MixedProportionManager(
+        names, sizes, rule=flex.get("mixture_sample_rule") or "mixture", init_proportions=init, seed=seed
+    )
     return manager, offsets
 
 
@@ -93,8 +94,9 @@ def build_mixer(flex: Mapping[str, Any], manager: MixedProportionManager, runtim
     if not name:
         raise ConfigError("dynamic_mix needs component_name (a registered mixer), or static_mix: true")
     import_user_modules(flex.get("user_modules"))
-    registered, params = component_spec(load_components_cfg(flex.get("components_cfg_file"), flex.get("components")),
-                                        "mixer", name)  # fmt: skip
+    registered, params = component_spec(
+        load_components_cfg(flex.get("components_cfg_file"), flex.get("components")), "mixer", name
+    )
     return REGISTRY.build("mixer", registered, runtime={**runtime, "mixture_manager": manager}, cfg=params)
 
 
@@ -108,8 +110,10 @@ def check_mix_config(flex: Mapping[str, Any], num_domains: int | None = None) ->
     if flex.get("static_mix"):
         return
     if (flex.get("mixture_sample_rule") or "mixture") != "mixture":
-        raise ConfigError(f"mixture_sample_rule '{flex['mixture_sample_rule']}' fixes the proportions, so a dynamic "
-                          "mixer could not change them; use 'mixture' or set static_mix: true")  # fmt: skip
+        raise ConfigError(
+            f"mixture_sample_rule '{flex['mixture_sample_rule']}' fixes the proportions, so a dynamic "
+            "mixer could not change them; use 'mixture' or set static_mix: true"
+        )
     if num_domains is not None and num_domains < 2:
         raise ConfigError("dynamic_mix with a mixer needs at least two domains (datasets in `dataset`)")
 
@@ -117,17 +121,27 @@ def check_mix_config(flex: Mapping[str, Any], num_domains: int | None = None) ->
 class _Segment:
     """A Trainer for one segment of the mixed run, resumed from the previous segment's checkpoint."""
 
-    def __init__(self, train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                 flex: Mapping[str, Any], resume: str | None,
-                 metrics_sink: Callable[[dict[str, float], int], None] | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        train_pool: Any,
+        model_params: Mapping[str, Any],
+        train_params: Mapping[str, Any],
+        flex: Mapping[str, Any],
+        resume: str | None,
+        metrics_sink: Callable[[dict[str, float], int], None] | None,
+    ) -> None:
         self.args = TrainingArguments.from_dict({**train_params, "resume_from_checkpoint": resume})
         self.schedule = mix_schedule(flex, train_params, len(train_pool))
         self.tokenizer = load_tokenizer(model_params["model_name_or_path"])
         self.collator = DataCollatorForCausalLM(self.tokenizer)
         self.manager, offsets = build_manager(train_pool, flex, self.args.seed)
-        plan = MixturePlan(self.manager, offsets, self.args.per_device_train_batch_size,
-                           self.args.gradient_accumulation_steps * self.args.num_processes,
-                           num_steps=self.schedule.max_steps)  # fmt: skip
+        plan = MixturePlan(
+            self.manager,
+            offsets,
+            self.args.per_device_train_batch_size,
+            self.args.gradient_accumulation_steps * self.args.num_processes,
+            num_steps=self.schedule.max_steps,
+        )
         accelerator = make_accelerator(self.args)
         self.mixer = None
         if not flex.get("static_mix"):
@@ -135,28 +149,50 @@ class _Segment:
             self.mixer = build_mixer(flex, self.manager, runtime)
         components = {"mixer": self.mixer} if self.mixer is not None else {}
         self.trainer = Trainer(
-            build_model(model_params, seed=self.args.seed), train_pool, self.args,
-            data_collator=self.collator, plan=plan, components=components,
+            build_model(model_params, seed=self.args.seed),
+            train_pool,
+            self.args,
+            data_collator=self.collator,
+            plan=plan,
+            components=components,
             # Mixers that observe training (ODM, DoReMi) see every step; DoReMi also trains the proxy on its loss.
             observers=[self.mixer] if hasattr(self.mixer, "on_step_end") else [],
             loss_fn=getattr(self.mixer, "loss_fn", None),
-            metrics_sink=metrics_sink, domain_names=domain_names(train_pool), accelerator=accelerator,
+            metrics_sink=metrics_sink,
+            domain_names=domain_names(train_pool),
+            accelerator=accelerator,
             model_fingerprint=model_fingerprint(model_params["model_name_or_path"]),
-        )  # fmt: skip
+        )
         self.trainer.restore()
 
 
-def train_segment(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                  flex: Mapping[str, Any], round_k: int, previous: Mapping[str, Any] | None = None,
-                  mixture: Mapping[str, Any] | None = None,
-                  metrics_sink: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def train_segment(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    round_k: int,
+    previous: Mapping[str, Any] | None = None,
+    mixture: Mapping[str, Any] | None = None,
+    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
     """Train round `round_k` (from `previous` round's state, at `mixture`'s proportions); returns this round's state.
     With num_processes > 1 the round trains on that many accelerate workers."""
     if distributed(train_params):
-        return launch("dataflex.train.mix:train_segment", train_params, datasets={"train_pool": train_pool},
-                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
-                              "flex": dict(flex), "round_k": round_k, "previous": previous and dict(previous),
-                              "mixture": mixture and dict(mixture)}, metrics_sink=metrics_sink)  # fmt: skip
+        return launch(
+            "dataflex.train.mix:train_segment",
+            train_params,
+            datasets={"train_pool": train_pool},
+            kwargs={
+                "model_params": dict(model_params),
+                "train_params": dict(train_params),
+                "flex": dict(flex),
+                "round_k": round_k,
+                "previous": previous and dict(previous),
+                "mixture": mixture and dict(mixture),
+            },
+            metrics_sink=metrics_sink,
+        )
     seg = _Segment(train_pool, model_params, train_params, flex, previous and previous["checkpoint"], metrics_sink)
     start, end = seg.schedule.start(round_k), seg.schedule.boundaries[round_k]
     if seg.trainer.global_step != start:
@@ -167,13 +203,23 @@ def train_segment(train_pool: Any, model_params: Mapping[str, Any], train_params
         seg.manager.set_proportions(mixture["proportions"])
     result = seg.trainer.train(until_step=end)
     checkpoint = seg.trainer.save_checkpoint()
-    return {"round": round_k, "step": result.global_step, "checkpoint": str(checkpoint),
-            "proportions": seg.manager.proportions.tolist(), "names": seg.manager.names,
-            "last_train_loss": result.final_train_loss}  # fmt: skip
+    return {
+        "round": round_k,
+        "step": result.global_step,
+        "checkpoint": str(checkpoint),
+        "proportions": seg.manager.proportions.tolist(),
+        "names": seg.manager.names,
+        "last_train_loss": result.final_train_loss,
+    }
 
 
-def compute_mixture(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                    flex: Mapping[str, Any], previous: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def compute_mixture(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    previous: Mapping[str, Any],
+) -> dict[str, Any]:
     """Ask the mixer for the next proportions, with the model and mixer state at the end of the previous round."""
     seg = _Segment(train_pool, model_params, train_params, flex, previous["checkpoint"], None)
     model = seg.trainer.accelerator.unwrap_model(seg.trainer.model)
@@ -181,13 +227,23 @@ def compute_mixture(train_pool: Any, model_params: Mapping[str, Any], train_para
     probs = seg.mixer.mix(model, step, dataset=train_pool, data_collator=seg.collator)
     probs = check_proportions(probs, len(seg.manager.names), f"mixer '{flex['component_name']}' output at step {step}")
     stats = seg.mixer.stats() if hasattr(seg.mixer, "stats") else {}
-    return {"step": step, "names": seg.manager.names, "proportions": probs.tolist(),
-            "mixer_state": seg.mixer.state_dict(), **({"stats": stats} if stats else {})}  # fmt: skip
+    return {
+        "step": step,
+        "names": seg.manager.names,
+        "proportions": probs.tolist(),
+        "mixer_state": seg.mixer.state_dict(),
+        **({"stats": stats} if stats else {}),
+    }
 
 
-def finalize(last: Mapping[str, Any], mixtures: list[Mapping[str, Any]], train_pool: Any,
-             model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-             flex: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def finalize(
+    last: Mapping[str, Any],
+    mixtures: list[Mapping[str, Any]],
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+) -> dict[str, Any]:
     """Save the final adapter / model, write OUTPUT_DIR/mixture/proportions.jsonl; return the train result."""
     seg = _Segment(train_pool, model_params, train_params, {**flex, "static_mix": True}, last["checkpoint"], None)
     out = Path(seg.args.output_dir)
@@ -203,33 +259,58 @@ def finalize(last: Mapping[str, Any], mixtures: list[Mapping[str, Any]], train_p
     if "alpha_sum" in mixer_state:  # DoReMi: the averaged domain weights are the result of the proxy run
         alpha_sum = mixer_state["alpha_sum"]
         extra["doremi_average_weights"] = [a / sum(alpha_sum) for a in alpha_sum]
-        atomic_write_text(out / "mixture" / "doremi_weights.json", json.dumps(
-            {"names": last["names"], "average_weights": extra["doremi_average_weights"],
-             "final_alpha": mixer_state["alpha"], "updates": mixer_state["updates"]}, indent=2) + "\n")  # fmt: skip
+        atomic_write_text(
+            out / "mixture" / "doremi_weights.json",
+            json.dumps(
+                {
+                    "names": last["names"],
+                    "average_weights": extra["doremi_average_weights"],
+                    "final_alpha": mixer_state["alpha"],
+                    "updates": mixer_state["updates"],
+                },
+                indent=2,
+            )
+            + "\n",
+        )
     final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     return {
-        "train_type": "dynamic_mix", "component_name": None if flex.get("static_mix") else flex.get("component_name"),
-        "output_dir": str(out), "finetuning_type": model_params["finetuning_type"],
-        "model_name_or_path": model_params["model_name_or_path"], f"{kind}_dir": str(out / kind),
-        "domains": last["names"], "global_step": state["global_step"], "train_samples_seen": state["samples_seen"],
-        "train_tokens_seen": state["tokens_seen"], "final_train_loss": final_loss,
-        "train_loss_mean": state["loss_sum_all"] / max(state["global_step"], 1), "log_history": history,
-        "mixture_history": lines, "last_checkpoint": last["checkpoint"], **extra,
-    }  # fmt: skip
+        "train_type": "dynamic_mix",
+        "component_name": None if flex.get("static_mix") else flex.get("component_name"),
+        "output_dir": str(out),
+        "finetuning_type": model_params["finetuning_type"],
+        "model_name_or_path": model_params["model_name_or_path"],
+        f"{kind}_dir": str(out / kind),
+        "domains": last["names"],
+        "global_step": state["global_step"],
+        "train_samples_seen": state["samples_seen"],
+        "train_tokens_seen": state["tokens_seen"],
+        "final_train_loss": final_loss,
+        "train_loss_mean": state["loss_sum_all"] / max(state["global_step"], 1),
+        "log_history": history,
+        "mixture_history": lines,
+        "last_checkpoint": last["checkpoint"],
+        **extra,
+    }
 
 
 MetricsSink = Callable[[dict[str, float], int], None]
 
 
-def run_single_segment(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                       flex: Mapping[str, Any], metrics_sink: MetricsSink | None = None) -> dict[str, Any]:  # fmt: skip
+def run_single_segment(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    metrics_sink: MetricsSink | None = None,
+) -> dict[str, Any]:
     """A whole mixed run in one segment (static mixing, or the DoReMi proxy), finalized."""
     state = train_segment(train_pool, model_params, train_params, flex, 0, metrics_sink=metrics_sink)
     return finalize(state, [], train_pool, model_params, train_params, flex)
 
 
-def doremi_flex(flex: Mapping[str, Any], step: str, reference_dir: str | None = None,
-                weights: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+def doremi_flex(
+    flex: Mapping[str, Any], step: str, reference_dir: str | None = None, weights: list[float] | None = None
+) -> dict[str, Any]:
     """The config of each DoReMi step: 'reference' and 'final' are static mixes (at the initial proportions, at
     the proxy's averaged weights); 'proxy' trains with the doremi mixer against the reference."""
     base = {**flex, "train_type": "dynamic_mix", "mixture_sample_rule": "mixture"}
@@ -241,8 +322,7 @@ def doremi_flex(flex: Mapping[str, Any], step: str, reference_dir: str | None = 
     entry = mixers.get("doremi") or {"name": "doremi", "params": {}}
     params = {**(entry.get("params") or {}), "reference_model_path": reference_dir}
     components = {**(flex.get("components") or {}), "mixers": {**mixers, "doremi": {**entry, "params": params}}}
-    return {**base, "static_mix": False, "single_segment": True, "component_name": "doremi",
-            "components": components}  # fmt: skip
+    return {**base, "static_mix": False, "single_segment": True, "component_name": "doremi", "components": components}
 
 
 def _initial(train_pool: Any, flex: Mapping[str, Any], seed: int) -> list[float]:

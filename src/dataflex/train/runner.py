@@ -73,19 +73,28 @@ def total_steps(args: TrainingArguments, flex: Mapping[str, Any]) -> TrainingArg
     return args
 
 
-def train_model(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                flex_params: Mapping[str, Any] | None = None, *, eval_sets: Mapping[str, Any] | None = None,
-                metrics_sink: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:  # fmt: skip
+def train_model(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex_params: Mapping[str, Any] | None = None,
+    *,
+    eval_sets: Mapping[str, Any] | None = None,
+    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, Any]:
     """Train on `train_pool`; writes OUTPUT_DIR/adapter (LoRA) or OUTPUT_DIR/model (full) and train_result.json.
     With num_processes > 1 the training runs on that many accelerate workers (dataflex.distributed)."""
     flex = dict(flex_params or {"train_type": "static"})
     if distributed(train_params):
         if flex.get("train_type") == "dynamic_weight":
             component_for(flex)  # config errors here, before the workers start
-        return launch("dataflex.train.runner:train_model", train_params,
-                      datasets={"train_pool": train_pool, "eval_sets": eval_sets},
-                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
-                              "flex_params": flex}, metrics_sink=metrics_sink)  # fmt: skip
+        return launch(
+            "dataflex.train.runner:train_model",
+            train_params,
+            datasets={"train_pool": train_pool, "eval_sets": eval_sets},
+            kwargs={"model_params": dict(model_params), "train_params": dict(train_params), "flex_params": flex},
+            metrics_sink=metrics_sink,
+        )
     train_type = flex.get("train_type", "static")
     args = total_steps(TrainingArguments.from_dict(dict(train_params)), flex)
     tokenizer = load_tokenizer(model_params["model_name_or_path"])
@@ -95,14 +104,20 @@ def train_model(train_pool: Any, model_params: Mapping[str, Any], train_params: 
     if train_type == "dynamic_weight":
         _, component, params = component_for(flex)
         anchors = datasets.concatenate_datasets(list(eval_sets.values())) if eval_sets else None
-        runtime = {"dataset": train_pool, "eval_dataset": anchors, "accelerator": accelerator,
-                   "data_collator": collator}  # fmt: skip
+        runtime = {
+            "dataset": train_pool,
+            "eval_dataset": anchors,
+            "accelerator": accelerator,
+            "data_collator": collator,
+        }
         weighter = REGISTRY.build("weighter", component, runtime=runtime, cfg=params)
     elif train_type != "static":
         raise ConfigError(f"train_type '{train_type}' is not available in this version yet")
     model = build_model(model_params, seed=args.seed)
     trainer = Trainer(
-        model, train_pool, args,
+        model,
+        train_pool,
+        args,
         data_collator=collator,
         metrics_sink=metrics_sink,
         domain_names=domain_names(train_pool),
@@ -111,7 +126,7 @@ def train_model(train_pool: Any, model_params: Mapping[str, Any], train_params: 
         weighter=weighter,
         weighter_name=component or "weighter",
         weighting_warmup_steps=int(flex.get("warmup_step") or 0),
-    )  # fmt: skip
+    )
     if weighter is not None and flex.get("warmup_step", 0) > trainer.plan.num_steps:
         steps = trainer.plan.num_steps
         raise ConfigError(

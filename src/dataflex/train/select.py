@@ -77,8 +77,9 @@ class SelectSchedule:
         return start, end
 
 
-def select_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size: int | None,
-                    num_processes: int | None = None) -> SelectSchedule:  # fmt: skip
+def select_schedule(
+    flex: Mapping[str, Any], train: Mapping[str, Any], pool_size: int | None, num_processes: int | None = None
+) -> SelectSchedule:
     """The exact schedule of spec §2.2 (see the module docstring); processes default to train's num_processes."""
     w, u, t, s = (int(flex.get(k) or 0) for k in ("warmup_step", "update_step", "update_times", "train_step"))
     num_processes = int(num_processes or train.get("num_processes") or 1)
@@ -89,8 +90,10 @@ def select_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size
         epoch: int | None = max(1, w + u * t)
     elif s <= 0:
         if pool_size is None:
-            raise ConfigError("with update_times <= 0 and no train_step the flex epoch is the pool size; "
-                              "set update_times >= 1 or train_step > 0 to know the rounds before the data")  # fmt: skip
+            raise ConfigError(
+                "with update_times <= 0 and no train_step the flex epoch is the pool size; "
+                "set update_times >= 1 or train_step > 0 to know the rounds before the data"
+            )
         epoch = max(1, math.ceil(pool_size / g))
     else:
         epoch = None
@@ -104,8 +107,10 @@ def select_schedule(flex: Mapping[str, Any], train: Mapping[str, Any], pool_size
         elif r == w or (r > w and (r - w) % u == 0):
             total = t if t > 0 else (max(1, math.ceil(max(epoch - w, 0) / u)) if epoch else t)
             marks.append((step, "select", fe, (r - w) // u + 1, total))
-    events = [Event(st, kind, fe, marks[i + 1][0] if i + 1 < len(marks) else max_steps, c, total)
-              for i, (st, kind, fe, c, total) in enumerate(marks)]  # fmt: skip
+    events = [
+        Event(st, kind, fe, marks[i + 1][0] if i + 1 < len(marks) else max_steps, c, total)
+        for i, (st, kind, fe, c, total) in enumerate(marks)
+    ]
     return SelectSchedule(g, epoch, max_steps, events)
 
 
@@ -117,8 +122,9 @@ def build_selector(flex: Mapping[str, Any], runtime: Mapping[str, Any]) -> tuple
     return registered, REGISTRY.build("selector", registered, runtime=runtime, cfg=params)
 
 
-def check_select_config(flex: Mapping[str, Any], train: Mapping[str, Any], has_eval: bool,
-                        pool_size: int | None = None) -> None:  # fmt: skip
+def check_select_config(
+    flex: Mapping[str, Any], train: Mapping[str, Any], has_eval: bool, pool_size: int | None = None
+) -> None:
     """Select-specific config errors, before any work (pool-size checks when the size is known)."""
     _, name, params = _component(flex)
     if name == "less" and not has_eval:
@@ -127,8 +133,10 @@ def check_select_config(flex: Mapping[str, Any], train: Mapping[str, Any], has_e
     if pool_size is not None:
         need = sched.global_batch * int(flex["update_step"])
         if need > pool_size and not params.get("replacement", False):
-            raise ConfigError(f"each selection takes G x update_step = {need} samples but the pool has {pool_size}; "
-                              "lower update_step or the batch size, or use a selector with replacement")  # fmt: skip
+            raise ConfigError(
+                f"each selection takes G x update_step = {need} samples but the pool has {pool_size}; "
+                "lower update_step or the batch size, or use a selector with replacement"
+            )
 
 
 def _component(flex: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
@@ -155,9 +163,16 @@ def target_dataset(eval_sets: Mapping[str, Any] | None) -> Any:
 class _SelectRun:
     """A Trainer with a SelectPlan and the selector, resumed from a TrainState when given."""
 
-    def __init__(self, train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
-                 train_params: Mapping[str, Any], flex: Mapping[str, Any], resume: str | None,
-                 metrics_sink: MetricsSink | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        train_pool: Any,
+        eval_sets: Any,
+        model_params: Mapping[str, Any],
+        train_params: Mapping[str, Any],
+        flex: Mapping[str, Any],
+        resume: str | None,
+        metrics_sink: MetricsSink | None,
+    ) -> None:
         self.args = TrainingArguments.from_dict({**train_params, "resume_from_checkpoint": resume})
         self.flex = flex
         self.pool = train_pool
@@ -175,15 +190,25 @@ class _SelectRun:
             "cache_dir": str(Path(self.args.output_dir) / "selector_cache"),
         }
         self.name, self.selector = build_selector(flex, runtime)
-        self.plan = SelectPlan(self.args.per_device_train_batch_size,
-                               self.args.gradient_accumulation_steps * self.args.num_processes,
-                               num_steps=self.schedule.max_steps, seed=self.args.seed,
-                               steps_per_epoch=self.schedule.epoch_steps)  # fmt: skip
+        self.plan = SelectPlan(
+            self.args.per_device_train_batch_size,
+            self.args.gradient_accumulation_steps * self.args.num_processes,
+            num_steps=self.schedule.max_steps,
+            seed=self.args.seed,
+            steps_per_epoch=self.schedule.epoch_steps,
+        )
         self.trainer = Trainer(
-            build_model(model_params, seed=self.args.seed), train_pool, self.args, data_collator=self.collator,
-            plan=self.plan, components={"selector": self.selector}, metrics_sink=metrics_sink,
-            domain_names=domain_names(train_pool), accelerator=accelerator, model_fingerprint=self.base_id,
-        )  # fmt: skip
+            build_model(model_params, seed=self.args.seed),
+            train_pool,
+            self.args,
+            data_collator=self.collator,
+            plan=self.plan,
+            components={"selector": self.selector},
+            metrics_sink=metrics_sink,
+            domain_names=domain_names(train_pool),
+            accelerator=accelerator,
+            model_fingerprint=self.base_id,
+        )
         self.trainer.restore()
 
     @property
@@ -204,13 +229,20 @@ class _SelectRun:
     def selection_key(self, event: Event, checkpoint: str | None) -> str:
         """Content key of a selection: model and optimizer state, selector state, data, selector config, step."""
         files = read_manifest(checkpoint, verify_hashes=False)["files"] if checkpoint else {}
-        return sha256_json({
-            "weights": files.get("trainable.safetensors"), "optimizer": files.get("optimizer.safetensors"),
-            "selector_state": self.selector.state_dict(), "pool": dataset_fingerprint(self.pool),
-            "eval": _eval_fingerprint(self.selector), "selector": self.name,
-            "params": _component(self.flex)[2], "step": event.step, "num_samples": self.num_samples(event),
-            "base": self.base_id,
-        })  # fmt: skip
+        return sha256_json(
+            {
+                "weights": files.get("trainable.safetensors"),
+                "optimizer": files.get("optimizer.safetensors"),
+                "selector_state": self.selector.state_dict(),
+                "pool": dataset_fingerprint(self.pool),
+                "eval": _eval_fingerprint(self.selector),
+                "selector": self.name,
+                "params": _component(self.flex)[2],
+                "step": event.step,
+                "num_samples": self.num_samples(event),
+                "base": self.base_id,
+            }
+        )
 
     def num_samples(self, event: Event) -> int:
         return self.schedule.global_batch * (event.end - event.step)
@@ -234,38 +266,62 @@ def check_indices(indices: Any, expected: int, pool_size: int, where: str) -> li
         raise SelectionError(f"{where} returned {len(values)} indices; it must return exactly num_samples={expected}")
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < pool_size]
     if bad:
-        raise SelectionError(f"{where} returned index {bad[0]!r}, outside the pool [0, {pool_size}); return "
-                             "positions in the train dataset")  # fmt: skip
+        raise SelectionError(
+            f"{where} returned index {bad[0]!r}, outside the pool [0, {pool_size}); return "
+            "positions in the train dataset"
+        )
     return [int(v) for v in values]
 
 
-def train_segment(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                  flex: Mapping[str, Any], round_k: int, previous: Mapping[str, Any] | None = None,
-                  selection: Mapping[str, Any] | None = None,
-                  metrics_sink: MetricsSink | None = None) -> dict[str, Any]:  # fmt: skip
+def train_segment(
+    train_pool: Any,
+    eval_sets: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    round_k: int,
+    previous: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None,
+    metrics_sink: MetricsSink | None = None,
+) -> dict[str, Any]:
     """Train round `round_k` on `selection` (and any warmup data of flex epochs starting inside it); on
     num_processes accelerate workers when that is > 1."""
     if distributed(train_params):
-        return launch("dataflex.train.select:train_segment", train_params,
-                      datasets={"train_pool": train_pool, "eval_sets": eval_sets},
-                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
-                              "flex": dict(flex), "round_k": round_k, "previous": previous and dict(previous),
-                              "selection": selection and dict(selection)}, metrics_sink=metrics_sink)  # fmt: skip
-    run = _SelectRun(train_pool, eval_sets, model_params, train_params, flex, previous and previous["checkpoint"],
-                     metrics_sink)  # fmt: skip
+        return launch(
+            "dataflex.train.select:train_segment",
+            train_params,
+            datasets={"train_pool": train_pool, "eval_sets": eval_sets},
+            kwargs={
+                "model_params": dict(model_params),
+                "train_params": dict(train_params),
+                "flex": dict(flex),
+                "round_k": round_k,
+                "previous": previous and dict(previous),
+                "selection": selection and dict(selection),
+            },
+            metrics_sink=metrics_sink,
+        )
+    run = _SelectRun(
+        train_pool, eval_sets, model_params, train_params, flex, previous and previous["checkpoint"], metrics_sink
+    )
     start, end = run.schedule.round_range(round_k)
     # A save_steps checkpoint inside the round resumes there: its plan already holds the active subset.
     if not start <= run.trainer.global_step < end:
-        raise ConfigError(f"round {round_k} covers steps [{start}, {end}) but its input state is at step "
-                          f"{run.trainer.global_step}")  # fmt: skip
+        raise ConfigError(
+            f"round {round_k} covers steps [{start}, {end}) but its input state is at step {run.trainer.global_step}"
+        )
     if selection is not None:
         run.selector.load_state_dict(selection.get("selector_state") or {})
         run.plan.add_segment(selection["step"], selection["end"], selection["indices"])
     run.add_warmups(start, end)
     result = run.trainer.train(until_step=end)
     checkpoint = run.trainer.save_checkpoint()
-    return {"round": round_k, "step": result.global_step, "checkpoint": str(checkpoint),
-            "last_train_loss": result.final_train_loss}  # fmt: skip
+    return {
+        "round": round_k,
+        "step": result.global_step,
+        "checkpoint": str(checkpoint),
+        "last_train_loss": result.final_train_loss,
+    }
 
 
 # compute_features hands its set-up (model, optimizer, selector restored from the round's TrainState) to the
@@ -275,18 +331,36 @@ def train_segment(train_pool: Any, eval_sets: Any, model_params: Mapping[str, An
 _HANDOVER: dict[str, tuple[_SelectRun, dict[str, Any], Any]] = {}
 
 
-def _handover_key(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
-                  train_params: Mapping[str, Any], flex: Mapping[str, Any], checkpoint: str) -> str:  # fmt: skip
+def _handover_key(
+    train_pool: Any,
+    eval_sets: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    checkpoint: str,
+) -> str:
     manifest = Path(checkpoint) / "manifest.json"
-    return sha256_json({
-        "checkpoint": str(Path(checkpoint).resolve()), "manifest": manifest.stat().st_mtime_ns if manifest.exists()
-        else None, "pool": dataset_fingerprint(train_pool), "model": dict(model_params), "train": dict(train_params),
-        "flex": dict(flex), "eval": {k: dataset_fingerprint(v) for k, v in (eval_sets or {}).items()},
-    })  # fmt: skip
+    return sha256_json(
+        {
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "manifest": manifest.stat().st_mtime_ns if manifest.exists() else None,
+            "pool": dataset_fingerprint(train_pool),
+            "model": dict(model_params),
+            "train": dict(train_params),
+            "flex": dict(flex),
+            "eval": {k: dataset_fingerprint(v) for k, v in (eval_sets or {}).items()},
+        }
+    )
 
 
-def _take_run(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-              flex: Mapping[str, Any], checkpoint: str) -> _SelectRun:  # fmt: skip
+def _take_run(
+    train_pool: Any,
+    eval_sets: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    checkpoint: str,
+) -> _SelectRun:
     key = _handover_key(train_pool, eval_sets, model_params, train_params, flex, checkpoint)
     if key in _HANDOVER:
         run, selector_state, rng = _HANDOVER.pop(key)
@@ -296,32 +370,51 @@ def _take_run(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any], 
     return _SelectRun(train_pool, eval_sets, model_params, train_params, flex, checkpoint, None)
 
 
-def compute_features(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
-                     train_params: Mapping[str, Any], flex: Mapping[str, Any],
-                     previous: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def compute_features(
+    train_pool: Any,
+    eval_sets: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    previous: Mapping[str, Any],
+) -> dict[str, Any]:
     """What the selector needs for round previous+1, from the model and optimizer at that point (cached); with
     num_processes > 1 computed by that many workers, each on a share of the pool."""
     if distributed(train_params) and hasattr(_component_class(flex), "compute_features"):
-        return launch("dataflex.train.select:compute_features", train_params,
-                      datasets={"train_pool": train_pool, "eval_sets": eval_sets},
-                      kwargs={"model_params": dict(model_params), "train_params": dict(train_params),
-                              "flex": dict(flex), "previous": dict(previous)})  # fmt: skip
+        return launch(
+            "dataflex.train.select:compute_features",
+            train_params,
+            datasets={"train_pool": train_pool, "eval_sets": eval_sets},
+            kwargs={
+                "model_params": dict(model_params),
+                "train_params": dict(train_params),
+                "flex": dict(flex),
+                "previous": dict(previous),
+            },
+        )
     run = _SelectRun(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"], None)
     restored, rng = run.selector.state_dict(), capture_rng()
     event = run.schedule.selections[previous["round"]]
     feats: dict[str, Any] = {}
     if hasattr(run.selector, "compute_features"):
-        feats = run.selector.compute_features(run.model, event.step, optimizer=run.trainer.optimizer,
-                                              base_model_id=run.base_id, tokenizer=run.tokenizer)  # fmt: skip
+        feats = run.selector.compute_features(
+            run.model, event.step, optimizer=run.trainer.optimizer, base_model_id=run.base_id, tokenizer=run.tokenizer
+        )
     _HANDOVER.clear()  # at most one set-up (one model) is kept
     key = _handover_key(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"])
     _HANDOVER[key] = (run, restored, rng)
     return {"step": event.step, "selector": run.name, "features": feats}
 
 
-def compute_selection(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any],
-                      train_params: Mapping[str, Any], flex: Mapping[str, Any], previous: Mapping[str, Any],
-                      features: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def compute_selection(
+    train_pool: Any,
+    eval_sets: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    previous: Mapping[str, Any],
+    features: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The selector's choice for round previous+1; written to OUTPUT_DIR/selections/step_<g>.json and reused when
     the same model state, data, selector config and step come again."""
     run = _take_run(train_pool, eval_sets, model_params, train_params, flex, previous["checkpoint"])
@@ -336,22 +429,41 @@ def compute_selection(train_pool: Any, eval_sets: Any, model_params: Mapping[str
     where = f"selector '{run.name}' at step {event.step}"
     run.selector.last_metric = {}
     indices = run.selector.select(
-        run.model, event.step, k, features=(features or {}).get("features") or None,
-        optimizer=run.trainer.optimizer, optimizer_state=run.trainer.optimizer.state,
-        scheduler_state=run.trainer.scheduler.state_dict(), current_update_times=event.current,
-        update_times=event.update_times, tokenizer=run.tokenizer, base_model_id=run.base_id,
-    )  # fmt: skip
+        run.model,
+        event.step,
+        k,
+        features=(features or {}).get("features") or None,
+        optimizer=run.trainer.optimizer,
+        optimizer_state=run.trainer.optimizer.state,
+        scheduler_state=run.trainer.scheduler.state_dict(),
+        current_update_times=event.current,
+        update_times=event.update_times,
+        tokenizer=run.tokenizer,
+        base_model_id=run.base_id,
+    )
     indices = check_indices(indices, k, len(train_pool), where)
     names = domain_names(train_pool)
     dom = train_pool["domain_id"]
     counts = Counter(names[dom[i]] for i in indices)
-    out = {"step": event.step, "end": event.end, "indices": indices, "metric": getattr(run.selector, "last_metric", {}),
-           "domain_counts": {n: counts.get(n, 0) for n in names}, "selector": run.name, "key": key,
-           "selector_state": run.selector.state_dict(), "current_update_times": event.current,
-           "update_times": event.update_times}  # fmt: skip
+    out = {
+        "step": event.step,
+        "end": event.end,
+        "indices": indices,
+        "metric": getattr(run.selector, "last_metric", {}),
+        "domain_counts": {n: counts.get(n, 0) for n in names},
+        "selector": run.name,
+        "key": key,
+        "selector_state": run.selector.state_dict(),
+        "current_update_times": event.current,
+        "update_times": event.update_times,
+    }
     atomic_write_json(path, out)
-    logger.info("selection at step %d (%s): %s", event.step, run.name,
-                ", ".join(f"{n}={c}" for n, c in out["domain_counts"].items() if c))  # fmt: skip
+    logger.info(
+        "selection at step %d (%s): %s",
+        event.step,
+        run.name,
+        ", ".join(f"{n}={c}" for n, c in out["domain_counts"].items() if c),
+    )
     return {**out, "cache": "miss"}
 
 
@@ -362,9 +474,14 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def finalize(last: Mapping[str, Any], selections: list[Mapping[str, Any]], train_pool: Any,
-             model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-             flex: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def finalize(
+    last: Mapping[str, Any],
+    selections: list[Mapping[str, Any]],
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+) -> dict[str, Any]:
     """Save the final adapter / model; return the train result with the per-round selection composition."""
     tokenizer = load_tokenizer(model_params["model_name_or_path"])
     model = load_checkpoint_model(model_params, last["checkpoint"], int(train_params["seed"]))
@@ -373,22 +490,37 @@ def finalize(last: Mapping[str, Any], selections: list[Mapping[str, Any]], train
     save_trained(model, out / kind, tokenizer=tokenizer)
     state = json.loads((Path(last["checkpoint"]) / "trainer_state.json").read_text())
     history = state["log_history"]
-    composition = [{"step": s["step"], "domain_counts": s["domain_counts"], "cache": s.get("cache")}
-                   for s in selections]  # fmt: skip
+    composition = [
+        {"step": s["step"], "domain_counts": s["domain_counts"], "cache": s.get("cache")} for s in selections
+    ]
     atomic_write_json(out / "selections" / "composition.json", composition)
     return {
-        "train_type": "dynamic_select", "component_name": flex.get("component_name"), "output_dir": str(out),
-        "finetuning_type": model_params["finetuning_type"], "model_name_or_path": model_params["model_name_or_path"],
-        f"{kind}_dir": str(out / kind), "domains": domain_names(train_pool), "global_step": state["global_step"],
-        "train_samples_seen": state["samples_seen"], "train_tokens_seen": state["tokens_seen"],
+        "train_type": "dynamic_select",
+        "component_name": flex.get("component_name"),
+        "output_dir": str(out),
+        "finetuning_type": model_params["finetuning_type"],
+        "model_name_or_path": model_params["model_name_or_path"],
+        f"{kind}_dir": str(out / kind),
+        "domains": domain_names(train_pool),
+        "global_step": state["global_step"],
+        "train_samples_seen": state["samples_seen"],
+        "train_tokens_seen": state["tokens_seen"],
         "final_train_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
-        "train_loss_mean": state["loss_sum_all"] / max(state["global_step"], 1), "log_history": history,
-        "selection_history": composition, "last_checkpoint": last["checkpoint"],
-    }  # fmt: skip
+        "train_loss_mean": state["loss_sum_all"] / max(state["global_step"], 1),
+        "log_history": history,
+        "selection_history": composition,
+        "last_checkpoint": last["checkpoint"],
+    }
 
 
-def run_all(train_pool: Any, eval_sets: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-            flex: Mapping[str, Any], metrics_sink: MetricsSink | None = None) -> dict[str, Any]:  # fmt: skip
+def run_all(
+    train_pool: Any,
+    eval_sets: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    flex: Mapping[str, Any],
+    metrics_sink: MetricsSink | None = None,
+) -> dict[str, Any]:
     """Every round in order (what the Kedro pipeline unrolls), for use without Kedro."""
     n = select_schedule(flex, train_params, len(train_pool)).num_rounds
     state = train_segment(train_pool, eval_sets, model_params, train_params, flex, 0, metrics_sink=metrics_sink)

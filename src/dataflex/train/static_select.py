@@ -50,8 +50,12 @@ def build_selector(cfg: Mapping[str, Any], train_pool: Any, targets: Mapping[str
     import dataflex.train.selector  # noqa: F401
 
     params = dict(cfg.get("params") or {})
-    runtime: dict[str, Any] = {"dataset": train_pool, "eval_dataset": target_union(targets), "accelerator": None,
-                               "data_collator": None}  # fmt: skip
+    runtime: dict[str, Any] = {
+        "dataset": train_pool,
+        "eval_dataset": target_union(targets),
+        "accelerator": None,
+        "data_collator": None,
+    }
     if "cache_dir" not in params:
         runtime["cache_dir"] = str(cfg["cache_dir"])
     if "seed" not in params:
@@ -59,14 +63,27 @@ def build_selector(cfg: Mapping[str, Any], train_pool: Any, targets: Mapping[str
     return REGISTRY.build("selector", cfg["selector"], runtime=runtime, cfg=params)
 
 
-def warmup(train_pool: Any, model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-           cfg: Mapping[str, Any], metrics_sink: Any = None) -> dict[str, Any]:  # fmt: skip
+def warmup(
+    train_pool: Any,
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    metrics_sink: Any = None,
+) -> dict[str, Any]:
     """LESS's cached warm-up when `warmup_epochs` > 0, else no checkpoint (features at the fresh model)."""
     if cfg["warmup_epochs"] == 0:
         return {"checkpoints": [], "cache": "skipped"}
-    return less_lib.warmup(train_pool, model_params, train_params, {
-        "warmup_percentage": cfg["warmup_percentage"], "warmup_epochs": cfg["warmup_epochs"],
-        "warmup_dir": cfg["warmup_dir"]}, metrics_sink=metrics_sink)  # fmt: skip
+    return less_lib.warmup(
+        train_pool,
+        model_params,
+        train_params,
+        {
+            "warmup_percentage": cfg["warmup_percentage"],
+            "warmup_epochs": cfg["warmup_epochs"],
+            "warmup_dir": cfg["warmup_dir"],
+        },
+        metrics_sink=metrics_sink,
+    )
 
 
 def _model(selector: Any, model_params: Mapping[str, Any], warmup_result: Mapping[str, Any], seed: int) -> Any:
@@ -78,9 +95,14 @@ def _model(selector: Any, model_params: Mapping[str, Any], warmup_result: Mappin
     return load_checkpoint_model(model_params, ckpts[-1]["path"], seed) if ckpts else build_model(model_params, seed)
 
 
-def compute_features(train_pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[str, Any],
-                     model_params: Mapping[str, Any], train_params: Mapping[str, Any],
-                     cfg: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def compute_features(
+    train_pool: Any,
+    targets: Mapping[str, Any],
+    warmup_result: Mapping[str, Any],
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+) -> dict[str, Any]:
     """The selector's offline artefacts (content-cached by the selector itself)."""
     seed = int(train_params["seed"])
     start = time.perf_counter()
@@ -89,10 +111,12 @@ def compute_features(train_pool: Any, targets: Mapping[str, Any], warmup_result:
         return {"selector": cfg["selector"], "features": None, "seconds": 0.0}
     ckpts = warmup_result.get("checkpoints") or []
     feats = selector.compute_features(
-        _model(selector, model_params, warmup_result, seed), 0, optimizer_state=ckpts[-1]["path"] if ckpts else None,
+        _model(selector, model_params, warmup_result, seed),
+        0,
+        optimizer_state=ckpts[-1]["path"] if ckpts else None,
         base_model_id=model_fingerprint(model_params["model_name_or_path"]),
         tokenizer=load_tokenizer(model_params["model_name_or_path"]),
-    )  # fmt: skip
+    )
     return {"selector": cfg["selector"], "features": feats, "seconds": time.perf_counter() - start}
 
 
@@ -102,9 +126,16 @@ def budget(cfg: Mapping[str, Any], pool_size: int) -> int:
     return max(1, int(float(cfg["percentage"]) * pool_size))
 
 
-def select(train_pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[str, Any], features: Mapping[str, Any],
-           model_params: Mapping[str, Any], train_params: Mapping[str, Any], cfg: Mapping[str, Any],
-           data: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+def select(
+    train_pool: Any,
+    targets: Mapping[str, Any],
+    warmup_result: Mapping[str, Any],
+    features: Mapping[str, Any],
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    data: Mapping[str, Any],
+) -> dict[str, Any]:
     """Run the selector once and write selections/<target>.json, selected/<target>.jsonl; LESS's summary format."""
     seed = int(train_params["seed"])
     start = time.perf_counter()
@@ -126,21 +157,50 @@ def select(train_pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[s
         counts[names[dom[i]]] += 1
     name = "+".join(target_names(cfg))
     out = Path(cfg["output_dir"])
-    selection = {"target": name, "selector": cfg["selector"], "indices": [int(sample_ids[i]) for i in picked],
-                 "budget": k, "domain_counts": counts, "metric": getattr(selector, "last_metric", {}),
-                 "select_seconds": seconds, "features_seconds": features.get("seconds")}  # fmt: skip
+    selection = {
+        "target": name,
+        "selector": cfg["selector"],
+        "indices": [int(sample_ids[i]) for i in picked],
+        "budget": k,
+        "domain_counts": counts,
+        "metric": getattr(selector, "last_metric", {}),
+        "select_seconds": seconds,
+        "features_seconds": features.get("seconds"),
+    }
     atomic_write_json(out / "selections" / f"{name}.json", selection)
     atomic_write_text(out / "selected" / f"{name}.jsonl", less_lib.selected_jsonl(train_pool, picked, data))
-    logger.info("static_select (%s) selected %d of %d samples for %s: %s", cfg["selector"], len(picked),
-                len(train_pool), name, ", ".join(f"{n}={c}" for n, c in counts.items() if c))  # fmt: skip
+    logger.info(
+        "static_select (%s) selected %d of %d samples for %s: %s",
+        cfg["selector"],
+        len(picked),
+        len(train_pool),
+        name,
+        ", ".join(f"{n}={c}" for n, c in counts.items() if c),
+    )
     pool_counts = {n: list(dom).count(d) for d, n in enumerate(names)}
-    return {"selector": cfg["selector"], "targets": {name: {k2: v for k2, v in selection.items() if k2 != "metric"}},
-            "domains": names, "pool_size": len(train_pool), "pool_domain_counts": pool_counts}  # fmt: skip
+    return {
+        "selector": cfg["selector"],
+        "targets": {name: {k2: v for k2, v in selection.items() if k2 != "metric"}},
+        "domains": names,
+        "pool_size": len(train_pool),
+        "pool_domain_counts": pool_counts,
+    }
 
 
-def final_train(train_pool: Any, selection: Mapping[str, Any], model_params: Mapping[str, Any],
-                train_params: Mapping[str, Any], cfg: Mapping[str, Any],
-                metrics_sink: Any = None) -> dict[str, Any]:  # fmt: skip
-    result = less_lib.final_train(train_pool, selection, model_params, train_params,
-                                  {"final_epochs": cfg["final_epochs"]}, metrics_sink=metrics_sink)  # fmt: skip
+def final_train(
+    train_pool: Any,
+    selection: Mapping[str, Any],
+    model_params: Mapping[str, Any],
+    train_params: Mapping[str, Any],
+    cfg: Mapping[str, Any],
+    metrics_sink: Any = None,
+) -> dict[str, Any]:
+    result = less_lib.final_train(
+        train_pool,
+        selection,
+        model_params,
+        train_params,
+        {"final_epochs": cfg["final_epochs"]},
+        metrics_sink=metrics_sink,
+    )
     return {**result, "train_type": "static_select", "selector": selection["selector"]}

@@ -30,8 +30,10 @@ def check_config(cfg: Mapping[str, Any], data: Mapping[str, Any] | None = None) 
     """Every setting, before any work: one ConfigError line for the first problem."""
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown parameter(s) {', '.join('static_select.' + k for k in unknown)}; "
-                          f"valid: {', '.join(sorted(DEFAULTS))}")  # fmt: skip
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join('static_select.' + k for k in unknown)}; "
+            f"valid: {', '.join(sorted(DEFAULTS))}"
+        )
     import dataflex.train.selector  # noqa: F401  (registers the selectors)
 
     REGISTRY.check("selector", cfg.get("selector"), cfg.get("params") or {})

@@ -22,8 +22,16 @@ def compute_mixture(train_pool: Any, model: dict, train: dict, dataflex: dict, p
 
 
 def next_segment(train_pool: Any, model: dict, train: dict, dataflex: dict, prev_state: dict, mixture: dict) -> dict:
-    return mix.train_segment(train_pool, model, train, _flex(dataflex), prev_state["round"] + 1, previous=prev_state,
-                             mixture=mixture, metrics_sink=mlflow_metrics_sink())  # fmt: skip
+    return mix.train_segment(
+        train_pool,
+        model,
+        train,
+        _flex(dataflex),
+        prev_state["round"] + 1,
+        previous=prev_state,
+        mixture=mixture,
+        metrics_sink=mlflow_metrics_sink(),
+    )
 
 
 def finalize(last_state: dict, train_pool: Any, model: dict, train: dict, dataflex: dict, *mixtures: dict) -> dict:

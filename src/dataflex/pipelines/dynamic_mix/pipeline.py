@@ -34,25 +34,35 @@ def rounds_from_params(params: dict[str, Any] | None) -> int:
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds_from_params(current_params())
     rounds = [
-        Pipeline([Node(first_segment, ["train_pool", *PARAMS], "state", name="train_segment")],
-                 namespace="dynamic_mix.round_0", inputs={"train_pool"}, parameters=SHARED)
-    ]  # fmt: skip
-    for k in range(1, n):
-        rounds.append(Pipeline(
-            [
-                Node(compute_mixture, ["train_pool", *PARAMS, "prev_state"], "mixture", name="compute_mixture"),
-                Node(next_segment, ["train_pool", *PARAMS, "prev_state", "mixture"], "state", name="train_segment"),
-            ],
-            namespace=f"dynamic_mix.round_{k}",
-            inputs={"train_pool": "train_pool", "prev_state": f"dynamic_mix.round_{k - 1}.state"},
+        Pipeline(
+            [Node(first_segment, ["train_pool", *PARAMS], "state", name="train_segment")],
+            namespace="dynamic_mix.round_0",
+            inputs={"train_pool"},
             parameters=SHARED,
-        ))  # fmt: skip
+        )
+    ]
+    for k in range(1, n):
+        rounds.append(
+            Pipeline(
+                [
+                    Node(compute_mixture, ["train_pool", *PARAMS, "prev_state"], "mixture", name="compute_mixture"),
+                    Node(next_segment, ["train_pool", *PARAMS, "prev_state", "mixture"], "state", name="train_segment"),
+                ],
+                namespace=f"dynamic_mix.round_{k}",
+                inputs={"train_pool": "train_pool", "prev_state": f"dynamic_mix.round_{k - 1}.state"},
+                parameters=SHARED,
+            )
+        )
     mixtures = [f"dynamic_mix.round_{k}.mixture" for k in range(1, n)]
     wrap_up = Pipeline(
         [
-            Node(finalize, [f"dynamic_mix.round_{n - 1}.state", "train_pool", *PARAMS, *mixtures], "train_result",
-                 name="dynamic_mix.finalize"),
+            Node(
+                finalize,
+                [f"dynamic_mix.round_{n - 1}.state", "train_pool", *PARAMS, *mixtures],
+                "train_result",
+                name="dynamic_mix.finalize",
+            ),
             Node(plot_mixture, "train_result", "mixture_plot", name="dynamic_mix.plot_mixture"),
         ]
-    )  # fmt: skip
+    )
     return data_processing() + Pipeline(rounds, tags="dynamic_mix") + wrap_up + evaluation() + reporting()

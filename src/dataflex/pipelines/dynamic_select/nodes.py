@@ -16,17 +16,20 @@ def _flex(dataflex: dict) -> dict:
 
 
 def first_segment(train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict) -> dict:
-    return select.train_segment(train_pool, eval_sets, model, train, _flex(dataflex), 0,
-                                metrics_sink=mlflow_metrics_sink())  # fmt: skip
+    return select.train_segment(
+        train_pool, eval_sets, model, train, _flex(dataflex), 0, metrics_sink=mlflow_metrics_sink()
+    )
 
 
-def compute_features(train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict,
-                     prev_state: dict) -> dict:  # fmt: skip
+def compute_features(
+    train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict
+) -> dict:
     return select.compute_features(train_pool, eval_sets, model, train, _flex(dataflex), prev_state)
 
 
-def compute_selection(train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict,
-                      features: dict) -> dict:  # fmt: skip
+def compute_selection(
+    train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict, features: dict
+) -> dict:
     sel = select.compute_selection(train_pool, eval_sets, model, train, _flex(dataflex), prev_state, features)
     if mlflow.active_run() is not None:
         total = max(1, sum(sel["domain_counts"].values()))
@@ -36,11 +39,20 @@ def compute_selection(train_pool: Any, eval_sets: Any, model: dict, train: dict,
     return sel
 
 
-def next_segment(train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict,
-                 selection: dict) -> dict:  # fmt: skip
-    return select.train_segment(train_pool, eval_sets, model, train, _flex(dataflex), prev_state["round"] + 1,
-                                previous=prev_state, selection=selection,
-                                metrics_sink=mlflow_metrics_sink())  # fmt: skip
+def next_segment(
+    train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict, selection: dict
+) -> dict:
+    return select.train_segment(
+        train_pool,
+        eval_sets,
+        model,
+        train,
+        _flex(dataflex),
+        prev_state["round"] + 1,
+        previous=prev_state,
+        selection=selection,
+        metrics_sink=mlflow_metrics_sink(),
+    )
 
 
 def finalize(last_state: dict, train_pool: Any, model: dict, train: dict, dataflex: dict, *selections: dict) -> dict:

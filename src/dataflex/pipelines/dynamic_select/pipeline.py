@@ -34,27 +34,47 @@ def rounds_from_params(params: dict[str, Any] | None) -> int:
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds_from_params(current_params())
     rounds = [
-        Pipeline([Node(first_segment, INPUTS, "state", name="train_segment")], namespace="dynamic_select.round_0",
-                 inputs={"train_pool", "eval_sets"}, parameters=SHARED)
-    ]  # fmt: skip
-    for k in range(1, n):
-        rounds.append(Pipeline(
-            [
-                Node(compute_features, [*INPUTS, "prev_state"], "features", name="compute_features"),
-                Node(compute_selection, [*INPUTS, "prev_state", "features"], "selection", name="compute_selection"),
-                Node(next_segment, [*INPUTS, "prev_state", "selection"], "state", name="train_segment"),
-            ],
-            namespace=f"dynamic_select.round_{k}",
-            inputs={"train_pool": "train_pool", "eval_sets": "eval_sets",
-                    "prev_state": f"dynamic_select.round_{k - 1}.state"},
+        Pipeline(
+            [Node(first_segment, INPUTS, "state", name="train_segment")],
+            namespace="dynamic_select.round_0",
+            inputs={"train_pool", "eval_sets"},
             parameters=SHARED,
-        ))  # fmt: skip
+        )
+    ]
+    for k in range(1, n):
+        rounds.append(
+            Pipeline(
+                [
+                    Node(compute_features, [*INPUTS, "prev_state"], "features", name="compute_features"),
+                    Node(compute_selection, [*INPUTS, "prev_state", "features"], "selection", name="compute_selection"),
+                    Node(next_segment, [*INPUTS, "prev_state", "selection"], "state", name="train_segment"),
+                ],
+                namespace=f"dynamic_select.round_{k}",
+                inputs={
+                    "train_pool": "train_pool",
+                    "eval_sets": "eval_sets",
+                    "prev_state": f"dynamic_select.round_{k - 1}.state",
+                },
+                parameters=SHARED,
+            )
+        )
     selections = [f"dynamic_select.round_{k}.selection" for k in range(1, n)]
     wrap_up = Pipeline(
         [
-            Node(finalize, [f"dynamic_select.round_{n - 1}.state", "train_pool", "params:model", "params:train",
-                            "params:dataflex", *selections], "train_result", name="dynamic_select.finalize"),
+            Node(
+                finalize,
+                [
+                    f"dynamic_select.round_{n - 1}.state",
+                    "train_pool",
+                    "params:model",
+                    "params:train",
+                    "params:dataflex",
+                    *selections,
+                ],
+                "train_result",
+                name="dynamic_select.finalize",
+            ),
             Node(plot_selection, "train_result", "selection_plot", name="dynamic_select.plot_selection"),
         ]
-    )  # fmt: skip
+    )
     return data_processing() + Pipeline(rounds, tags="dynamic_select") + wrap_up + evaluation() + reporting()

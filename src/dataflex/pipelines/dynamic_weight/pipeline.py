@@ -11,10 +11,14 @@ def create_pipeline(**kwargs) -> Pipeline:  # noqa: ANN003
     """The whole dynamic-weight job: process -> train with the weighter -> evaluate -> report (+ weight plot)."""
     training = Pipeline(
         [
-            Node(train, ["train_pool", "eval_sets", "params:model", "params:train", "params:dataflex"], "train_result",
-                 name="train_dynamic_weight"),
+            Node(
+                train,
+                ["train_pool", "eval_sets", "params:model", "params:train", "params:dataflex"],
+                "train_result",
+                name="train_dynamic_weight",
+            ),
             Node(plot_weights, "train_result", "weights_plot", name="plot_weights"),
         ],
         tags="dynamic_weight",
-    )  # fmt: skip
+    )
     return data_processing() + training + evaluation() + reporting()

@@ -32,15 +32,29 @@ def _log(metrics: dict[str, float]) -> None:
 
 
 def _log_cache(ref: dict, prefix: str) -> None:
-    _log({f"{prefix}_cache_hit": float(ref["status"] == "hit"), f"{prefix}_computed_samples": ref["computed_samples"],
-          f"{prefix}_seconds": ref["seconds"]})  # fmt: skip
+    _log(
+        {
+            f"{prefix}_cache_hit": float(ref["status"] == "hit"),
+            f"{prefix}_computed_samples": ref["computed_samples"],
+            f"{prefix}_seconds": ref["seconds"],
+        }
+    )
 
 
 def train_features_at(k: int) -> Callable[..., dict]:
     def train_features(train_pool: Any, warmup_result: dict, model: dict, train: dict, less: dict) -> dict:
-        ref = lib.checkpoint_features(train_pool, warmup_result, k, model, less, kind="train", name="pool",
-                                      seed=train["seed"], progress=train.get("progress_bar", True),
-                                      train_params=train)  # fmt: skip
+        ref = lib.checkpoint_features(
+            train_pool,
+            warmup_result,
+            k,
+            model,
+            less,
+            kind="train",
+            name="pool",
+            seed=train["seed"],
+            progress=train.get("progress_bar", True),
+            train_params=train,
+        )
         _log_cache(ref, f"less/ckpt_{k}/datastore")
         return ref
 
@@ -51,8 +65,17 @@ def target_features_at(k: int) -> Callable[..., dict]:
     def target_features(target_sets: Any, warmup_result: dict, model: dict, train: dict, less: dict) -> dict:
         refs = {}
         for name in target_sets:
-            refs[name] = lib.checkpoint_features(target_sets[name], warmup_result, k, model, less, kind="target",
-                                                 name=name, seed=train["seed"], progress=False)  # fmt: skip
+            refs[name] = lib.checkpoint_features(
+                target_sets[name],
+                warmup_result,
+                k,
+                model,
+                less,
+                kind="target",
+                name=name,
+                seed=train["seed"],
+                progress=False,
+            )
             # (targets are dev sets of a few samples: computed here, worker start-up would dominate)
             _log_cache(refs[name], f"less/ckpt_{k}/target/{name}")
         return refs

@@ -35,12 +35,22 @@ def epochs_from_params(params: dict[str, Any] | None) -> int:
 
 def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_checkpoints if n_checkpoints is not None else epochs_from_params(current_params())
-    head = Pipeline([
-        Node(prepare_targets, ["raw_inputs", "params:data", "params:train", "params:less"], "less.target_sets",
-             name="less.prepare_targets"),
-        Node(warmup, ["train_pool", "params:model", "params:train", "params:less"], "less.warmup_result",
-             name="less.warmup"),
-    ])  # fmt: skip
+    head = Pipeline(
+        [
+            Node(
+                prepare_targets,
+                ["raw_inputs", "params:data", "params:train", "params:less"],
+                "less.target_sets",
+                name="less.prepare_targets",
+            ),
+            Node(
+                warmup,
+                ["train_pool", "params:model", "params:train", "params:less"],
+                "less.warmup_result",
+                name="less.warmup",
+            ),
+        ]
+    )
     rounds = [
         Pipeline(
             [
@@ -55,16 +65,26 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
             namespace=f"less.ckpt_{k}",
             inputs={"train_pool", "less.target_sets", "less.warmup_result"},
             parameters=SHARED,
-        )  # fmt: skip
+        )
         for k in range(n)
     ]
     refs = [f"less.ckpt_{k}.train_features" for k in range(n)] + [f"less.ckpt_{k}.target_features" for k in range(n)]
-    tail = Pipeline([
-        Node(select, ["train_pool", "less.target_sets", "less.warmup_result", "params:less", "params:data", *refs],
-             "less.selection", name="less.select"),
-        Node(final_train, ["train_pool", "less.selection", "params:model", "params:train", "params:less"],
-             "train_result", name="less.final_train"),
-        Node(plot_composition, "less.selection", "less.composition_plot", name="less.plot_composition"),
-        Node(plot_scores, "less.selection", "less.score_histogram", name="less.plot_scores"),
-    ])  # fmt: skip
+    tail = Pipeline(
+        [
+            Node(
+                select,
+                ["train_pool", "less.target_sets", "less.warmup_result", "params:less", "params:data", *refs],
+                "less.selection",
+                name="less.select",
+            ),
+            Node(
+                final_train,
+                ["train_pool", "less.selection", "params:model", "params:train", "params:less"],
+                "train_result",
+                name="less.final_train",
+            ),
+            Node(plot_composition, "less.selection", "less.composition_plot", name="less.plot_composition"),
+            Node(plot_scores, "less.selection", "less.score_histogram", name="less.plot_scores"),
+        ]
+    )
     return data_processing() + Pipeline([head, *rounds, tail], tags="less") + evaluation() + reporting()

@@ -20,20 +20,34 @@ def prepare_targets(raw_inputs: dict, data: dict, train: dict, static_select: di
 
 
 def warmup(train_pool: Any, model: dict, train: dict, static_select: dict) -> dict:
-    return lib.warmup(train_pool, model, train, lib.config(static_select),
-                      metrics_sink=mlflow_metrics_sink("static_select/warmup/"))  # fmt: skip
+    return lib.warmup(
+        train_pool, model, train, lib.config(static_select), metrics_sink=mlflow_metrics_sink("static_select/warmup/")
+    )
 
 
-def compute_features(train_pool: Any, target_sets: Any, warmup_result: dict, model: dict, train: dict,
-                     static_select: dict) -> dict:  # fmt: skip
+def compute_features(
+    train_pool: Any, target_sets: Any, warmup_result: dict, model: dict, train: dict, static_select: dict
+) -> dict:
     feats = lib.compute_features(train_pool, target_sets, warmup_result, model, train, lib.config(static_select))
-    _log({"static_select/features_seconds": feats["seconds"],
-          "static_select/features_cache_hit": float(bool((feats["features"] or {}).get("cache_hit")))})  # fmt: skip
+    _log(
+        {
+            "static_select/features_seconds": feats["seconds"],
+            "static_select/features_cache_hit": float(bool((feats["features"] or {}).get("cache_hit"))),
+        }
+    )
     return feats
 
 
-def select(train_pool: Any, target_sets: Any, warmup_result: dict, features: dict, model: dict, train: dict,
-           static_select: dict, data: dict) -> dict:  # fmt: skip
+def select(
+    train_pool: Any,
+    target_sets: Any,
+    warmup_result: dict,
+    features: dict,
+    model: dict,
+    train: dict,
+    static_select: dict,
+    data: dict,
+) -> dict:
     sel = lib.select(train_pool, target_sets, warmup_result, features, model, train, lib.config(static_select), data)
     for target in sel["targets"].values():
         total = max(1, sum(target["domain_counts"].values()))
@@ -43,8 +57,9 @@ def select(train_pool: Any, target_sets: Any, warmup_result: dict, features: dic
 
 
 def final_train(train_pool: Any, selection: dict, model: dict, train: dict, static_select: dict) -> dict:
-    return lib.final_train(train_pool, selection, model, train, lib.config(static_select),
-                           metrics_sink=mlflow_metrics_sink())  # fmt: skip
+    return lib.final_train(
+        train_pool, selection, model, train, lib.config(static_select), metrics_sink=mlflow_metrics_sink()
+    )
 
 
 def plot_composition(selection: dict) -> Any:

@@ -17,18 +17,47 @@ P = ["params:model", "params:train", "params:static_select"]
 
 
 def create_pipeline(**kwargs: Any) -> Pipeline:
-    core = Pipeline([
-        Node(prepare_targets, ["raw_inputs", "params:data", "params:train", "params:static_select"],
-             "static_select.target_sets", name="static_select.prepare_targets"),
-        Node(warmup, ["train_pool", *P], "static_select.warmup_result", name="static_select.warmup"),
-        Node(compute_features, ["train_pool", "static_select.target_sets", "static_select.warmup_result", *P],
-             "static_select.features", name="static_select.compute_features"),
-        Node(select, ["train_pool", "static_select.target_sets", "static_select.warmup_result",
-                      "static_select.features", *P, "params:data"], "static_select.selection",
-             name="static_select.select"),
-        Node(final_train, ["train_pool", "static_select.selection", *P], "train_result",
-             name="static_select.final_train"),
-        Node(plot_composition, "static_select.selection", "static_select.composition_plot",
-             name="static_select.plot_composition"),
-    ], tags="static_select")  # fmt: skip
+    core = Pipeline(
+        [
+            Node(
+                prepare_targets,
+                ["raw_inputs", "params:data", "params:train", "params:static_select"],
+                "static_select.target_sets",
+                name="static_select.prepare_targets",
+            ),
+            Node(warmup, ["train_pool", *P], "static_select.warmup_result", name="static_select.warmup"),
+            Node(
+                compute_features,
+                ["train_pool", "static_select.target_sets", "static_select.warmup_result", *P],
+                "static_select.features",
+                name="static_select.compute_features",
+            ),
+            Node(
+                select,
+                [
+                    "train_pool",
+                    "static_select.target_sets",
+                    "static_select.warmup_result",
+                    "static_select.features",
+                    *P,
+                    "params:data",
+                ],
+                "static_select.selection",
+                name="static_select.select",
+            ),
+            Node(
+                final_train,
+                ["train_pool", "static_select.selection", *P],
+                "train_result",
+                name="static_select.final_train",
+            ),
+            Node(
+                plot_composition,
+                "static_select.selection",
+                "static_select.composition_plot",
+                name="static_select.plot_composition",
+            ),
+        ],
+        tags="static_select",
+    )
     return data_processing() + core + evaluation() + reporting()

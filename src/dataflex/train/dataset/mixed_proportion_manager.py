@@ -54,8 +54,15 @@ def apportion(n: int, p: np.ndarray, rng: np.random.Generator, carry: np.ndarray
 
 
 class MixedProportionManager:
-    def __init__(self, names: Sequence[str], sizes: Sequence[int], *, rule: str = "mixture",
-                 init_proportions: Sequence[float] | None = None, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        names: Sequence[str],
+        sizes: Sequence[int],
+        *,
+        rule: str = "mixture",
+        init_proportions: Sequence[float] | None = None,
+        seed: int = 0,
+    ) -> None:
         if rule not in RULES:
             raise ConfigError(f"mixture_sample_rule '{rule}' is not valid; use one of {', '.join(RULES)}")
         self.names = list(names)
@@ -110,9 +117,14 @@ class MixedProportionManager:
         return [pairs[i] for i in order]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"proportions": self.proportions.tolist(), "drawn": list(self.drawn), "carry": self.carry.tolist(),
-                "rule": self.rule,
-                "seed": self.seed, "names": self.names}  # fmt: skip
+        return {
+            "proportions": self.proportions.tolist(),
+            "drawn": list(self.drawn),
+            "carry": self.carry.tolist(),
+            "rule": self.rule,
+            "seed": self.seed,
+            "names": self.names,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["names"] != self.names or state["seed"] != self.seed or state["rule"] != self.rule:

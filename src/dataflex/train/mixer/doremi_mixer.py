@@ -59,8 +59,14 @@ def doremi_update(alpha: np.ndarray, excess: np.ndarray, eta: float, eps: float)
 
 @register_mixer("doremi")
 class DoReMiMixer(Mixer):
-    def __init__(self, mixture_manager: Any, accelerator: Any = None, reference_model_path: str | None = None,
-                 reweight_eta: float = 1.0, reweight_eps: float = 1e-3) -> None:  # fmt: skip
+    def __init__(
+        self,
+        mixture_manager: Any,
+        accelerator: Any = None,
+        reference_model_path: str | None = None,
+        reweight_eta: float = 1.0,
+        reweight_eps: float = 1e-3,
+    ) -> None:
         super().__init__(mixture_manager)
         k = len(mixture_manager.names)
         if k < 2:
@@ -80,8 +86,9 @@ class DoReMiMixer(Mixer):
     def loss_fn(self, losses: Any, ctx: Any, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The proxy's domain-weighted loss; also records this micro-batch's per-domain excess loss."""
         with torch.no_grad():
-            ref_logits = self.reference(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                        use_cache=False).logits  # fmt: skip
+            ref_logits = self.reference(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
+            ).logits
             ref_tok = per_token_losses(ref_logits, inputs["labels"])
             mask = (inputs["labels"][:, 1:] != IGNORE_INDEX).to(ref_tok.dtype)
             excess = ((losses.token_losses.detach() - ref_tok).clamp(min=0) * mask).sum(dim=1)
@@ -108,16 +115,25 @@ class DoReMiMixer(Mixer):
         return self.mixture_manager.proportions.copy()
 
     def stats(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.tolist(), "average_weights": self.average_weights.tolist(),
-                "excess": self.excess.tolist(), "updates": self.updates}  # fmt: skip
+        return {
+            "alpha": self.alpha.tolist(),
+            "average_weights": self.average_weights.tolist(),
+            "excess": self.excess.tolist(),
+            "updates": self.updates,
+        }
 
     def log_metrics(self) -> dict[str, float]:
         names = self.mixture_manager.names
         return {f"doremi/alpha/{n}": float(a) for n, a in zip(names, self.alpha)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.tolist(), "excess": self.excess.tolist(), "alpha_sum": self.alpha_sum.tolist(),
-                "updates": self.updates, "step_sums": self._step_sums.tolist()}  # fmt: skip
+        return {
+            "alpha": self.alpha.tolist(),
+            "excess": self.excess.tolist(),
+            "alpha_sum": self.alpha_sum.tolist(),
+            "updates": self.updates,
+            "step_sums": self._step_sums.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:

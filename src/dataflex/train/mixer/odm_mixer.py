@@ -43,16 +43,25 @@ def exploration_rate(t: int, k: int, floor: float) -> float:
 
 @register_mixer("odm")
 class ODMMixer(Mixer):
-    def __init__(self, mixture_manager: Any, accelerator: Any = None, alpha: float = 0.9, warmup_steps: int = 2000,
-                 reward_scale: float = 15.0, min_exploration_rate: float = 0.03,
-                 initial_proportions: Sequence[float] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        mixture_manager: Any,
+        accelerator: Any = None,
+        alpha: float = 0.9,
+        warmup_steps: int = 2000,
+        reward_scale: float = 15.0,
+        min_exploration_rate: float = 0.03,
+        initial_proportions: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(mixture_manager)
         k = len(mixture_manager.names)
         if k < 2:
             raise ConfigError("mixer 'odm' needs at least two domains")
         if not 0 <= alpha < 1 or warmup_steps < 0 or reward_scale <= 0 or not 0 <= min_exploration_rate <= 1 / k:
-            raise ConfigError("mixer 'odm': need 0 <= alpha < 1, warmup_steps >= 0, reward_scale > 0, "
-                              f"0 <= min_exploration_rate <= 1/k ({1 / k:.3g})")  # fmt: skip
+            raise ConfigError(
+                "mixer 'odm': need 0 <= alpha < 1, warmup_steps >= 0, reward_scale > 0, "
+                f"0 <= min_exploration_rate <= 1/k ({1 / k:.3g})"
+            )
         self.accelerator = accelerator
         self.alpha, self.warmup_steps = alpha, warmup_steps
         self.reward_scale, self.min_exploration_rate = reward_scale, min_exploration_rate

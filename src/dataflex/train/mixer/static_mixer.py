@@ -19,8 +19,9 @@ class StaticMixer(Mixer):
     def __init__(self, mixture_manager: Any, proportions: Sequence[float] | None = None) -> None:
         super().__init__(mixture_manager)
         k = len(mixture_manager.names)
-        self.proportions = check_proportions(proportions if proportions is not None else [1.0] * k, k,
-                                             "static mixer proportions")  # fmt: skip
+        self.proportions = check_proportions(
+            proportions if proportions is not None else [1.0] * k, k, "static mixer proportions"
+        )
 
     def mix(self, model: torch.nn.Module, step_id: int, **kwargs: Any) -> np.ndarray:
         return self.proportions.copy()

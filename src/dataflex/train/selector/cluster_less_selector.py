@@ -36,24 +36,47 @@ CLUSTER_CODE_VERSION = "1"
 
 @register_selector("cluster_less")
 class ClusterLessSelector(EmbeddingMixin, Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
-                 cache_dir: str | None = None, seed: int = 42, encoder: str = "model", layer: int = -1,
-                 text: str = "full", max_length: int = 256, embedding_batch_size: int = 32, n_clusters: int = 32,
-                 representatives: int = 4, kmeans_tol: float = 1e-4, kmeans_max_iter: int = 300,
-                 max_cluster_share: float = 0.5, gradient_type: str = "adam", proj_dim: int = 8192,
-                 projector: str = "sjlt", adam_eps_placement: str = "inside", aggregation: str = "mean",
-                 batch_size: int = 16, tokenizer_path: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        eval_dataset: Any = None,
+        cache_dir: str | None = None,
+        seed: int = 42,
+        encoder: str = "model",
+        layer: int = -1,
+        text: str = "full",
+        max_length: int = 256,
+        embedding_batch_size: int = 32,
+        n_clusters: int = 32,
+        representatives: int = 4,
+        kmeans_tol: float = 1e-4,
+        kmeans_max_iter: int = 300,
+        max_cluster_share: float = 0.5,
+        gradient_type: str = "adam",
+        proj_dim: int = 8192,
+        projector: str = "sjlt",
+        adam_eps_placement: str = "inside",
+        aggregation: str = "mean",
+        batch_size: int = 16,
+        tokenizer_path: str | None = None,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("cluster_less", eval_dataset)
-        self.embedding = EmbeddingSettings(encoder=encoder, layer=layer, text=text, max_length=max_length,
-                                           batch_size=embedding_batch_size)  # fmt: skip
+        self.embedding = EmbeddingSettings(
+            encoder=encoder, layer=layer, text=text, max_length=max_length, batch_size=embedding_batch_size
+        )
         self.n_clusters = positive_int("cluster_less", "n_clusters", n_clusters)
         self.representatives = positive_int("cluster_less", "representatives", representatives)
         self.kmeans_max_iter = positive_int("cluster_less", "kmeans_max_iter", kmeans_max_iter)
         if isinstance(kmeans_tol, bool) or not isinstance(kmeans_tol, int | float) or kmeans_tol < 0:
             raise ConfigError(f"selector 'cluster_less': kmeans_tol must be a number >= 0, got {kmeans_tol!r}")
-        if isinstance(max_cluster_share, bool) or not isinstance(max_cluster_share, int | float) or not (
-                0 < max_cluster_share <= 1):  # fmt: skip
+        if (
+            isinstance(max_cluster_share, bool)
+            or not isinstance(max_cluster_share, int | float)
+            or not (0 < max_cluster_share <= 1)
+        ):
             raise ConfigError(
                 f"selector 'cluster_less': max_cluster_share must be in (0, 1], got {max_cluster_share!r}"
             )
@@ -64,10 +87,20 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
             float(max_cluster_share),
             aggregation,
         )
-        self.settings = FeatureSettings(gradient_type=gradient_type, projector=projector, proj_dim=int(proj_dim),
-                                        seed=int(seed), adam_eps_placement=adam_eps_placement)  # fmt: skip
-        self.target_settings = FeatureSettings(gradient_type="sgd", projector=projector, proj_dim=int(proj_dim),
-                                               seed=int(seed), adam_eps_placement=adam_eps_placement)  # fmt: skip
+        self.settings = FeatureSettings(
+            gradient_type=gradient_type,
+            projector=projector,
+            proj_dim=int(proj_dim),
+            seed=int(seed),
+            adam_eps_placement=adam_eps_placement,
+        )
+        self.target_settings = FeatureSettings(
+            gradient_type="sgd",
+            projector=projector,
+            proj_dim=int(proj_dim),
+            seed=int(seed),
+            adam_eps_placement=adam_eps_placement,
+        )
         self.batch_size = positive_int("cluster_less", "batch_size", batch_size)
         self.tokenizer_path = tokenizer_path
 
@@ -77,15 +110,27 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
 
     def clusters(self, pool_ref: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
         """(ref, labels, centroids), cached under `<cache_dir>/clusters` by the embeddings' key and the settings."""
-        key = sha256_json({"embeddings": pool_ref["key"], "n_clusters": self.n_clusters, "seed": self.seed,
-                           "tol": self.kmeans_tol, "max_iter": self.kmeans_max_iter,
-                           "version": CLUSTER_CODE_VERSION})  # fmt: skip
+        key = sha256_json(
+            {
+                "embeddings": pool_ref["key"],
+                "n_clusters": self.n_clusters,
+                "seed": self.seed,
+                "tol": self.kmeans_tol,
+                "max_iter": self.kmeans_max_iter,
+                "version": CLUSTER_CODE_VERSION,
+            }
+        )
         path = self._root() / "clusters" / f"{key[:32]}.safetensors"
         if cached_for_all(path):
             t = load_file(str(path))
             return {"path": str(path), "key": key, "status": "hit"}, t["labels"].numpy(), t["centroids"].numpy()
-        labels, centroids = kmeans(EmbeddingStore.load(pool_ref), self.n_clusters, seed=self.seed,
-                                   tol=self.kmeans_tol, max_iter=self.kmeans_max_iter)  # fmt: skip
+        labels, centroids = kmeans(
+            EmbeddingStore.load(pool_ref),
+            self.n_clusters,
+            seed=self.seed,
+            tol=self.kmeans_tol,
+            max_iter=self.kmeans_max_iter,
+        )
         tensors = {
             "labels": torch.from_numpy(labels).contiguous(),
             "centroids": torch.from_numpy(centroids).contiguous(),
@@ -97,30 +142,65 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         logger.info("cluster_less: %d clusters (sizes %d..%d)", len(centroids), sizes.min(), sizes.max())
         return {"path": str(path), "key": key, "status": "computed"}, labels, centroids
 
-    def compute_features(self, model: torch.nn.Module, step_id: int, *, optimizer: Any = None,
-                         optimizer_state: Any = None, base_model_id: str | None = None,
-                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def compute_features(
+        self,
+        model: torch.nn.Module,
+        step_id: int,
+        *,
+        optimizer: Any = None,
+        optimizer_state: Any = None,
+        base_model_id: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         if model is None:
             raise ConfigError("selector 'cluster_less' needs the training model (LESS features)")
         moments = optimizer if optimizer is not None else optimizer_state
         if self.settings.gradient_type == "adam" and moments is None:
-            raise ConfigError("selector 'cluster_less' with gradient_type adam needs the run's optimizer state "
-                              "(or set gradient_type: sgd)")  # fmt: skip
+            raise ConfigError(
+                "selector 'cluster_less' with gradient_type adam needs the run's optimizer state "
+                "(or set gradient_type: sgd)"
+            )
         tok, tok_id = self._tokenizer(model, kwargs)
         pool = EmbeddingStore(self._root() / "embeddings").embed(
-            self.dataset, self.embedding, model=model, tokenizer=tok, base_model_id=base_model_id,
-            tokenizer_id=tok_id, name=f"pool@step-{step_id}", progress=True)  # fmt: skip
+            self.dataset,
+            self.embedding,
+            model=model,
+            tokenizer=tok,
+            base_model_id=base_model_id,
+            tokenizer_id=tok_id,
+            name=f"pool@step-{step_id}",
+            progress=True,
+        )
         cref, labels, centroids = self.clusters(pool)
         members = ranked_members(EmbeddingStore.load(pool), labels, centroids)
         reps = [i for m in members for i in m[: self.representatives]]
         store = GradientDatastore(self._root() / "datastore")
-        rep_ref = store.extract(model, self.dataset.select(reps), self.settings, base_model_id=base_model_id,
-                                optimizer_state=moments if self.settings.gradient_type == "adam" else None,
-                                batch_size=self.batch_size, name=f"representatives@step-{step_id}")  # fmt: skip
-        target = store.extract(model, self.eval_dataset, self.target_settings, base_model_id=base_model_id,
-                               batch_size=self.batch_size, name=f"target@step-{step_id}", progress=False)  # fmt: skip
-        return {"pool": pool, "clusters": cref, "representatives": reps, "rep_features": rep_ref, "target": target,
-                "cache_hit": all(r["status"] == "hit" for r in (pool, cref, rep_ref, target))}  # fmt: skip
+        rep_ref = store.extract(
+            model,
+            self.dataset.select(reps),
+            self.settings,
+            base_model_id=base_model_id,
+            optimizer_state=moments if self.settings.gradient_type == "adam" else None,
+            batch_size=self.batch_size,
+            name=f"representatives@step-{step_id}",
+        )
+        target = store.extract(
+            model,
+            self.eval_dataset,
+            self.target_settings,
+            base_model_id=base_model_id,
+            batch_size=self.batch_size,
+            name=f"target@step-{step_id}",
+            progress=False,
+        )
+        return {
+            "pool": pool,
+            "clusters": cref,
+            "representatives": reps,
+            "rep_features": rep_ref,
+            "target": target,
+            "cache_hit": all(r["status"] == "hit" for r in (pool, cref, rep_ref, target)),
+        }
 
     def cluster_scores(self, feats: dict[str, Any], labels: np.ndarray, n_clusters: int) -> torch.Tensor:
         """[K] LESS score of each cluster vector (normalised mean of its representatives' normalised features)."""
@@ -142,7 +222,10 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         members = ranked_members(EmbeddingStore.load(feats["pool"]), labels, centroids)
         picked = fill_to(spread_budget(order, members, num_samples, self.max_cluster_share), num_samples)
         chosen = np.bincount(labels[np.asarray(picked)], minlength=len(centroids))
-        self.last_metric = {"clusters": len(centroids), "clusters_used": int((chosen > 0).sum()),
-                            "largest_cluster_share": float(chosen.max() / max(len(picked), 1)),
-                            "cluster_scores": [float(s) for s in scores]}  # fmt: skip
+        self.last_metric = {
+            "clusters": len(centroids),
+            "clusters_used": int((chosen > 0).sum()),
+            "largest_cluster_share": float(chosen.max() / max(len(picked), 1)),
+            "cluster_scores": [float(s) for s in scores],
+        }
         return broadcast_object(self.accelerator, picked)  # rank 0's choice everywhere

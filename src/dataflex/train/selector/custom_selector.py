@@ -1,15 +1,16 @@
 """The seed page's example selector, verbatim (the first num_samples rows)."""
 
 # ruff: noqa: I001, F541
-# fmt: off
 from dataflex.core.registry import register_selector
 from .base_selector import logger, Selector
 
-@register_selector('custom')
+
+@register_selector("custom")
 class CustomSelector(Selector):
     """
     一个自定义数据选择器的示例实现。
     """
+
     def __init__(
         self,
         dataset,

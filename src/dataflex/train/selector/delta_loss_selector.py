@@ -28,8 +28,9 @@ from .loss_selector import draw
 INSIDE, OUTSIDE = 1.0, 0.025
 
 
-def window_positions(delta: torch.Tensor, current: int, total: int,
-                     window_size: float) -> tuple[torch.Tensor, int, int]:  # fmt: skip
+def window_positions(
+    delta: torch.Tensor, current: int, total: int, window_size: float
+) -> tuple[torch.Tensor, int, int]:
     """(order by Δ descending, window start, window end) as described in the module docstring."""
     n = delta.numel()
     order = torch.sort(-delta, stable=True).indices
@@ -48,8 +49,16 @@ def window_positions(delta: torch.Tensor, current: int, total: int,
 
 @register_selector("delta_loss")
 class DeltaLossSelector(PoolLossFeatures, Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None,
-                 window_size: float = 0.2, seed: int = 42, batch_size: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        cache_dir: str | None = None,
+        window_size: float = 0.2,
+        seed: int = 42,
+        batch_size: int = 32,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         if not 0 < window_size <= 1:
             raise ConfigError(f"selector 'delta_loss': window_size must be in (0, 1], got {window_size}")
@@ -76,8 +85,9 @@ class DeltaLossSelector(PoolLossFeatures, Selector):
             weight[order[start:end]] = INSIDE
         else:
             logger.info("selector 'delta_loss' at step %d: no sample improved; drawing uniformly", step_id)
-        picked = draw(weight / weight.sum(), num_samples, num_samples > n, self.seed + int(step_id),
-                      "selector 'delta_loss'")  # fmt: skip
+        picked = draw(
+            weight / weight.sum(), num_samples, num_samples > n, self.seed + int(step_id), "selector 'delta_loss'"
+        )
         self.last_metric = {"window": [start, end], "delta_loss": [float(delta[i]) for i in picked]}
         return picked
 

@@ -53,8 +53,9 @@ class EmbeddingMixin:
             return None, None
         return resolve_tokenizer(self.tokenizer_path, model, kwargs)
 
-    def embed_pool_and_target(self, model: Any, step_id: int, base_model_id: str | None,
-                              kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    def embed_pool_and_target(
+        self, model: Any, step_id: int, base_model_id: str | None, kwargs: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.needs_model and model is None:
             raise ConfigError("embedding encoder 'model' needs the training model")
         tok, tok_id = self._tokenizer(model, kwargs)
@@ -72,20 +73,29 @@ def resolve_tokenizer(tokenizer_path: str | None, model: Any, kwargs: dict[str, 
         return tok, getattr(tok, "name_or_path", None)
     path = tokenizer_path or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not path or not Path(path).is_dir():
-        raise ConfigError("the training tokenizer is needed to decode the rows into text: set tokenizer_path to the "
-                          "training model's folder")  # fmt: skip
+        raise ConfigError(
+            "the training tokenizer is needed to decode the rows into text: set tokenizer_path to the "
+            "training model's folder"
+        )
     from dataflex.models import load_tokenizer
 
     return load_tokenizer(path), str(path)
 
 
-def cached_neighbors(root: Path, pool_ref: dict[str, Any], target_ref: dict[str, Any], k: int,
-                     exact_threshold: int = EXACT_THRESHOLD
-                     ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:  # fmt: skip
+def cached_neighbors(
+    root: Path, pool_ref: dict[str, Any], target_ref: dict[str, Any], k: int, exact_threshold: int = EXACT_THRESHOLD
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """(ref, distances [M, K], indices [M, K]) of the target's K nearest pool rows, stored under
     `<root>/neighbors/<key>.safetensors` (key: both embeddings' keys, K, search settings)."""
-    key = sha256_json({"pool": pool_ref["key"], "target": target_ref["key"], "k": k,
-                       "exact_threshold": exact_threshold, "version": NEIGHBOR_CODE_VERSION})  # fmt: skip
+    key = sha256_json(
+        {
+            "pool": pool_ref["key"],
+            "target": target_ref["key"],
+            "k": k,
+            "exact_threshold": exact_threshold,
+            "version": NEIGHBOR_CODE_VERSION,
+        }
+    )
     path = root / "neighbors" / f"{key[:32]}.safetensors"
     if cached_for_all(path):  # launched workers: one decision, one writer (the search itself is cheap)
         t = load_file(str(path))

@@ -39,19 +39,32 @@ def pool_losses(model: torch.nn.Module, dataset: Any, batch_size: int = 32, prog
     mine = rank_block(len(ids), acc)
     out = torch.empty(len(ids))
     with eval_mode(model):
-        for rows in tqdm(length_sorted_batches(ids, batch_size, mine), desc="per-sample losses", unit="batch",
-                         disable=not progress):  # fmt: skip
+        for rows in tqdm(
+            length_sorted_batches(ids, batch_size, mine), desc="per-sample losses", unit="batch", disable=not progress
+        ):
             x = _pad([ids[i] for i in rows], 0, device)
             y = _pad([labels[i] for i in rows], IGNORE_INDEX, device)
             out[torch.tensor(rows)] = per_sample_losses(model, x, y).float().cpu()
     return gather_varlen(acc, out[mine.start : mine.stop])
 
 
-def cached_pool_losses(model: torch.nn.Module, dataset: Any, cache_dir: str | Path, *, base_model_id: str | None,
-                       batch_size: int = 32, progress: bool = False) -> tuple[torch.Tensor, bool]:  # fmt: skip
+def cached_pool_losses(
+    model: torch.nn.Module,
+    dataset: Any,
+    cache_dir: str | Path,
+    *,
+    base_model_id: str | None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[torch.Tensor, bool]:
     """(losses, cache hit) with the losses stored under `cache_dir/losses/<key>.safetensors`."""
-    key = sha256_json({"model": model_state_fingerprint(model, base_model_id), "samples": sample_hashes(dataset),
-                       "version": LOSS_CODE_VERSION})  # fmt: skip
+    key = sha256_json(
+        {
+            "model": model_state_fingerprint(model, base_model_id),
+            "samples": sample_hashes(dataset),
+            "version": LOSS_CODE_VERSION,
+        }
+    )
     path = Path(cache_dir) / "losses" / f"{key[:32]}.safetensors"
     if cached_for_all(path):
         logger.info("per-sample losses: cache hit %s", path)
@@ -70,8 +83,14 @@ class PoolLossFeatures:
     cache_dir: str | None
     batch_size: int
 
-    def compute_features(self, model: torch.nn.Module, step_id: int, *, base_model_id: str | None = None,
-                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
-        losses, hit = cached_pool_losses(model, self.dataset, self.cache_dir or "data/02_intermediate/selector_cache",
-                                         base_model_id=base_model_id, batch_size=self.batch_size)  # fmt: skip
+    def compute_features(
+        self, model: torch.nn.Module, step_id: int, *, base_model_id: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        losses, hit = cached_pool_losses(
+            model,
+            self.dataset,
+            self.cache_dir or "data/02_intermediate/selector_cache",
+            base_model_id=base_model_id,
+            batch_size=self.batch_size,
+        )
         return {"losses": losses.tolist(), "cache_hit": hit}

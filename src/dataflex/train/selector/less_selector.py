@@ -25,10 +25,22 @@ from .base_selector import Selector
 
 @register_selector("less")
 class LessSelector(Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
-                 cache_dir: str | None = None, gradient_type: str = "adam", proj_dim: int = 8192, seed: int = 42,
-                 projector: str = "sjlt", adam_eps_placement: str = "inside", aggregation: str = "mean",
-                 batch_size: int = 16, save_interval: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        eval_dataset: Any = None,
+        cache_dir: str | None = None,
+        gradient_type: str = "adam",
+        proj_dim: int = 8192,
+        seed: int = 42,
+        projector: str = "sjlt",
+        adam_eps_placement: str = "inside",
+        aggregation: str = "mean",
+        batch_size: int = 16,
+        save_interval: int | None = None,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         if eval_dataset is None or len(eval_dataset) == 0:
             raise ConfigError("selector 'less' needs an eval_dataset (the target task's examples); set eval_dataset")
@@ -36,25 +48,56 @@ class LessSelector(Selector):
             raise ConfigError(f"selector 'less': aggregation must be one of {', '.join(AGGREGATIONS)}")
         self.eval_dataset = eval_dataset
         # save_interval (DataFlex's projection chunk) has no meaning for batched features; accepted for its YAMLs.
-        self.settings = FeatureSettings(gradient_type=gradient_type, projector=projector, proj_dim=int(proj_dim),
-                                        seed=int(seed), adam_eps_placement=adam_eps_placement)  # fmt: skip
-        self.target_settings = FeatureSettings(gradient_type="sgd", projector=projector, proj_dim=int(proj_dim),
-                                               seed=int(seed), adam_eps_placement=adam_eps_placement)  # fmt: skip
+        self.settings = FeatureSettings(
+            gradient_type=gradient_type,
+            projector=projector,
+            proj_dim=int(proj_dim),
+            seed=int(seed),
+            adam_eps_placement=adam_eps_placement,
+        )
+        self.target_settings = FeatureSettings(
+            gradient_type="sgd",
+            projector=projector,
+            proj_dim=int(proj_dim),
+            seed=int(seed),
+            adam_eps_placement=adam_eps_placement,
+        )
         self.aggregation, self.batch_size = aggregation, int(batch_size)
 
     def _store(self) -> GradientDatastore:
         return GradientDatastore(Path(self.cache_dir or "data/04_feature") / "datastore")
 
-    def compute_features(self, model: torch.nn.Module, step_id: int, *, optimizer: Any = None,
-                         base_model_id: str | None = None, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def compute_features(
+        self,
+        model: torch.nn.Module,
+        step_id: int,
+        *,
+        optimizer: Any = None,
+        base_model_id: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         store = self._store()
         moments = optimizer if self.settings.gradient_type == "adam" else None
         if self.settings.gradient_type == "adam" and moments is None:
             raise ConfigError("selector 'less' with gradient_type adam needs the run's optimizer state")
-        pool = store.extract(model, self.dataset, self.settings, base_model_id=base_model_id, optimizer_state=moments,
-                             batch_size=self.batch_size, name=f"pool@step-{step_id}")  # fmt: skip
-        target = store.extract(model, self.eval_dataset, self.target_settings, base_model_id=base_model_id,
-                               batch_size=self.batch_size, name=f"target@step-{step_id}", progress=False)  # fmt: skip
+        pool = store.extract(
+            model,
+            self.dataset,
+            self.settings,
+            base_model_id=base_model_id,
+            optimizer_state=moments,
+            batch_size=self.batch_size,
+            name=f"pool@step-{step_id}",
+        )
+        target = store.extract(
+            model,
+            self.eval_dataset,
+            self.target_settings,
+            base_model_id=base_model_id,
+            batch_size=self.batch_size,
+            name=f"target@step-{step_id}",
+            progress=False,
+        )
         return {"pool": pool, "target": target, "cache_hit": pool["status"] == "hit" and target["status"] == "hit"}
 
     def select(self, model: torch.nn.Module, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:

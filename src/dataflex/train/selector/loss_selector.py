@@ -22,8 +22,9 @@ from .features_cache import PoolLossFeatures
 FOCUS = ("low", "medium", "high")
 
 
-def bucket_probabilities(losses: torch.Tensor, focus: str, focus_weight: float, quantiles: tuple[float, float],
-                         temperature: float) -> torch.Tensor:  # fmt: skip
+def bucket_probabilities(
+    losses: torch.Tensor, focus: str, focus_weight: float, quantiles: tuple[float, float], temperature: float
+) -> torch.Tensor:
     valid = torch.isfinite(losses)
     if not valid.any():
         raise ValueError("every per-sample loss is NaN or infinite; nothing to select from")
@@ -42,8 +43,9 @@ def bucket_probabilities(losses: torch.Tensor, focus: str, focus_weight: float, 
 def draw(p: torch.Tensor, k: int, replacement: bool, seed: int, name: str) -> list[int]:
     usable = int((p > 0).sum())
     if not replacement and k > usable:
-        logger.warning("%s: %d samples requested but only %d have a usable score; drawing with replacement",
-                       name, k, usable)  # fmt: skip
+        logger.warning(
+            "%s: %d samples requested but only %d have a usable score; drawing with replacement", name, k, usable
+        )
         replacement = True
     gen = torch.Generator().manual_seed(seed)
     return torch.multinomial(p.float(), k, replacement=replacement, generator=gen).tolist()
@@ -51,10 +53,20 @@ def draw(p: torch.Tensor, k: int, replacement: bool, seed: int, name: str) -> li
 
 @register_selector("loss")
 class LossSelector(PoolLossFeatures, Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None,
-                 focus: str = "high", focus_weight: float = 5.0, quantiles: tuple[float, float] = (0.33, 0.66),
-                 replacement: bool = False, temperature: float = 1.0, seed: int = 42,
-                 batch_size: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        cache_dir: str | None = None,
+        focus: str = "high",
+        focus_weight: float = 5.0,
+        quantiles: tuple[float, float] = (0.33, 0.66),
+        replacement: bool = False,
+        temperature: float = 1.0,
+        seed: int = 42,
+        batch_size: int = 32,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         if focus not in FOCUS:
             raise ConfigError(f"selector 'loss': focus must be one of {', '.join(FOCUS)}, got {focus!r}")

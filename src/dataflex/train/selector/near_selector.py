@@ -33,24 +33,43 @@ from .embedding_common import (
 
 @register_selector("near")
 class NearSelector(EmbeddingMixin, Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
-                 cache_dir: str | None = None, seed: int = 42, encoder: str = "all-MiniLM-L6-v2", layer: int = -1,
-                 text: str = "full", max_length: int = 256, batch_size: int = 32, max_K: int = 1000,
-                 exact_threshold: int = EXACT_THRESHOLD, tokenizer_path: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        eval_dataset: Any = None,
+        cache_dir: str | None = None,
+        seed: int = 42,
+        encoder: str = "all-MiniLM-L6-v2",
+        layer: int = -1,
+        text: str = "full",
+        max_length: int = 256,
+        batch_size: int = 32,
+        max_K: int = 1000,
+        exact_threshold: int = EXACT_THRESHOLD,
+        tokenizer_path: str | None = None,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("near", eval_dataset)
-        self.embedding = EmbeddingSettings(encoder=encoder, layer=layer, text=text, max_length=max_length,
-                                           batch_size=batch_size)  # fmt: skip
+        self.embedding = EmbeddingSettings(
+            encoder=encoder, layer=layer, text=text, max_length=max_length, batch_size=batch_size
+        )
         self.max_K = positive_int("near", "max_K", max_K)
         self.exact_threshold = positive_int("near", "exact_threshold", exact_threshold)
         self.tokenizer_path = tokenizer_path
 
-    def compute_features(self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None,
-                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def compute_features(
+        self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         pool, target = self.embed_pool_and_target(model, step_id, base_model_id, kwargs)
         ref, _, _ = cached_neighbors(self._root(), pool, target, self.max_K, self.exact_threshold)
-        return {"pool": pool, "target": target, "neighbors": ref,
-                "cache_hit": pool["status"] == target["status"] == ref["status"] == "hit"}  # fmt: skip
+        return {
+            "pool": pool,
+            "target": target,
+            "neighbors": ref,
+            "cache_hit": pool["status"] == target["status"] == ref["status"] == "hit",
+        }
 
     def select(self, model: torch.nn.Module | None, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)

@@ -35,30 +35,61 @@ def nice_target_features(rollout_features: torch.Tensor, weights: torch.Tensor) 
 
 @register_selector("nice")
 class NiceSelector(Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
-                 cache_dir: str | None = None, seed: int = 42, policy_model_path: str | None = None,
-                 reward: str = "token_f1", mc_samples: int = 4, max_new_tokens: int = 32, temperature: float = 0.7,
-                 baseline: str = "none", nll: str = "sum", gradient_type: str = "adam", proj_dim: int = 8192,
-                 projector: str = "sjlt", adam_eps_placement: str = "inside", aggregation: str = "mean",
-                 batch_size: int = 16, tokenizer_path: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        eval_dataset: Any = None,
+        cache_dir: str | None = None,
+        seed: int = 42,
+        policy_model_path: str | None = None,
+        reward: str = "token_f1",
+        mc_samples: int = 4,
+        max_new_tokens: int = 32,
+        temperature: float = 0.7,
+        baseline: str = "none",
+        nll: str = "sum",
+        gradient_type: str = "adam",
+        proj_dim: int = 8192,
+        projector: str = "sjlt",
+        adam_eps_placement: str = "inside",
+        aggregation: str = "mean",
+        batch_size: int = 16,
+        tokenizer_path: str | None = None,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("nice", eval_dataset)
         if not policy_model_path:
-            raise ConfigError("selector 'nice' needs policy_model_path: a local causal LM with the training model's "
-                              "tokenizer that generates the rollouts (e.g. the base model)")  # fmt: skip
+            raise ConfigError(
+                "selector 'nice' needs policy_model_path: a local causal LM with the training model's "
+                "tokenizer that generates the rollouts (e.g. the base model)"
+            )
         if baseline not in BASELINES or nll not in NLL_REDUCTIONS or aggregation not in AGGREGATIONS:
-            raise ConfigError(f"selector 'nice': baseline must be one of {', '.join(BASELINES)}, nll one of "
-                              f"{', '.join(NLL_REDUCTIONS)}, aggregation one of {', '.join(AGGREGATIONS)}")  # fmt: skip
+            raise ConfigError(
+                f"selector 'nice': baseline must be one of {', '.join(BASELINES)}, nll one of "
+                f"{', '.join(NLL_REDUCTIONS)}, aggregation one of {', '.join(AGGREGATIONS)}"
+            )
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
             raise ConfigError(f"selector 'nice': temperature must be > 0, got {temperature!r}")
         self.policy_model_path, self.reward = str(policy_model_path), str(reward)
         self.mc_samples = positive_int("nice", "mc_samples", mc_samples)
         self.max_new_tokens = positive_int("nice", "max_new_tokens", max_new_tokens)
         self.temperature, self.baseline, self.nll, self.aggregation = float(temperature), baseline, nll, aggregation
-        self.settings = FeatureSettings(gradient_type=gradient_type, projector=projector, proj_dim=int(proj_dim),
-                                        seed=int(seed), adam_eps_placement=adam_eps_placement)  # fmt: skip
-        self.target_settings = FeatureSettings(gradient_type="sgd", projector=projector, proj_dim=int(proj_dim),
-                                               seed=int(seed), adam_eps_placement=adam_eps_placement)  # fmt: skip
+        self.settings = FeatureSettings(
+            gradient_type=gradient_type,
+            projector=projector,
+            proj_dim=int(proj_dim),
+            seed=int(seed),
+            adam_eps_placement=adam_eps_placement,
+        )
+        self.target_settings = FeatureSettings(
+            gradient_type="sgd",
+            projector=projector,
+            proj_dim=int(proj_dim),
+            seed=int(seed),
+            adam_eps_placement=adam_eps_placement,
+        )
         self.batch_size = positive_int("nice", "batch_size", batch_size)
         self.tokenizer_path = tokenizer_path
         from dataflex.features.rollouts import reward_function
@@ -74,39 +105,75 @@ class NiceSelector(Selector):
 
     def rollouts(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         tok, _ = resolve_tokenizer(self.tokenizer_path, model, kwargs)
-        return rollout_table(self.eval_dataset, self.policy_model_path, tok, self.reward, self._root() / "rollouts",
-                             mc_samples=self.mc_samples, seed=self.seed, max_new_tokens=self.max_new_tokens,
-                             temperature=self.temperature, vocab_size=model.get_input_embeddings().num_embeddings,
-                             progress=True)  # fmt: skip
+        return rollout_table(
+            self.eval_dataset,
+            self.policy_model_path,
+            tok,
+            self.reward,
+            self._root() / "rollouts",
+            mc_samples=self.mc_samples,
+            seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            vocab_size=model.get_input_embeddings().num_embeddings,
+            progress=True,
+        )
 
-    def compute_features(self, model: torch.nn.Module, step_id: int, *, optimizer: Any = None,
-                         optimizer_state: Any = None, base_model_id: str | None = None,
-                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def compute_features(
+        self,
+        model: torch.nn.Module,
+        step_id: int,
+        *,
+        optimizer: Any = None,
+        optimizer_state: Any = None,
+        base_model_id: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         if model is None:
             raise ConfigError("selector 'nice' needs the training model")
         moments = optimizer if optimizer is not None else optimizer_state
         if self.settings.gradient_type == "adam" and moments is None:
-            raise ConfigError("selector 'nice' with gradient_type adam needs the run's optimizer state "
-                              "(or set gradient_type: sgd)")  # fmt: skip
+            raise ConfigError(
+                "selector 'nice' with gradient_type adam needs the run's optimizer state (or set gradient_type: sgd)"
+            )
         table = self.rollouts(model, kwargs)
-        keep, _ = rollout_weights(table["rows"], len(self.eval_dataset), self.mc_samples, baseline=self.baseline,
-                                  nll=self.nll)  # fmt: skip
+        keep, _ = rollout_weights(
+            table["rows"], len(self.eval_dataset), self.mc_samples, baseline=self.baseline, nll=self.nll
+        )
         rollout_ds = datasets.Dataset.from_dict(rollout_dataset(table["rows"], keep))
         store = GradientDatastore(self._root() / "datastore")
-        pool = store.extract(model, self.dataset, self.settings, base_model_id=base_model_id,
-                             optimizer_state=moments if self.settings.gradient_type == "adam" else None,
-                             batch_size=self.batch_size, name=f"pool@step-{step_id}")  # fmt: skip
-        rolls = store.extract(model, rollout_ds, self.target_settings, base_model_id=base_model_id,
-                              batch_size=self.batch_size, name=f"rollouts@step-{step_id}", progress=False)  # fmt: skip
+        pool = store.extract(
+            model,
+            self.dataset,
+            self.settings,
+            base_model_id=base_model_id,
+            optimizer_state=moments if self.settings.gradient_type == "adam" else None,
+            batch_size=self.batch_size,
+            name=f"pool@step-{step_id}",
+        )
+        rolls = store.extract(
+            model,
+            rollout_ds,
+            self.target_settings,
+            base_model_id=base_model_id,
+            batch_size=self.batch_size,
+            name=f"rollouts@step-{step_id}",
+            progress=False,
+        )
         rewards = [r["reward"] for r in table["rows"]]
-        return {"pool": pool, "rollouts": {"path": table["path"], "status": table["status"]},
-                "rollout_features": rolls, "mean_reward": sum(rewards) / max(len(rewards), 1),
-                "cache_hit": pool["status"] == rolls["status"] == table["status"] == "hit"}  # fmt: skip
+        return {
+            "pool": pool,
+            "rollouts": {"path": table["path"], "status": table["status"]},
+            "rollout_features": rolls,
+            "mean_reward": sum(rewards) / max(len(rewards), 1),
+            "cache_hit": pool["status"] == rolls["status"] == table["status"] == "hit",
+        }
 
     def target_features(self, feats: dict[str, Any]) -> torch.Tensor:
         rows = json.loads(open(feats["rollouts"]["path"]).read())["rows"]
-        _, weights = rollout_weights(rows, len(self.eval_dataset), self.mc_samples, baseline=self.baseline,
-                                     nll=self.nll)  # fmt: skip
+        _, weights = rollout_weights(
+            rows, len(self.eval_dataset), self.mc_samples, baseline=self.baseline, nll=self.nll
+        )
         return nice_target_features(GradientDatastore.load(feats["rollout_features"]).features, weights)
 
     def select(self, model: torch.nn.Module, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
@@ -117,6 +184,8 @@ class NiceSelector(Selector):
         subtasks = list(self.eval_dataset["domain_id"]) if "domain_id" in cols else None
         scores = less_scores([train], [target], [1.0], subtasks, self.aggregation)
         picked = fill_to(top_k(scores, max_samples=num_samples), num_samples)
-        self.last_metric = {"train_eval_similarity": [float(scores[i]) for i in picked],
-                            "mean_reward": feats.get("mean_reward")}  # fmt: skip
+        self.last_metric = {
+            "train_eval_similarity": [float(scores[i]) for i in picked],
+            "mean_reward": feats.get("mean_reward"),
+        }
         return broadcast_object(self.accelerator, picked)  # rank 0's choice everywhere

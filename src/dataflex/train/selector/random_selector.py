@@ -13,8 +13,15 @@ from .base_selector import Selector
 
 @register_selector("random")
 class RandomSelector(Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None,
-                 seed: int = 42, replacement: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        cache_dir: str | None = None,
+        seed: int = 42,
+        replacement: bool = False,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.replacement = bool(replacement)
 

@@ -41,15 +41,32 @@ def _number(key: str, value: Any, low: float, low_open: bool, high: float | None
 
 @register_selector("tsds")
 class TsdsSelector(EmbeddingMixin, Selector):
-    def __init__(self, dataset: Any, accelerator: Any, data_collator: Any, eval_dataset: Any = None,
-                 cache_dir: str | None = None, seed: int = 42, encoder: str = "all-MiniLM-L6-v2", layer: int = -1,
-                 text: str = "full", max_length: int = 256, batch_size: int = 32, alpha: float = 0.6,
-                 C: float = 5.0, sigma: float = 0.75, max_K: int = 5000, kde_K: int = 1000,
-                 exact_threshold: int = EXACT_THRESHOLD, tokenizer_path: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Any,
+        accelerator: Any,
+        data_collator: Any,
+        eval_dataset: Any = None,
+        cache_dir: str | None = None,
+        seed: int = 42,
+        encoder: str = "all-MiniLM-L6-v2",
+        layer: int = -1,
+        text: str = "full",
+        max_length: int = 256,
+        batch_size: int = 32,
+        alpha: float = 0.6,
+        C: float = 5.0,
+        sigma: float = 0.75,
+        max_K: int = 5000,
+        kde_K: int = 1000,
+        exact_threshold: int = EXACT_THRESHOLD,
+        tokenizer_path: str | None = None,
+    ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("tsds", eval_dataset)
-        self.embedding = EmbeddingSettings(encoder=encoder, layer=layer, text=text, max_length=max_length,
-                                           batch_size=batch_size)  # fmt: skip
+        self.embedding = EmbeddingSettings(
+            encoder=encoder, layer=layer, text=text, max_length=max_length, batch_size=batch_size
+        )
         self.alpha = _number("alpha", alpha, 0, True, 1)
         self.C = _number("C", C, 0, True)
         self.sigma = _number("sigma", sigma, 0, False)
@@ -58,12 +75,21 @@ class TsdsSelector(EmbeddingMixin, Selector):
         self.exact_threshold = positive_int("tsds", "exact_threshold", exact_threshold)
         self.tokenizer_path = tokenizer_path
 
-    def compute_features(self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None,
-                         **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    def compute_features(
+        self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         pool, target = self.embed_pool_and_target(model, step_id, base_model_id, kwargs)
         nref, dist, idx = cached_neighbors(self._root(), pool, target, self.max_K, self.exact_threshold)
-        key = sha256_json({"neighbors": nref["key"], "alpha": self.alpha, "C": self.C, "sigma": self.sigma,
-                           "kde_K": self.kde_K, "version": TSDS_CODE_VERSION})  # fmt: skip
+        key = sha256_json(
+            {
+                "neighbors": nref["key"],
+                "alpha": self.alpha,
+                "C": self.C,
+                "sigma": self.sigma,
+                "kde_K": self.kde_K,
+                "version": TSDS_CODE_VERSION,
+            }
+        )
         path = self._root() / "tsds" / f"{key[:32]}.safetensors"
         status = "hit"
         if not cached_for_all(path):
@@ -74,14 +100,29 @@ class TsdsSelector(EmbeddingMixin, Selector):
             emb = EmbeddingStore.load(pool)[torch.from_numpy(union)]
             density[union] = kde_density(emb, self.sigma, self.kde_K, exact_threshold=self.exact_threshold)
             probs, info = tsds_probabilities(dist, idx, density, n, alpha=self.alpha, C=self.C)
-            logger.info("tsds: support %d of %d rows, level %.3g, mean radius %.1f neighbours", info["support"], n,
-                        info["level"], info["mean_radius"])  # fmt: skip
+            logger.info(
+                "tsds: support %d of %d rows, level %.3g, mean radius %.1f neighbours",
+                info["support"],
+                n,
+                info["level"],
+                info["mean_radius"],
+            )
             with main_process_writes() as writer:
                 if writer:
-                    atomic_write_bytes(path, save({"probs": torch.from_numpy(probs).contiguous()}, metadata={
-                        "key": key, **{k: str(v) for k, v in info.items()}}))  # fmt: skip
-        return {"pool": pool, "target": target, "neighbors": nref, "probs": {"path": str(path), "key": key},
-                "cache_hit": pool["status"] == target["status"] == nref["status"] == status == "hit"}  # fmt: skip
+                    atomic_write_bytes(
+                        path,
+                        save(
+                            {"probs": torch.from_numpy(probs).contiguous()},
+                            metadata={"key": key, **{k: str(v) for k, v in info.items()}},
+                        ),
+                    )
+        return {
+            "pool": pool,
+            "target": target,
+            "neighbors": nref,
+            "probs": {"path": str(path), "key": key},
+            "cache_hit": pool["status"] == target["status"] == nref["status"] == status == "hit",
+        }
 
     def select(self, model: torch.nn.Module | None, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)

@@ -94,8 +94,10 @@ class TrainingArguments:
                 f"mixed_precision '{self.mixed_precision}' is not valid; use one of {', '.join(MIXED_PRECISION)}"
             )
         if self.accelerate_config and self.deepspeed:
-            raise ConfigError("set either accelerate_config or deepspeed, not both (a DeepSpeed JSON is mapped onto "
-                              "accelerate; put it in the accelerate config file instead)")  # fmt: skip
+            raise ConfigError(
+                "set either accelerate_config or deepspeed, not both (a DeepSpeed JSON is mapped onto "
+                "accelerate; put it in the accelerate config file instead)"
+            )
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit!r}")
 

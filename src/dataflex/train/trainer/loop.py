@@ -196,12 +196,16 @@ class Trainer:
         sharded = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
         if sharded in ("FSDP", "DEEPSPEED"):
             # TrainState saves unwrapped full weights and a plain optimizer state: sharded states would be wrong.
-            raise ConfigError(f"{sharded} is launched but the loop's TrainState checkpoints do not support sharded "
-                              "weights or optimizer states yet; use the default DDP (no accelerate_config / "
-                              "deepspeed)")  # fmt: skip
+            raise ConfigError(
+                f"{sharded} is launched but the loop's TrainState checkpoints do not support sharded "
+                "weights or optimizer states yet; use the default DDP (no accelerate_config / "
+                "deepspeed)"
+            )
         if self.accelerator.num_processes > 1 and self.accelerator.num_processes != args.num_processes:
-            raise ConfigError(f"accelerate started {self.accelerator.num_processes} processes but num_processes is "
-                              f"{args.num_processes}; set num_processes to the launched world size")  # fmt: skip
+            raise ConfigError(
+                f"accelerate started {self.accelerator.num_processes} processes but num_processes is "
+                f"{args.num_processes}; set num_processes to the launched world size"
+            )
         self.train_dataset = train_dataset.select_columns([c for c in TRAIN_COLUMNS if c in train_dataset.column_names])
         self.data_collator = data_collator
         self.plan = plan or EpochPlan(
@@ -320,8 +324,10 @@ class Trainer:
         logging are those of the whole run, so segments chained through checkpoints equal one run)."""
         args = self.args
         if self.accelerator.num_processes != args.num_processes:
-            raise ConfigError(f"num_processes is {args.num_processes} but this process is alone; run the training "
-                              "through dataflex.distributed.launch (the pipelines and dataflex-cli do)")  # fmt: skip
+            raise ConfigError(
+                f"num_processes is {args.num_processes} but this process is alone; run the training "
+                "through dataflex.distributed.launch (the pipelines and dataflex-cli do)"
+            )
         if self.resume_path is None:
             set_seed(args.seed)
         self.restore()
@@ -344,8 +350,9 @@ class Trainer:
         while self.global_step < stop:
             step_global = self.plan.step_batches(self.global_step)
             micro = shard_step(step_global, args.per_device_train_batch_size, acc.num_processes, acc.process_index)
-            step_loss, weighted, n_micro = self._accumulate(micro or [step_global[0][:1]], max_steps, interval,
-                                                            ghost=not micro)  # fmt: skip
+            step_loss, weighted, n_micro = self._accumulate(
+                micro or [step_global[0][:1]], max_steps, interval, ghost=not micro
+            )
             grad_norm = None
             if args.max_grad_norm and args.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -386,12 +393,21 @@ class Trainer:
         )
 
     def _context(self, micro_step: int, num_micro: int, max_steps: int) -> TrainContext:
-        return TrainContext(self.global_step, max_steps, self.plan.epoch_at(self.global_step), micro_step, num_micro,
-                            self.accelerator, self.args, self.domain_names,
-                            warmup_step=self.weighting_warmup_steps)  # fmt: skip
+        return TrainContext(
+            self.global_step,
+            max_steps,
+            self.plan.epoch_at(self.global_step),
+            micro_step,
+            num_micro,
+            self.accelerator,
+            self.args,
+            self.domain_names,
+            warmup_step=self.weighting_warmup_steps,
+        )
 
-    def _accumulate(self, micro: list[list[int]], max_steps: int, interval: _Interval,
-                    ghost: bool = False) -> tuple[Any, Any, int]:  # fmt: skip
+    def _accumulate(
+        self, micro: list[list[int]], max_steps: int, interval: _Interval, ghost: bool = False
+    ) -> tuple[Any, Any, int]:
         """Forward and backward every micro-batch of one optimizer step; returns (standard loss, loss used, count).
 
         `ghost`: this process has no sample in a short last step; it runs one zero-weight pass on a sample of the
@@ -456,8 +472,9 @@ class Trainer:
         counts = self.accelerator.gather(torch.tensor([local_count], device=self.accelerator.device)).tolist()
         return int(sum(counts[: self.accelerator.process_index]))
 
-    def _prepass_scores(self, batches: list[dict[str, torch.Tensor]], max_steps: int,
-                        ghost: bool = False) -> tuple[Any, Any] | None:  # fmt: skip
+    def _prepass_scores(
+        self, batches: list[dict[str, torch.Tensor]], max_steps: int, ghost: bool = False
+    ) -> tuple[Any, Any] | None:
         """With several micro-batches, weights need every sample's score before the first backward: a no-grad
         pass scores them (`score_batch`, by default the per-sample loss). One micro-batch needs no pre-pass.
         The decision must be the same on every process (they all gather): it uses A, not the local count."""
@@ -472,8 +489,9 @@ class Trainer:
             scores = [s[:0] for s in scores]
         return self._gather_scores(scores, [None if ghost else b.get("domain_id") for b in batches])
 
-    def _weighted_loss(self, losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module,
-                       batch: Mapping[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    def _weighted_loss(
+        self, losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         loss = self.weighter.get_weighted_loss(losses.per_sample_loss, ctx=ctx, model=model, inputs=batch)
         where = f"weighter '{self.weighter_name}' at step {self.global_step}"
         if not torch.is_tensor(loss) or loss.dim() != 0:

@@ -127,8 +127,9 @@ class MixturePlan:
     `domain_offsets[d]` is the pool index of domain d's first row (the pool is built domain by domain).
     """
 
-    def __init__(self, manager: Any, domain_offsets: list[int], batch_size: int, grad_accum: int, *,
-                 num_steps: int) -> None:  # fmt: skip
+    def __init__(
+        self, manager: Any, domain_offsets: list[int], batch_size: int, grad_accum: int, *, num_steps: int
+    ) -> None:
         self.manager = manager
         self.offsets = list(domain_offsets)
         self.batch_size = batch_size
@@ -164,8 +165,9 @@ class SelectPlan:
     reaches them; they are all in the plan's state, so a resume restores the active subset and the position.
     """
 
-    def __init__(self, batch_size: int, grad_accum: int, *, num_steps: int, seed: int,
-                 steps_per_epoch: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, batch_size: int, grad_accum: int, *, num_steps: int, seed: int, steps_per_epoch: int | None = None
+    ) -> None:
         self.batch_size = batch_size
         self.grad_accum = grad_accum
         self.num_steps = num_steps
@@ -205,8 +207,13 @@ class SelectPlan:
         return step / self.steps_per_epoch if self.steps_per_epoch else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "select", "batch_size": self.batch_size, "grad_accum": self.grad_accum, "seed": self.seed,
-                "segments": self.segments}  # fmt: skip
+        return {
+            "kind": "select",
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "seed": self.seed,
+            "segments": self.segments,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "select" or (state["batch_size"], state["grad_accum"]) != (

@@ -34,9 +34,15 @@ def position_weighted_embedding(hidden: torch.Tensor, attention_mask: torch.Tens
 class AdaptWeighter(StepWeighter):
     scores_from_losses = False  # scores are embedding similarities: always scored in the pre-pass
 
-    def __init__(self, eval_dataset: Any = None, data_collator: Any = None, tau: float = 1.0,
-                 refresh_interval: int = 50, anchor_batch_size: int = 8,
-                 clip: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        eval_dataset: Any = None,
+        data_collator: Any = None,
+        tau: float = 1.0,
+        refresh_interval: int = 50,
+        anchor_batch_size: int = 8,
+        clip: float | None = None,
+    ) -> None:
         super().__init__()
         if eval_dataset is None or len(eval_dataset) == 0:
             raise ConfigError("weighter 'adapt' needs an eval_dataset (its anchor set); set eval_dataset or val_size")
@@ -60,8 +66,12 @@ class AdaptWeighter(StepWeighter):
         was_training = model.training
         model.eval()  # embeddings without dropout noise
         try:
-            out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        output_hidden_states=True, use_cache=False)  # fmt: skip
+            out = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                output_hidden_states=True,
+                use_cache=False,
+            )
         finally:
             model.train(was_training)
         return position_weighted_embedding(out.hidden_states[-1], inputs["attention_mask"])

@@ -117,8 +117,14 @@ class StepWeighter(Weighter):
             self._record(self._weights, ctx.step_domains, ctx.domain_names)
         return self._weights
 
-    def get_weighted_loss(self, losses: torch.Tensor, *, ctx: Any = None, model: nn.Module | None = None,
-                          inputs: dict[str, Any] | None = None) -> torch.Tensor:  # fmt: skip
+    def get_weighted_loss(
+        self,
+        losses: torch.Tensor,
+        *,
+        ctx: Any = None,
+        model: nn.Module | None = None,
+        inputs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
         m = self.step_weights(ctx)[ctx.sample_offset : ctx.sample_offset + losses.numel()].to(losses.device)
         batch = ctx.batch_losses
         # sum_b m_b * (token-sum loss of b) / window tokens: the standard loss when every m_b = 1
@@ -154,8 +160,13 @@ class StepWeighter(Weighter):
         if not st["steps"]:
             return {}
         n = st["steps"]
-        out = {"weights/mean": 1.0, "weights/min": st["min"] / n, "weights/max": st["max"] / n,
-               "weights/std": st["std"] / n, "weights/entropy": st["entropy"] / n}  # fmt: skip
+        out = {
+            "weights/mean": 1.0,
+            "weights/min": st["min"] / n,
+            "weights/max": st["max"] / n,
+            "weights/std": st["std"] / n,
+            "weights/entropy": st["entropy"] / n,
+        }
         out.update({f"weights/domain/{k}": v[0] / v[1] for k, v in self._domain_stats.items() if v[1]})
         self._reset_stats()
         return out
