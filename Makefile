@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.dataflex-installed
 export KEDRO_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test test-unit test-integration test-pipelines lint bench clean-demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,20 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/kedro run
 
-# Lint first: a formatting or lint error fails the tests (and CI) in seconds.
+# Lint first: a formatting or lint error fails the tests (and CI) in seconds. `make test` runs every tier.
 test: lint
 	$(BIN)/python -m pytest
+
+# One tier at a time (tiers are folders). tests/unit never trains: under a minute on two cores.
+# tests/integration trains, selects, mixes and weights on the tiny model; tests/pipelines runs whole pipelines.
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+test-pipelines: setup
+	$(BIN)/python -m pytest tests/pipelines
 
 lint: setup
 	$(BIN)/ruff check src tests bench

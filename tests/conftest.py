@@ -1,4 +1,10 @@
-"""Shared fixtures: a small demo corpus and the test-size tiny model, built once per test run (seconds)."""
+"""Shared fixtures for all three tiers: a small demo corpus and the test-size tiny model, built once per test run.
+
+`untrained_model_dir` (random init, no training: milliseconds) is for tests that need a model's files, tokenizer
+or forward pass but not a trained model; the tests under tests/unit use only it. `tiny_model_dir` is the same
+model pre-trained for 100 steps (seconds) for the integration and pipeline tests whose assertions need a trained
+model. Both share one tokenizer (pre-training copies the initial folder's tokenizer files unchanged), so
+`tokenizer` and `sft_pool` come from the untrained folder and never trigger pre-training."""
 
 from __future__ import annotations
 
@@ -17,6 +23,13 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TEST_DOMAINS = ["arith_train", "reverse_train", "sort_train"]
+UNIT_DIR = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The unit tier never trains: a tests/unit test asking for the pre-trained model errors before it is built."""
+    if "tiny_model_dir" in getattr(item, "fixturenames", ()) and UNIT_DIR in Path(item.path).resolve().parents:
+        pytest.fail("tests/unit must not use tiny_model_dir (it pre-trains): use untrained_model_dir", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +53,22 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> 
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_model_dir: Path):
+def untrained_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Path:
+    """`tiny_model_dir` before pre-training: the same files, tokenizer and config, random initial weights."""
+    from dataflex.train.tiny_model import make_tiny_model
+
+    out = tmp_path_factory.mktemp("model") / "tiny_untrained"
+    make_tiny_model(
+        out, demo_dir, size="test", seed=0, pretrain_steps=0, block_size=64, batch_size=8, progress_bar=False
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(untrained_model_dir: Path):
     from dataflex.models import load_tokenizer
 
-    return load_tokenizer(str(tiny_model_dir))
+    return load_tokenizer(str(untrained_model_dir))
 
 
 @pytest.fixture(scope="session")

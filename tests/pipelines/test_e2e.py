@@ -1,5 +1,5 @@
 """End to end: `kedro run` on the demo and `dataflex-cli train` on a static YAML, each in a temporary project copy
-with a temporary MLflow database. Slow (they train), still run in CI."""
+with a temporary MLflow database. They train. (Pipeline shapes are in tests/pipelines/test_pipeline_shapes.py.)"""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-pytestmark = pytest.mark.slow
 
 
 def make_project(root: Path, tmp_path: Path) -> Path:
@@ -254,64 +252,6 @@ def test_cli_dynamic_weight_with_components_file(demo_dir, tiny_model_dir, proje
     assert rc == 2
     assert "unknown strategy 'hardest'" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "saves" / "bad" / "adapter").exists()
-
-
-def test_dynamic_mix_pipeline_shape():
-    from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline, rounds_from_params
-
-    names = {n.name for n in create_pipeline(n_rounds=3).nodes}
-    assert {
-        "dynamic_mix.round_0.train_segment",
-        "dynamic_mix.round_1.compute_mixture",
-        "dynamic_mix.round_2.train_segment",
-        "dynamic_mix.finalize",
-    } <= names
-    assert "dynamic_mix.round_3.compute_mixture" not in names
-    flex = {"warmup_step": 5, "update_step": 10, "update_times": 0, "train_step": 31}
-    assert rounds_from_params({"dataflex": flex}) == 4  # 5 | 15 | 25 | 31
-    assert rounds_from_params({"dataflex": {**flex, "update_times": 2}}) == 3
-    assert rounds_from_params({"dataflex": {"static_mix": True}}) == 1
-
-
-def test_less_pipeline_shape():
-    from dataflex.pipelines.less.pipeline import create_pipeline, epochs_from_params
-
-    pipe = create_pipeline(n_checkpoints=3)
-    names = {n.name for n in pipe.nodes}
-    assert {
-        "less.warmup",
-        "less.ckpt_0.train_features",
-        "less.ckpt_2.target_features",
-        "less.select",
-        "less.final_train",
-        "evaluate",
-        "report",
-    } <= names
-    assert "less.ckpt_3.train_features" not in names
-    assert {n.namespace for n in pipe.nodes if "ckpt_1" in n.name} == {"less.ckpt_1"}
-    select = next(n for n in pipe.nodes if n.name == "less.select")
-    expected = [f"less.ckpt_{k}.{kind}_features" for kind in ("train", "target") for k in range(3)]
-    assert [i for i in select.inputs if "ckpt" in i] == expected
-    assert epochs_from_params({"less": {"warmup_epochs": 2}}) == 2 and epochs_from_params(None) == 4
-
-
-def test_dynamic_select_pipeline_shape():
-    from dataflex.pipelines.dynamic_select.pipeline import create_pipeline, rounds_from_params
-
-    names = {n.name for n in create_pipeline(n_rounds=3).nodes}
-    assert {
-        "dynamic_select.round_0.train_segment",
-        "dynamic_select.round_1.compute_features",
-        "dynamic_select.round_2.compute_selection",
-        "dynamic_select.round_2.train_segment",
-        "dynamic_select.finalize",
-    } <= names
-    assert "dynamic_select.round_3.compute_features" not in names
-    train = {"per_device_train_batch_size": 4, "num_train_epochs": 2.0}
-    flex = {"warmup_step": 2, "update_step": 3, "update_times": 2, "train_step": 0}
-    assert rounds_from_params({"dataflex": flex, "train": train}) == 1 + 4  # two flex epochs of 2 selections
-    assert rounds_from_params({"dataflex": {**flex, "update_times": 0, "train_step": 11}, "train": train}) == 4
-    assert rounds_from_params({"dataflex": {**flex, "update_times": 0}, "train": train}) == 1  # refused by validation
 
 
 SEED_RANDOM_MIXER = """

@@ -10,8 +10,8 @@ from dataflex.core.errors import ConfigError, DataError
 from dataflex.data import DatasetAttr, load_dataset_info, parse_dataset_names, read_rows, resolve_datasets
 
 try:
-    from tests.test_data_fixtures import one_dataset, write_registry, write_rows
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from tests.unit.test_data_fixtures import one_dataset, write_registry, write_rows
+except ImportError:  # tests/unit is not a package: pytest puts it on sys.path
     from test_data_fixtures import one_dataset, write_registry, write_rows
 
 ROWS = [{"instruction": "Add.", "input": "1 + 2", "output": "3"}, {"instruction": "Add.", "input": "", "output": "0"}]

@@ -44,11 +44,11 @@ def _write(tmp_path: Path, cfg: dict | str, name: str = "cfg.yaml") -> Path:
     return path
 
 
-def test_flat_keys_map_to_groups(demo_dir, tiny_model_dir, tmp_path):
+def test_flat_keys_map_to_groups(demo_dir, untrained_model_dir, tmp_path):
     params = flat_to_grouped(
         _flat(
             demo_dir,
-            tiny_model_dir,
+            untrained_model_dir,
             tmp_path / "out",
             bf16=True,
             warmup_step=3,
@@ -110,9 +110,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("bad, match", BAD, ids=[next(iter(b)) + "-" + str(i) for i, (b, _) in enumerate(BAD)])
-def test_bad_config_one_line_exit_2(bad, match, demo_dir, tiny_model_dir, tmp_path, capsys):
+def test_bad_config_one_line_exit_2(bad, match, demo_dir, untrained_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, out, **bad))
+    cfg = _write(tmp_path, _flat(demo_dir, untrained_model_dir, out, **bad))
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("dataflex-cli: error: ")
@@ -129,7 +129,7 @@ def _corpus_copy(demo_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_file", "malformed_json", "malformed_jsonl", "missing_column", "empty"])
-def test_bad_data_one_line_exit_2(case, demo_dir, tiny_model_dir, tmp_path, capsys):
+def test_bad_data_one_line_exit_2(case, demo_dir, untrained_model_dir, tmp_path, capsys):
     corpus = _corpus_copy(demo_dir, tmp_path)
     info = json.loads((corpus / "dataset_info.json").read_text())
     arith = corpus / info["arith_train"]["file_name"]
@@ -159,7 +159,7 @@ def test_bad_data_one_line_exit_2(case, demo_dir, tiny_model_dir, tmp_path, caps
         match = "no rows"
     stage = "pt" if case == "malformed_jsonl" else "sft"
     cfg = _write(
-        tmp_path, _flat(corpus, tiny_model_dir, tmp_path / "out", dataset=dataset, stage=stage, eval_dataset=None)
+        tmp_path, _flat(corpus, untrained_model_dir, tmp_path / "out", dataset=dataset, stage=stage, eval_dataset=None)
     )
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
@@ -190,10 +190,12 @@ def test_missing_yaml_and_usage(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_dynamic_select_without_a_selector_is_one_line(demo_dir, tiny_model_dir, tmp_path, capsys):
+def test_dynamic_select_without_a_selector_is_one_line(demo_dir, untrained_model_dir, tmp_path, capsys):
     cfg = _write(
         tmp_path,
-        _flat(demo_dir, tiny_model_dir, tmp_path / "out", train_type="dynamic_select", warmup_step=1, update_step=1),
+        _flat(
+            demo_dir, untrained_model_dir, tmp_path / "out", train_type="dynamic_select", warmup_step=1, update_step=1
+        ),
     )
     assert main(["train", str(cfg)]) == 2
     assert "needs component_name (a registered selector)" in capsys.readouterr().err
@@ -204,11 +206,11 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("dataflex ")
 
 
-def test_relative_paths_resolve_against_cwd(demo_dir, tiny_model_dir, tmp_path, monkeypatch):
+def test_relative_paths_resolve_against_cwd(demo_dir, untrained_model_dir, tmp_path, monkeypatch):
     from dataflex.cli import build_train_params
 
     monkeypatch.chdir(tmp_path)
-    cfg = _write(tmp_path, _flat(demo_dir, tiny_model_dir, Path("rel_out")))
+    cfg = _write(tmp_path, _flat(demo_dir, untrained_model_dir, Path("rel_out")))
     params = build_train_params(str(cfg), [])
     assert params["train"]["output_dir"] == str(tmp_path / "rel_out")
 

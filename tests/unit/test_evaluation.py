@@ -1,4 +1,5 @@
-"""Evaluation metrics against reference computations."""
+"""Evaluation metrics against reference computations (on the untrained test-size model).
+(Exact match on a memorised answer is in tests/integration/test_evaluation_exact_match.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import math
 import torch
 
 from dataflex.data import DataCollatorForCausalLM
-from dataflex.evaluation import _prompt_and_answer, eval_loss, exact_match
+from dataflex.evaluation import _prompt_and_answer, eval_loss
 from dataflex.models import load_model
 
 
-def test_eval_loss_is_token_weighted_mean(tiny_model_dir, sft_pool, tokenizer):
-    model = load_model(str(tiny_model_dir), finetuning_type="full", dtype="fp32")
+def test_eval_loss_is_token_weighted_mean(untrained_model_dir, sft_pool, tokenizer):
+    model = load_model(str(untrained_model_dir), finetuning_type="full", dtype="fp32")
     ds = sft_pool.select(range(0, 30, 3))
     got = eval_loss(model, ds, DataCollatorForCausalLM(tokenizer), batch_size=4)
     total, count = 0.0, 0
@@ -33,22 +34,3 @@ def test_prompt_answer_split():
     assert _prompt_and_answer([5, 6], [-100, -100]) is None
     # multi-turn: the last assistant turn is the answer, earlier turns are part of the prompt
     assert _prompt_and_answer([1, 2, 3, 4, 5, 6], [-100, 2, -100, -100, 5, 6]) == ([1, 2, 3, 4], [5, 6])
-
-
-def test_exact_match_counts_a_memorised_answer(tiny_model_dir, sft_pool, tokenizer):
-    """Greedy generation is compared with the reference answer: a model that outputs the answer scores 1."""
-    model = load_model(str(tiny_model_dir), finetuning_type="full", dtype="fp32")
-    row = sft_pool[0]
-    prompt, answer = _prompt_and_answer(row["input_ids"], row["labels"])
-    # Teach the one sample by heart (full fine-tuning, plain SGD steps on it).
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
-    for _ in range(60):
-        opt.zero_grad()
-        model(input_ids=ids, labels=labels).loss.backward()
-        opt.step()
-    one = sft_pool.select([0])
-    assert exact_match(model, tokenizer, one, max_new_tokens=len(answer) + 2, max_samples=1, batch_size=1) == {
-        "accuracy": 1.0,
-        "num_generated": 1,
-    }

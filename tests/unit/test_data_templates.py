@@ -10,8 +10,8 @@ from dataflex.core.errors import ConfigError
 from dataflex.data import IGNORE_INDEX, TEMPLATES, build_dataset, get_template
 
 try:
-    from tests.test_data_fixtures import one_dataset, tiny_tokenizer
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from tests.unit.test_data_fixtures import one_dataset, tiny_tokenizer
+except ImportError:  # tests/unit is not a package: pytest puts it on sys.path
     from test_data_fixtures import one_dataset, tiny_tokenizer
 
 ROW = {"instruction": "Sort the numbers in ascending order.", "input": "7 3 9", "output": "3 7 9"}

@@ -22,8 +22,8 @@ from dataflex.data import (
 from dataflex.data import processing as processing_mod
 
 try:
-    from tests.test_data_fixtures import one_dataset, small_demo_dir, tiny_tokenizer, write_registry, write_rows
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from tests.unit.test_data_fixtures import one_dataset, small_demo_dir, tiny_tokenizer, write_registry, write_rows
+except ImportError:  # tests/unit is not a package: pytest puts it on sys.path
     from test_data_fixtures import one_dataset, small_demo_dir, tiny_tokenizer, write_registry, write_rows
 
 SFT = ["arith_train", "reverse_train", "facts_train"]

@@ -1,9 +1,9 @@
 """Mixed sampling core: proportion rules, apportionment without last-domain bias, determinism, resume;
-the random and static mixers."""
+the random, static, ODM and DoReMi mixers' formulas; mix schedule and config errors.
+(Training on a mixture is in tests/integration/test_mixing_training.py.)"""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
@@ -12,10 +12,8 @@ import torch
 
 from dataflex.core.errors import CheckpointError, ConfigError
 from dataflex.core.registry import REGISTRY
-from dataflex.data import DataCollatorForCausalLM
-from dataflex.models import load_model
 from dataflex.train.dataset.mixed_proportion_manager import MixedProportionManager, apportion, check_proportions
-from dataflex.train.trainer import Trainer, TrainingArguments
+from dataflex.train.trainer import TrainingArguments
 from dataflex.train.trainer.plan import MixturePlan
 
 
@@ -88,53 +86,6 @@ def test_mixture_plan_resume_continues_identically():
         other.load_state_dict(first.state_dict())
 
 
-def test_trainer_on_a_mixture_resumes_exactly(tmp_path, tiny_model_dir, sft_pool, tokenizer):
-    from dataflex.data import domain_names
-
-    names = domain_names(sft_pool)
-    ids = sft_pool["domain_id"]
-    sizes = [sum(1 for d in ids if d == k) for k in range(len(names))]
-    offsets = [int(np.sum(sizes[:k])) for k in range(len(names))]
-    collate = DataCollatorForCausalLM(tokenizer)
-
-    def run(out, resume=None, stop=None):
-        manager = MixedProportionManager(names, sizes, init_proportions=[0.6, 0.3, 0.1], seed=5)
-        plan = MixturePlan(manager, offsets, 4, 2, num_steps=6)
-        model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, seed=0)
-        args = TrainingArguments(
-            output_dir=str(out),
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            max_steps=6,
-            save_steps=3,
-            logging_steps=3,
-            progress_bar=False,
-            resume_from_checkpoint=resume,
-        )
-        seen = []
-
-        class Watch:
-            def on_micro_batch(self, losses, ctx):
-                seen.extend(losses.domain_id.tolist())
-
-            def on_step_end(self, ctx, logs):
-                if ctx.global_step == stop:
-                    raise KeyboardInterrupt
-
-        Trainer(model, sft_pool, args, data_collator=collate, plan=plan, observers=[Watch()]).train()
-        return model, seen
-
-    full, seen = run(tmp_path / "a")
-    counts = Counter(seen)  # 48 samples at 0.6 / 0.3 / 0.1: within one sample of 28.8 / 14.4 / 4.8
-    assert all(abs(counts[d] - 48 * p) <= 1 for d, p in enumerate([0.6, 0.3, 0.1])), counts
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", stop=4)
-    resumed, _ = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoints" / "checkpoint-3"))
-    for name, p in full.named_parameters():
-        if p.requires_grad:
-            assert (p - resumed.get_parameter(name)).abs().max() <= 1e-6
-
-
 def test_random_and_static_mixers():
     manager = MixedProportionManager(["a", "b", "c"], [3, 3, 3])
     state = np.random.get_state()
@@ -147,12 +98,16 @@ def test_random_and_static_mixers():
     assert static.mix(None, 0).tolist() == [0.5, 0.25, 0.25]
     with pytest.raises(ConfigError, match="static mixer proportions has 2 value"):
         REGISTRY.build("mixer", "static", runtime={"mixture_manager": manager}, cfg={"proportions": [1, 1]})
-    assert torch.is_tensor(torch.as_tensor(p1))
+    # p1 is a usable mixture: a float vector, every domain kept (> 0), not the uniform mix, and the manager takes it.
+    assert isinstance(p1, np.ndarray) and p1.dtype.kind == "f" and np.isfinite(p1).all() and (p1 > 0).all()
+    assert not np.allclose(p1, np.full(3, 1 / 3))
+    manager.set_proportions(p1)
+    assert np.allclose(manager.proportions, p1)
 
 
-def _mix_params(tmp_path, tiny_model_dir, **flex):
+def _mix_params(tmp_path, model_dir, **flex):
     model = {
-        "model_name_or_path": str(tiny_model_dir),
+        "model_name_or_path": str(model_dir),
         "finetuning_type": "lora",
         "lora_target": "all",
         "lora_rank": 4,
@@ -199,51 +154,7 @@ def test_mix_schedule_arithmetic():
         mix_schedule({**flex, "update_step": 0}, train, 100)
 
 
-def test_rounds_chained_equal_one_run(tmp_path, tiny_model_dir, sft_pool, tokenizer):
-    """warmup -> mix -> segment -> mix -> segment through checkpoints == one run that changes proportions in-loop."""
-    from dataflex.train.mix import build_manager, build_mixer, compute_mixture, finalize, train_segment
-
-    model_p, train_p, flex = _mix_params(tmp_path / "rounds", tiny_model_dir)
-    state = train_segment(sft_pool, model_p, train_p, flex, 0)
-    mixtures = []
-    for k in (1, 2):
-        mixtures.append(compute_mixture(sft_pool, model_p, train_p, flex, state))
-        state = train_segment(sft_pool, model_p, train_p, flex, k, previous=state, mixture=mixtures[-1])
-    result = finalize(state, mixtures, sft_pool, model_p, train_p, flex)
-    assert result["global_step"] == 6 and [m["step"] for m in mixtures] == [2, 4]
-    lines = (tmp_path / "rounds" / "out" / "mixture" / "proportions.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["proportions"] == pytest.approx([0.8, 0.1, 0.1])
-
-    # The same run in one Trainer, the mixer called in-loop at steps 2 and 4.
-    manager, offsets = build_manager(sft_pool, flex, seed=42)
-    mixer = build_mixer(flex, manager, {})
-
-    class Mix:
-        def on_step_end(self, ctx, logs):
-            if ctx.global_step in (2, 4):
-                manager.set_proportions(mixer.mix(None, ctx.global_step))
-
-    model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, lora_alpha=8, seed=42)
-    args = TrainingArguments(**{**train_p, "output_dir": str(tmp_path / "one")})
-    Trainer(
-        model,
-        sft_pool,
-        args,
-        data_collator=DataCollatorForCausalLM(tokenizer),
-        plan=MixturePlan(manager, offsets, 4, 1, num_steps=6),
-        observers=[Mix()],
-    ).train()
-    from safetensors.torch import load_file
-
-    adapter = load_file(str(tmp_path / "rounds" / "out" / "adapter" / "adapter_model.safetensors"))
-    from peft import get_peft_model_state_dict
-
-    one = get_peft_model_state_dict(model)
-    for key, value in adapter.items():
-        assert (one[key] - value).abs().max() <= 1e-6, key
-
-
-def test_mix_config_errors(tmp_path, tiny_model_dir, sft_pool):
+def test_mix_config_errors(tmp_path, untrained_model_dir, sft_pool):
     from dataflex.train.mix import check_mix_config, train_segment
 
     with pytest.raises(ConfigError, match="fixes the proportions"):
@@ -252,7 +163,7 @@ def test_mix_config_errors(tmp_path, tiny_model_dir, sft_pool):
         check_mix_config({"mixture_sample_rule": "temp", "static_mix": True})
     with pytest.raises(ConfigError, match="at least two domains"):
         check_mix_config({"mixture_sample_rule": "mixture"}, num_domains=1)
-    model_p, train_p, flex = _mix_params(tmp_path, tiny_model_dir, init_mixture_proportions=[0.5, 0.5])
+    model_p, train_p, flex = _mix_params(tmp_path, untrained_model_dir, init_mixture_proportions=[0.5, 0.5])
     with pytest.raises(ConfigError, match="init_mixture_proportions has 2 value"):
         train_segment(sft_pool, model_p, train_p, flex, 0)
 
@@ -314,47 +225,6 @@ def test_doremi_update_formula():
     assert doremi_update(alpha, excess, 0.5, 0.01).tolist() == pytest.approx(
         (0.99 * raw / raw.sum() + 0.01 / 3).tolist()
     )
-
-
-def test_doremi_excess_and_weighted_proxy_loss(tiny_model_dir, sft_pool, tokenizer):
-    from dataflex.train.trainer import forward_losses
-
-    manager = MixedProportionManager(["a", "b", "c"], [40, 40, 40])
-    mixer = REGISTRY.build(
-        "mixer",
-        "doremi",
-        runtime={"mixture_manager": manager},
-        cfg={"reference_model_path": str(tiny_model_dir), "reweight_eta": 1.0},
-    )
-    proxy = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, seed=0)
-    with torch.no_grad():  # move the proxy away from the reference (the base model) so the excess is not all 0
-        for name, p in proxy.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    batch = DataCollatorForCausalLM(tokenizer)([sft_pool[i] for i in (0, 1, 45, 90)])
-    window = int((batch["labels"][:, 1:] != -100).sum())
-    losses = forward_losses(proxy, batch, window_tokens=window)
-    standard = losses.standard_loss()
-    assert torch.allclose(mixer.loss_fn(losses, None, proxy, batch), standard)  # alpha = p: the standard loss
-    with torch.no_grad(), proxy.disable_adapter():
-        ref = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # = the reference
-    from dataflex.train.trainer.losses import per_token_losses
-
-    mask = (batch["labels"][:, 1:] != -100).float()
-    excess_rows = ((losses.token_losses.detach() - per_token_losses(ref, batch["labels"])).clamp(min=0) * mask).sum(1)
-    dom = batch["domain_id"]
-    expected = [float(excess_rows[dom == d].sum() / losses.token_count[dom == d].sum()) for d in range(3)]
-    mixer.on_step_end(_Ctx(1), {})
-    assert mixer.excess.tolist() == pytest.approx(expected, rel=1e-5)
-    assert mixer.alpha.argmax() == int(np.argmax(expected)) and mixer.updates == 1
-
-    # The proxy really trains on the weighted loss: other alpha, other loss and gradient.
-    mixer.alpha = np.array([0.8, 0.1, 0.1])
-    weighted = mixer.loss_fn(losses, None, proxy, batch)
-    assert not torch.allclose(weighted, standard)
-    g_w = torch.autograd.grad(weighted, [p for p in proxy.parameters() if p.requires_grad], retain_graph=True)[0]
-    g_s = torch.autograd.grad(standard, [p for p in proxy.parameters() if p.requires_grad])[0]
-    assert not torch.allclose(g_w, g_s)
 
 
 def test_doremi_needs_a_reference(tmp_path):

@@ -11,8 +11,8 @@ from dataflex.core.errors import ConfigError
 from dataflex.data import DataCollatorForCausalLM, build_dataset
 
 try:
-    from tests.test_data_fixtures import small_demo_dir, tiny_tokenizer
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
+    from tests.unit.test_data_fixtures import small_demo_dir, tiny_tokenizer
+except ImportError:  # tests/unit is not a package: pytest puts it on sys.path
     from test_data_fixtures import small_demo_dir, tiny_tokenizer
 
 FEATURES = [

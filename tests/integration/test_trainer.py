@@ -1,4 +1,5 @@
-"""The one training loop: HF-Trainer-equal loss and updates, gradient accumulation, resume equality, TrainState."""
+"""The one training loop: HF-Trainer-equal loss and updates, gradient accumulation, resume equality, TrainState.
+(Plan arithmetic and argument checks are in tests/unit/test_trainer_config.py.)"""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import math
 import pytest
 import torch
 
-from dataflex.core.errors import CheckpointError, ConfigError
+from dataflex.core.errors import CheckpointError
 from dataflex.data import DataCollatorForCausalLM
 from dataflex.models import load_model
-from dataflex.train.trainer import EpochPlan, MicroBatchLosses, Trainer, TrainingArguments, forward_losses
+from dataflex.train.trainer import MicroBatchLosses, Trainer, TrainingArguments, forward_losses
 from dataflex.train.trainer.state import read_manifest
 
 
@@ -48,18 +49,6 @@ def _args(tmp_path, **kw):
 
 def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def test_epoch_plan_arithmetic():
-    plan = EpochPlan(10, 3, 2, seed=0, num_epochs=2)
-    assert plan.micro_per_epoch == 4 and plan.steps_per_epoch == 2 and plan.num_steps == 4
-    e0 = plan.step_batches(0) + plan.step_batches(1)
-    assert sorted(i for b in e0 for i in b) == list(range(10))  # one epoch covers the pool once
-    assert [len(b) for b in e0] == [3, 3, 3, 1]
-    assert plan.step_batches(2) != plan.step_batches(0)  # reshuffled per epoch
-    assert EpochPlan(10, 3, 2, seed=0, num_epochs=0.5).num_steps == 1
-    assert EpochPlan(10, 3, 2, seed=0, max_steps=7).num_steps == 7
-    assert EpochPlan(10, 3, 1, seed=0, shuffle=False).step_batches(1) == [[3, 4, 5]]
 
 
 def test_micro_batch_loss_equals_hf_compute_loss(tiny_model_dir, sft_pool, tokenizer):
@@ -227,24 +216,6 @@ def test_weighting_hook_sees_per_sample_losses(tmp_path, tiny_model_dir, sft_poo
     assert calls == [(0, 0, 4), (0, 1, 4), (1, 0, 4), (1, 1, 4)]
     for name, value in _trainable(m1).items():
         torch.testing.assert_close(value, _trainable(m2)[name], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(
-    "bad, match",
-    [
-        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive integer"),
-        ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be a positive integer"),
-        ({"learning_rate": 0}, "learning_rate must be > 0"),
-        ({"learning_rate": -1e-4}, "learning_rate must be > 0"),
-        ({"max_steps": 0}, "max_steps must be a positive integer"),
-        ({"num_train_epochs": 0}, "num_train_epochs must be > 0"),
-        ({"lr_scheduler_type": "warmup_stable"}, "lr_scheduler_type 'warmup_stable' is not supported"),
-        ({"mixed_precision": "fp8"}, "mixed_precision 'fp8' is not valid"),
-    ],
-)
-def test_bad_training_arguments(bad, match):
-    with pytest.raises(ConfigError, match=match):
-        TrainingArguments(**bad)
 
 
 def test_bf16_mixed_precision_after_fp32_in_one_process(tmp_path, tiny_model_dir, sft_pool, tokenizer):
