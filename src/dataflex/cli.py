@@ -40,7 +40,10 @@ def find_project_root(start: Path | None = None) -> Path:
     )
 
 
-def build_train_params(config: str, overrides: list[str], cwd: Path | None = None) -> dict[str, Any]:
+def build_train_params(
+    config: str, overrides: list[str], cwd: Path | None = None, pipeline: str | None = None
+) -> dict[str, Any]:
+    """The flat YAML plus overrides as grouped parameters, validated (with `pipeline`'s own group, if any)."""
     from dataflex.config import flat_to_grouped, load_yaml_config, parse_overrides, resolve_paths, validate_params
 
     flat = load_yaml_config(config)
@@ -48,20 +51,12 @@ def build_train_params(config: str, overrides: list[str], cwd: Path | None = Non
     params = flat_to_grouped(flat)
     # A DataFlex YAML is not the demo: build nothing implicitly unless it points at the demo folders.
     params = resolve_paths(params, cwd or Path.cwd())
-    validate_params(params)
+    validate_params(params, pipelines=(pipeline,) if pipeline else ())
     return params
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    params = build_train_params(ns.config, ns.overrides)
-    if ns.pipeline == "less":
-        from dataflex.train.less_config import check_less_config
-
-        check_less_config(params["less"], params["data"])
-    if ns.pipeline == "static_select":
-        from dataflex.train.static_select_config import check_config
-
-        check_config(params["static_select"], params["data"])
+    params = build_train_params(ns.config, ns.overrides, pipeline=ns.pipeline)
     project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
     # Demo folders resolve against the project, like the Kedro defaults.
     params["demo"] = {

@@ -7,7 +7,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from dataflex.config import TRAIN_TYPES, validate_params
+from dataflex.config import PIPELINE_GROUPS, TRAIN_TYPES, validate_params
 from dataflex.core.errors import DataFlexError
 from dataflex.utils.logging import logger
 
@@ -37,12 +37,13 @@ class ProjectHooks:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        """A mode's pipeline run by name (`--pipelines=dynamic_weight`) is that train_type: check its component."""
+        """A pipeline run by name: `less` / `static_select` check their group; a mode's pipeline
+        (`--pipelines=dynamic_weight`) is that train_type: check its component."""
         names = run_params.get("pipeline_names") or []
-        if _PARAMS is not None and "less" in names:
-            from dataflex.train.less_config import check_less_config
-
-            _validate(_PARAMS, lambda p: check_less_config(p.get("less") or {}, p["data"]))
+        groups = [n for n in names if n in PIPELINE_GROUPS]
+        if _PARAMS is not None and groups:
+            # Paths were read when the context was created; this adds the pipeline's own group (less.targets, ...).
+            _validate(_PARAMS, lambda p: validate_params(p, check_paths=False, pipelines=groups))
         modes = [n for n in names if n in TRAIN_TYPES and n != "static"]
         if _PARAMS is not None and modes:
             _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})

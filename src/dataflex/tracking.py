@@ -31,6 +31,12 @@ def mlflow_metrics_sink(prefix: str = "train/") -> Callable[[dict[str, float], i
     return sink
 
 
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Node-level metrics (cache hits, timings, selection fractions) into the active run, if any."""
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
+
+
 def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
     if mlflow.active_run() is None:
         return

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataflex.config import DEFAULTS
+from dataflex.config import DEFAULTS, RunConfig
 from dataflex.distributed import WorkerError
-from dataflex.train import mix, select
-from dataflex.train.runner import train_model
+from dataflex.train import run
+from dataflex.train.modes import mix, select
 
 
 def _model(tiny_model_dir):
@@ -43,6 +43,16 @@ def _train(out, processes, **kw):
         "progress_bar": False,
         **kw,
     }
+
+
+def _cfg(model, train, flex=None):
+    return RunConfig.from_params({"model": model, "train": train, "dataflex": flex or {}})
+
+
+def train_model(pool, model, train, flex=None, metrics_sink=None):
+    """A one-segment run (static or dynamic_weight) through the run core."""
+    mode = (flex or {}).get("train_type", "static")
+    return run.train(_cfg(model, train, flex), pool, mode, metrics_sink=metrics_sink)
 
 
 def _adapter(result_dir):
@@ -95,7 +105,6 @@ def test_odm_on_two_processes_keeps_one_bandit_state(tiny_model_dir, sft_pool, t
         **DEFAULTS["dataflex"],
         "train_type": "dynamic_mix",
         "component_name": "odm",
-        "single_segment": True,
         "train_step": 6,
         "components": {
             "mixers": {"odm": {"name": "odm", "params": {"warmup_steps": 1, "alpha": 0.5, "reward_scale": 2.0}}}
@@ -103,7 +112,8 @@ def test_odm_on_two_processes_keeps_one_bandit_state(tiny_model_dir, sft_pool, t
     }
     states = {}
     for p in (1, 2):
-        result = mix.run_single_segment(sft_pool, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex)
+        cfg = _cfg(_model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex)
+        result = mix.run_single_segment(cfg, sft_pool)
         states[p] = json.loads((tmp_path / f"p{p}" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
         assert result["global_step"] == 6
     odm = {p: s["components"]["mixer"] for p, s in states.items()}
@@ -139,7 +149,8 @@ def test_online_less_on_two_processes_selects_the_same_and_shares_the_datastore(
         "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 512, "batch_size": 8}}}},
     }
     runs = {
-        p: select.run_all(sft_pool, evals, _model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex) for p in (1, 2)
+        p: select.run_all(_cfg(_model(tiny_model_dir), _train(tmp_path / f"p{p}", p), flex), sft_pool, evals)
+        for p in (1, 2)
     }
     for sel1, sel2 in zip(*(r["selection_history"] for r in runs.values())):
         assert sel1["domain_counts"] == sel2["domain_counts"]
@@ -172,15 +183,14 @@ def _features_and_selection_on_1_and_2_processes(selector, params, sft_pool, eva
         "components": {"selectors": {selector: {"name": selector, "params": params}}},
     }
     out, model = tmp_path / "out", _model(tiny_model_dir)
-    state = select.train_segment(sft_pool, evals, model, _train(out, 1), flex, 0)
+    state = select.train_segment(_cfg(model, _train(out, 1), flex), sft_pool, evals, 0)
     results = {}
     for p in (1, 2):
         shutil.rmtree(out / "selector_cache", ignore_errors=True)
         shutil.rmtree(out / "selections", ignore_errors=True)
-        feats = select.compute_features(sft_pool, evals, model, _train(out, p), flex, state)
+        feats, sel = select.select_round(_cfg(model, _train(out, p), flex), sft_pool, evals, state)
         assert not feats["features"]["cache_hit"]
-        picked = select.compute_selection(sft_pool, evals, model, _train(out, p), flex, state, feats)["indices"]
-        results[p] = (feats["features"], picked)
+        results[p] = (feats["features"], sel["indices"])
     assert results[1][1] == results[2][1] and len(results[1][1]) == 16  # the same selection
     return results
 

@@ -241,10 +241,13 @@ def test_near_and_tsds_pick_the_target_domain_with_minilm(name, sft_pool, demo_d
 
 
 def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_dir, tokenizer, tiny_model_dir, tmp_path):
-    from dataflex.config import DEFAULTS
-    from dataflex.train import select
-    from dataflex.train import static_select as one_shot
-    from dataflex.train.less import build_targets
+    from dataclasses import replace
+
+    from dataflex.config import DEFAULTS, RunConfig
+    from dataflex.train.modes import select
+    from dataflex.train.modes import static_select as one_shot
+    from dataflex.train.modes.less import build_targets
+    from dataflex.train.static_select_config import check_config
 
     model = {
         "model_name_or_path": str(tiny_model_dir),
@@ -273,31 +276,32 @@ def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_di
         "update_times": 1,
         "components": {"selectors": {"near": {"name": "near", "params": params}}},
     }
-    result = select.run_all(sft_pool, {"arith_dev": _dev(demo_dir, tokenizer)}, model, train, flex)
+    cfg = RunConfig.from_params({"model": model, "train": train, "dataflex": flex})
+    result = select.run_all(cfg, sft_pool, {"arith_dev": _dev(demo_dir, tokenizer)})
     (history,) = result["selection_history"]
     assert sum(history["domain_counts"].values()) == 8 and result["global_step"] == 3
 
     data = {**DEFAULTS["data"], "dataset_dir": str(demo_dir), "cutoff_len": 64}
-    cfg = one_shot.config(
-        {
-            "selector": "near",
-            "params": params,
-            "targets": ["arith_dev"],
-            "max_samples": 12,
-            "final_epochs": 1,
-            "cache_dir": str(tmp_path / "cache"),
-            "output_dir": str(tmp_path / "sel"),
-        }
-    )
-    one_shot.check_config(cfg, data)
-    targets = build_targets(data, cfg, tokenizer, seed=0)
-    warm = one_shot.warmup(sft_pool, model, train, cfg)
-    feats = one_shot.compute_features(sft_pool, targets, warm, model, train, cfg)
-    sel = one_shot.select(sft_pool, targets, warm, feats, model, train, cfg, data)
+    ss = {
+        "selector": "near",
+        "params": params,
+        "targets": ["arith_dev"],
+        "max_samples": 12,
+        "final_epochs": 1,
+        "cache_dir": str(tmp_path / "cache"),
+        "output_dir": str(tmp_path / "sel"),
+    }
+    check_config(ss, data)
+    cfg = RunConfig.from_params({"model": model, "train": train, "data": data, "static_select": ss})
+    targets = build_targets(data, ss, tokenizer, seed=0)
+    warm = one_shot.warmup(cfg, sft_pool)
+    feats = one_shot.compute_features(cfg, sft_pool, targets, warm)
+    sel = one_shot.select(cfg, sft_pool, targets, warm, feats)
     (chosen,) = sel["targets"].values()
     assert len(chosen["indices"]) == 12 and (tmp_path / "sel" / "selected" / "arith_dev.jsonl").is_file()
-    assert one_shot.compute_features(sft_pool, targets, warm, model, train, cfg)["features"]["cache_hit"]
-    out = one_shot.final_train(sft_pool, sel, model, {**train, "output_dir": str(tmp_path / "final")}, cfg)
+    assert one_shot.compute_features(cfg, sft_pool, targets, warm)["features"]["cache_hit"]
+    final_cfg = replace(cfg, train=replace(cfg.train, output_dir=str(tmp_path / "final")))
+    out = one_shot.final_train(final_cfg, sft_pool, sel)
     assert out["selected_samples"] == 12 and out["train_type"] == "static_select"
     with pytest.raises(ConfigError, match="static_select.percentage"):
-        one_shot.check_config({**cfg, "max_samples": None, "percentage": 2})
+        check_config({**ss, "max_samples": None, "percentage": 2})

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from dataflex.config import RunConfig
 from dataflex.core.registry import REGISTRY
 from dataflex.data import DataCollatorForCausalLM
 from dataflex.models import load_model
 from dataflex.train.dataset.mixed_proportion_manager import MixedProportionManager
-from dataflex.train.trainer import Trainer, TrainingArguments
+from dataflex.train.modes import mix
+from dataflex.train.trainer import Callback, Trainer, TrainingArguments
 from dataflex.train.trainer.plan import MixturePlan
 
 
@@ -43,7 +46,7 @@ def test_trainer_on_a_mixture_resumes_exactly(tmp_path, tiny_model_dir, sft_pool
         )
         seen = []
 
-        class Watch:
+        class Watch(Callback):
             def on_micro_batch(self, losses, ctx):
                 seen.extend(losses.domain_id.tolist())
 
@@ -51,7 +54,7 @@ def test_trainer_on_a_mixture_resumes_exactly(tmp_path, tiny_model_dir, sft_pool
                 if ctx.global_step == stop:
                     raise KeyboardInterrupt
 
-        Trainer(model, sft_pool, args, data_collator=collate, plan=plan, observers=[Watch()]).train()
+        Trainer(model, sft_pool, args, data_collator=collate, plan=plan, callbacks={"watch": Watch()}).train()
         return model, seen
 
     full, seen = run(tmp_path / "a")
@@ -65,7 +68,7 @@ def test_trainer_on_a_mixture_resumes_exactly(tmp_path, tiny_model_dir, sft_pool
             assert (p - resumed.get_parameter(name)).abs().max() <= 1e-6
 
 
-def _mix_params(tmp_path, tiny_model_dir, **flex):
+def _mix_cfg(tmp_path, tiny_model_dir, **flex):
     model = {
         "model_name_or_path": str(tiny_model_dir),
         "finetuning_type": "lora",
@@ -98,42 +101,40 @@ def _mix_params(tmp_path, tiny_model_dir, **flex):
         "init_mixture_proportions": [0.8, 0.1, 0.1],
     }
     base.update(flex)
-    return model, train, base
+    return RunConfig.from_params({"model": model, "train": train, "dataflex": base})
 
 
 def test_rounds_chained_equal_one_run(tmp_path, tiny_model_dir, sft_pool, tokenizer):
     """warmup -> mix -> segment -> mix -> segment through checkpoints == one run that changes proportions in-loop."""
-    from dataflex.train.mix import build_manager, build_mixer, compute_mixture, finalize, train_segment
-
-    model_p, train_p, flex = _mix_params(tmp_path / "rounds", tiny_model_dir)
-    state = train_segment(sft_pool, model_p, train_p, flex, 0)
+    cfg = _mix_cfg(tmp_path / "rounds", tiny_model_dir)
+    state = mix.train_segment(cfg, sft_pool, 0)
     mixtures = []
     for k in (1, 2):
-        mixtures.append(compute_mixture(sft_pool, model_p, train_p, flex, state))
-        state = train_segment(sft_pool, model_p, train_p, flex, k, previous=state, mixture=mixtures[-1])
-    result = finalize(state, mixtures, sft_pool, model_p, train_p, flex)
+        mixtures.append(mix.compute_mixture(cfg, sft_pool, state))
+        state = mix.train_segment(cfg, sft_pool, k, previous=state, mixture=mixtures[-1])
+    result = mix.finalize(cfg, state, mixtures)
     assert result["global_step"] == 6 and [m["step"] for m in mixtures] == [2, 4]
     lines = (tmp_path / "rounds" / "out" / "mixture" / "proportions.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["proportions"] == pytest.approx([0.8, 0.1, 0.1])
 
     # The same run in one Trainer, the mixer called in-loop at steps 2 and 4.
-    manager, offsets = build_manager(sft_pool, flex, seed=42)
-    mixer = build_mixer(flex, manager, {})
+    manager, offsets = mix.build_manager(sft_pool, cfg.dataflex, seed=42)
+    mixer = REGISTRY.build("mixer", "random", runtime={"mixture_manager": manager}, cfg={"seed": 11})
 
-    class Mix:
+    class Mix(Callback):
         def on_step_end(self, ctx, logs):
             if ctx.global_step in (2, 4):
                 manager.set_proportions(mixer.mix(None, ctx.global_step))
 
     model = load_model(str(tiny_model_dir), finetuning_type="lora", lora_rank=4, lora_alpha=8, seed=42)
-    args = TrainingArguments(**{**train_p, "output_dir": str(tmp_path / "one")})
+    args = replace(cfg.train, output_dir=str(tmp_path / "one"))
     Trainer(
         model,
         sft_pool,
         args,
         data_collator=DataCollatorForCausalLM(tokenizer),
         plan=MixturePlan(manager, offsets, 4, 1, num_steps=6),
-        observers=[Mix()],
+        callbacks={"mix": Mix()},
     ).train()
     from safetensors.torch import load_file
 
@@ -170,7 +171,7 @@ def test_doremi_excess_and_weighted_proxy_loss(tiny_model_dir, sft_pool, tokeniz
     window = int((batch["labels"][:, 1:] != -100).sum())
     losses = forward_losses(proxy, batch, window_tokens=window)
     standard = losses.standard_loss()
-    assert torch.allclose(mixer.loss_fn(losses, None, proxy, batch), standard)  # alpha = p: the standard loss
+    assert torch.allclose(mixer.proxy_loss(losses, batch), standard)  # alpha = p: the standard loss
     with torch.no_grad(), proxy.disable_adapter():
         ref = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # = the reference
     from dataflex.train.trainer.losses import per_token_losses
@@ -185,7 +186,7 @@ def test_doremi_excess_and_weighted_proxy_loss(tiny_model_dir, sft_pool, tokeniz
 
     # The proxy really trains on the weighted loss: other alpha, other loss and gradient.
     mixer.alpha = np.array([0.8, 0.1, 0.1])
-    weighted = mixer.loss_fn(losses, None, proxy, batch)
+    weighted = mixer.proxy_loss(losses, batch)
     assert not torch.allclose(weighted, standard)
     g_w = torch.autograd.grad(weighted, [p for p in proxy.parameters() if p.requires_grad], retain_graph=True)[0]
     g_s = torch.autograd.grad(standard, [p for p in proxy.parameters() if p.requires_grad])[0]

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dataflex.config import DEFAULTS
-from dataflex.train import select
+from dataflex.config import DEFAULTS, RunConfig
+from dataflex.train.modes import select
+from dataflex.train.run import load_checkpoint_model
 
 
 def _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, component="random", params=None, **flex_kw):
@@ -55,39 +56,41 @@ def _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, component="r
         "components": comps,
         **flex_kw,
     }
-    return evals, model, train, flex
+    return evals, RunConfig.from_params({"model": model, "train": train, "dataflex": flex})
+
+
+def _with(cfg, **groups):
+    """`cfg` with some keys of some groups changed, e.g. _with(cfg, train={"output_dir": ...})."""
+    return RunConfig.from_params({**cfg.to_params(), **{g: {**cfg.to_params()[g], **kv} for g, kv in groups.items()}})
 
 
 def test_rounds_cache_and_resume_from_a_save_steps_checkpoint(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer):
-    evals, model, train, flex = _setup(
+    evals, cfg = _setup(
         demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, "loss", {"focus": "high", "replacement": False}
     )
-    train["save_steps"] = 3
-    result = select.run_all(sft_pool, evals, model, train, flex)
+    cfg = _with(cfg, train={"save_steps": 3})
+    result = select.run_all(cfg, sft_pool, evals)
     assert result["global_step"] == 6 and [h["step"] for h in result["selection_history"]] == [2, 4]
     assert all(sum(h["domain_counts"].values()) == 8 for h in result["selection_history"])
     uninterrupted = load_file(str(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
 
     # Same config again: every selection (and the losses behind it) is a cache hit.
     state = {"round": 0, "checkpoint": str(tmp_path / "out" / "checkpoints" / "checkpoint-2")}
-    feats = select.compute_features(sft_pool, evals, model, train, flex, state)
-    assert feats["features"]["cache_hit"]
-    assert select.compute_selection(sft_pool, evals, model, train, flex, state, feats)["cache"] == "hit"
-    other = {**flex, "components": {"selectors": {"loss": {"name": "loss", "params": {"focus": "low"}}}}}
-    assert select.compute_selection(sft_pool, evals, model, train, other, state, feats)["cache"] == "miss"
+    feats, sel1 = select.select_round(cfg, sft_pool, evals, state)
+    assert feats["features"]["cache_hit"] and sel1["cache"] == "hit"
+    other = _with(cfg, dataflex={"components": {"selectors": {"loss": {"name": "loss", "params": {"focus": "low"}}}}})
+    assert select.select_round(other, sft_pool, evals, state)[1]["cache"] == "miss"
 
     # Resume from the save_steps checkpoint in the middle of round 1 (step 3): the plan restores the active
     # selection and position, and the finished run equals the uninterrupted one.
-    sel1 = select.compute_selection(sft_pool, evals, model, train, flex, state, feats)
     mid = {"round": 0, "checkpoint": str(tmp_path / "out" / "checkpoints" / "checkpoint-3")}
-    train2 = {**train, "output_dir": str(tmp_path / "resumed")}
-    s1 = select.train_segment(sft_pool, evals, model, train2, flex, 1, previous=mid, selection=sel1)
-    f2 = select.compute_features(sft_pool, evals, model, train2, flex, s1)
-    sel2 = select.compute_selection(sft_pool, evals, model, train2, flex, s1, f2)
+    cfg2 = _with(cfg, train={"output_dir": str(tmp_path / "resumed")})
+    s1 = select.train_segment(cfg2, sft_pool, evals, 1, previous=mid, selection=sel1)
+    _, sel2 = select.select_round(cfg2, sft_pool, evals, s1)
     first_run = json.loads((tmp_path / "out" / "selections" / "step_4.json").read_text())
     assert sel2["step"] == 4 and sel2["indices"] == first_run["indices"]
-    s2 = select.train_segment(sft_pool, evals, model, train2, flex, 2, previous=s1, selection=sel2)
-    select.finalize(s2, [sel1, sel2], sft_pool, model, train2, flex)
+    s2 = select.train_segment(cfg2, sft_pool, evals, 2, previous=s1, selection=sel2)
+    select.finalize(cfg2, s2, [sel1, sel2])
     resumed = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)
@@ -124,10 +127,10 @@ def test_a_broken_selection_is_a_clear_error(demo_dir, tiny_model_dir, sft_pool,
                 return [len(self.dataset)] * num_samples
             return "0,1,2"
 
-    evals, model, train, flex = _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, f"broken_{how}")
-    state = select.train_segment(sft_pool, evals, model, train, flex, 0)
+    evals, cfg = _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, f"broken_{how}")
+    state = select.train_segment(cfg, sft_pool, evals, 0)
     with pytest.raises(select.SelectionError, match=re.escape(f"selector 'broken_{how}' at step 2 {message}")):
-        select.compute_selection(sft_pool, evals, model, train, flex, state, {})
+        select.select_round(cfg, sft_pool, evals, state)
 
 
 def test_online_less_picks_the_target_domain_and_beats_random_on_it(
@@ -137,7 +140,6 @@ def test_online_less_picks_the_target_domain_and_beats_random_on_it(
     the first selection on, and after the same number of steps its held-out arith loss is lower than `random`'s."""
     from dataflex.data import DataCollatorForCausalLM, build_dataset
     from dataflex.evaluation import eval_loss
-    from dataflex.train.runner import load_checkpoint_model
 
     held_out = build_dataset(
         dataset=["arith_test"],
@@ -150,15 +152,15 @@ def test_online_less_picks_the_target_domain_and_beats_random_on_it(
     base_rate = sum(d == 0 for d in sft_pool["domain_id"]) / len(sft_pool)  # arith is domain 0 of the pool
     losses = {}
     for name, params in (("less", {"proj_dim": 2048, "batch_size": 8}), ("random", {})):
-        evals, model, train, flex = _setup(
+        evals, cfg = _setup(
             demo_dir, tiny_model_dir, sft_pool, tmp_path / name, tokenizer, name, params, warmup_step=2, update_step=4
         )
-        result = select.run_all(sft_pool, evals, model, train, flex)
+        result = select.run_all(cfg, sft_pool, evals)
         fractions = [
             h["domain_counts"]["arith_train"] / sum(h["domain_counts"].values()) for h in result["selection_history"]
         ]
         if name == "less":
             assert len(fractions) == 2 and min(fractions) >= 0.75 > base_rate + 0.3, fractions
-        net = load_checkpoint_model(model, result["last_checkpoint"], int(train["seed"]))
+        net = load_checkpoint_model(cfg.model, result["last_checkpoint"], cfg.train.seed)
         losses[name] = eval_loss(net, held_out, DataCollatorForCausalLM(tokenizer), 8)["loss"]
     assert losses["less"] < losses["random"] - 0.02, losses

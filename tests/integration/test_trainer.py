@@ -12,7 +12,7 @@ import torch
 from dataflex.core.errors import CheckpointError
 from dataflex.data import DataCollatorForCausalLM
 from dataflex.models import load_model
-from dataflex.train.trainer import MicroBatchLosses, Trainer, TrainingArguments, forward_losses
+from dataflex.train.trainer import Callback, LossStrategy, MicroBatchLosses, Trainer, TrainingArguments, forward_losses
 from dataflex.train.trainer.state import read_manifest
 
 
@@ -124,13 +124,13 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, sft_pool, tokeniz
     part_model = _lora(tiny_model_dir, dropout=0.1)
     part_args = _args(tmp_path / "b", save_steps=3)
 
-    class Kill:  # the process dies during step 4, after the step-3 checkpoint
+    class Kill(Callback):  # the process dies during step 4, after the step-3 checkpoint
         def on_step_end(self, ctx, logs):
             if ctx.global_step == 4:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(part_model, sft_pool, part_args, data_collator=collate, observers=[Kill()]).train()
+        Trainer(part_model, sft_pool, part_args, data_collator=collate, callbacks={"kill": Kill()}).train()
     ckpt = tmp_path / "b" / "out" / "checkpoints" / "checkpoint-3"
     assert read_manifest(ckpt)["trainable"]
 
@@ -202,17 +202,18 @@ def test_logs_per_domain_and_metrics_sink(tmp_path, tiny_model_dir, sft_pool, to
 
 
 def test_weighting_hook_sees_per_sample_losses(tmp_path, tiny_model_dir, sft_pool, tokenizer):
-    """The loss hook gets per-sample losses once per micro-batch; the uniform token weighting reproduces the default."""
+    """A loss strategy gets per-sample losses once per micro-batch; uniform token weights reproduce the default."""
     calls = []
 
-    def hook(losses: MicroBatchLosses, ctx, model, inputs):
-        calls.append((ctx.global_step, ctx.micro_step, losses.per_sample_loss.shape[0]))
-        return (losses.token_loss_sum * 1.0).sum() * losses.num_processes / losses.window_tokens
+    class Hook(LossStrategy):
+        def loss(self, losses: MicroBatchLosses, ctx, model, inputs):
+            calls.append((ctx.global_step, ctx.micro_step, losses.per_sample_loss.shape[0]))
+            return (losses.token_loss_sum * 1.0).sum() * losses.num_processes / losses.window_tokens
 
     collate = DataCollatorForCausalLM(tokenizer)
     m1, m2 = _lora(tiny_model_dir), _lora(tiny_model_dir)
     Trainer(m1, sft_pool, _args(tmp_path / "a", max_steps=2), data_collator=collate).train()
-    Trainer(m2, sft_pool, _args(tmp_path / "b", max_steps=2), data_collator=collate, loss_fn=hook).train()
+    Trainer(m2, sft_pool, _args(tmp_path / "b", max_steps=2), data_collator=collate, loss=Hook()).train()
     assert calls == [(0, 0, 4), (0, 1, 4), (1, 0, 4), (1, 1, 4)]
     for name, value in _trainable(m1).items():
         torch.testing.assert_close(value, _trainable(m2)[name], rtol=0, atol=0)

@@ -11,8 +11,8 @@ from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY
 from dataflex.data import DataCollatorForCausalLM
 from dataflex.models import load_model
-from dataflex.train.trainer import Trainer, TrainingArguments
-from dataflex.train.trainer.loop import WeighterError
+from dataflex.train.trainer import Callback, Trainer, TrainingArguments, WeightedLoss
+from dataflex.train.trainer.losses import WeighterError
 from dataflex.train.weighter import StepWeighter, Weighter
 from dataflex.train.weighter.adapt_weighter import position_weighted_embedding
 
@@ -38,6 +38,11 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
+def _weighting(weighter, warmup=0, name="weighter", extra=None):
+    """The run core's wiring of a weighter: its loss strategy, and the weighter as a callback."""
+    return {"loss": WeightedLoss(weighter, warmup, name), "callbacks": {"weighter": weighter, **(extra or {})}}
+
+
 def _weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -59,8 +64,7 @@ def test_uniform_weights_reproduce_static_training(ga, tmp_path, tiny_model_dir,
         sft_pool,
         _args(tmp_path / "w", gradient_accumulation_steps=ga),
         data_collator=collate,
-        weighter=Uniform(),
-        weighting_warmup_steps=2,
+        **_weighting(Uniform(), 2),
     ).train()
     for name, value in _weights(static).items():
         torch.testing.assert_close(weighted.get_parameter(name).detach(), value, rtol=0, atol=1e-7)
@@ -86,7 +90,7 @@ def test_weights_are_normalised_over_the_whole_step(tmp_path, tiny_model_dir, sf
             disable_shuffling=True,
             max_steps=3,
         )
-        Trainer(model, sft_pool, args, data_collator=collate, weighter=weighter).train()
+        Trainer(model, sft_pool, args, data_collator=collate, **_weighting(weighter)).train()
         runs.append((model, weighter))
     (m1, w1), (m2, w2) = runs
     torch.testing.assert_close(w1._weights, w2._weights, rtol=1e-5, atol=1e-6)
@@ -111,8 +115,7 @@ def test_seed_custom_weighter_runs_verbatim(tmp_path, tiny_model_dir, sft_pool, 
         sft_pool,
         _args(tmp_path, gradient_accumulation_steps=2),
         data_collator=DataCollatorForCausalLM(tokenizer),
-        weighter=weighter,
-        weighting_warmup_steps=1,
+        **_weighting(weighter, 1),
     ).train()
     assert seen == [(1, 4), (1, 4), (2, 4), (2, 4), (3, 4), (3, 4)]
 
@@ -131,7 +134,7 @@ def test_adapt_weighter(tmp_path, tiny_model_dir, sft_pool, tokenizer):
         sft_pool,
         _args(tmp_path, max_steps=4, gradient_accumulation_steps=2),
         data_collator=collate,
-        weighter=w,
+        **_weighting(w),
     ).train()
     assert w.anchor_step == 2 and w.anchor_mean.shape == (64,)
     assert any("weights/max" in h for h in result.log_history)
@@ -148,7 +151,7 @@ def test_resume_equals_uninterrupted(name, cfg, tmp_path, tiny_model_dir, sft_po
     collate = DataCollatorForCausalLM(tokenizer)
     runtime = {"eval_dataset": sft_pool.select(range(6)), "data_collator": collate}
 
-    def run(out, resume=None, observers=()):
+    def run(out, resume=None, observers=None):
         model = _lora(tiny_model_dir, dropout=0.1)
         args = _args(
             out,
@@ -158,20 +161,18 @@ def test_resume_equals_uninterrupted(name, cfg, tmp_path, tiny_model_dir, sft_po
             resume_from_checkpoint=resume,
         )
         w = REGISTRY.build("weighter", name, runtime=runtime, cfg=cfg)
-        trainer = Trainer(
-            model, sft_pool, args, data_collator=collate, weighter=w, weighting_warmup_steps=1, observers=observers
-        )
+        trainer = Trainer(model, sft_pool, args, data_collator=collate, **_weighting(w, 1, extra=observers))
         return model, trainer.train()
 
     full_model, full = run(tmp_path / "a")
 
-    class Kill:
+    class Kill(Callback):
         def on_step_end(self, ctx, logs):
             if ctx.global_step == 5:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b", observers=[Kill()])
+        run(tmp_path / "b", observers={"kill": Kill()})
     resumed_model, resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "out" / "checkpoints" / "checkpoint-4"))
     for n, v in _weights(full_model).items():
         assert (resumed_model.get_parameter(n).detach() - v).abs().max() <= 1e-6, n
@@ -202,7 +203,5 @@ def test_bad_weighter_output_names_weighter_and_step(mode, match, tmp_path, tiny
             sft_pool,
             _args(tmp_path),
             data_collator=DataCollatorForCausalLM(tokenizer),
-            weighter=Broken(mode),
-            weighter_name="broken",
-            weighting_warmup_steps=1,
+            **_weighting(Broken(mode), 1, "broken"),
         ).train()

@@ -198,7 +198,7 @@ def test_kedro_run_bad_params_is_one_line(project_root, tmp_path, monkeypatch):
     monkeypatch.chdir(project)
     with pytest.raises(SystemExit) as exc:
         _run_kedro(project, {"mlflow_uri": f"sqlite:///{project / 'm.db'}", "train": {"learning_rate": -1}})
-    assert exc.value.code == "error: learning_rate must be > 0, got -1"
+    assert exc.value.code == "error: train.learning_rate must be > 0, got -1"
 
 
 def test_cli_dynamic_weight_with_components_file(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
@@ -399,10 +399,11 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     The selection comes from the target's domain, its model beats a random selection of the same size on the
     target, and a second run with another target reuses the warm-up and the pool's datastore."""
     from dataflex.cli import main
+    from dataflex.config import RunConfig
     from dataflex.evaluation import evaluate_sets
     from dataflex.pipelines.data_processing.nodes import process_data
-    from dataflex.train.less import warmup_subset
-    from dataflex.train.runner import build_model, train_model
+    from dataflex.train.modes.less import warmup_subset
+    from dataflex.train.run import build_model, train
 
     project = make_project(project_root, tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -478,7 +479,7 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
         "lora_dropout": 0.0,
         "dtype": "fp32",
     }
-    train = {
+    train_args = {
         "output_dir": str(tmp_path / "saves" / "random"),
         "per_device_train_batch_size": 4,
         "learning_rate": 2e-3,
@@ -487,10 +488,11 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
         "progress_bar": False,
     }
     random_subset = pool.select(warmup_subset(len(pool), 0.05, seed=7))
-    result = train_model(random_subset, model, train)
+    cfg = RunConfig.from_params({"model": model, "train": train_args})
+    result = train(cfg, random_subset)
     tok = load_tokenizer(str(tiny_model_dir))
     random_loss = evaluate_sets(
-        build_model(model, 42, adapter_path=result["adapter_dir"]),
+        build_model(cfg.model, 42, adapter_path=result["adapter_dir"]),
         tok,
         evals,
         batch_size=16,
@@ -551,10 +553,10 @@ def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp
     argv = ["--project-dir", str(project), "--pipeline", "less"]
     for override, message in [
         ("less_targets=no_such_dev", "no_such_dev"),
-        ("less_percentage=1.5", "less.percentage must be a fraction"),
-        ("less_aggregation=median", "less.aggregation must be one of max, mean"),
-        ("less_projector=fjlt", "less.projector must be one of"),
-        ("less_warmup_epochs=0", "less.warmup_epochs must be an integer >= 1"),
+        ("less_percentage=1.5", "less.percentage must be in (0, 1], got 1.5"),
+        ("less_aggregation=median", "less.aggregation 'median' is not valid; use one of max, mean"),
+        ("less_projector=fjlt", "less.projector 'fjlt' is not valid"),
+        ("less_warmup_epochs=0", "less.warmup_epochs must be a positive integer, got 0"),
     ]:
         assert main(["train", "less.yaml", override, *argv]) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
@@ -564,8 +566,8 @@ def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp
     argv = ["--project-dir", str(project), "--pipeline", "static_select"]
     for override, message in [
         ("static_select_selector=nearest", "unknown selector 'nearest'"),
-        ("static_select_percentage=2", "static_select.percentage must be a fraction"),
-        ("static_select_final_epochs=0", "static_select.final_epochs must be an integer >= 1"),
+        ("static_select_percentage=2", "static_select.percentage must be in (0, 1], got 2"),
+        ("static_select_final_epochs=0", "static_select.final_epochs must be a positive integer, got 0"),
         ("static_select_targets=no_such_dev", "no_such_dev"),
     ]:
         assert main(["train", "less.yaml", "static_select_targets=arith_dev", override, *argv]) == 2

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from dataflex.config import RunConfig
+from dataflex.train.schedule import num_rounds
+
+
+def rounds_from_params(params, pipeline):
+    return num_rounds(RunConfig.from_params(params), pipeline)
+
 
 def test_dynamic_mix_pipeline_shape():
-    from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline, rounds_from_params
+    from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline
 
     names = {n.name for n in create_pipeline(n_rounds=3).nodes}
     assert {
@@ -15,13 +22,15 @@ def test_dynamic_mix_pipeline_shape():
     } <= names
     assert "dynamic_mix.round_3.compute_mixture" not in names
     flex = {"warmup_step": 5, "update_step": 10, "update_times": 0, "train_step": 31}
-    assert rounds_from_params({"dataflex": flex}) == 4  # 5 | 15 | 25 | 31
-    assert rounds_from_params({"dataflex": {**flex, "update_times": 2}}) == 3
-    assert rounds_from_params({"dataflex": {"static_mix": True}}) == 1
+    assert rounds_from_params({"dataflex": flex}, "dynamic_mix") == 4  # 5 | 15 | 25 | 31
+    assert rounds_from_params({"dataflex": {**flex, "update_times": 2}}, "dynamic_mix") == 3
+    assert rounds_from_params({"dataflex": {"static_mix": True}}, "dynamic_mix") == 1
+    # update_times <= 0 with max_steps: the same schedule the mode trains with (no second derivation)
+    assert rounds_from_params({"dataflex": {**flex, "train_step": 0}, "train": {"max_steps": 25}}, "dynamic_mix") == 3
 
 
 def test_less_pipeline_shape():
-    from dataflex.pipelines.less.pipeline import create_pipeline, epochs_from_params
+    from dataflex.pipelines.less.pipeline import create_pipeline
 
     pipe = create_pipeline(n_checkpoints=3)
     names = {n.name for n in pipe.nodes}
@@ -39,23 +48,38 @@ def test_less_pipeline_shape():
     select = next(n for n in pipe.nodes if n.name == "less.select")
     expected = [f"less.ckpt_{k}.{kind}_features" for kind in ("train", "target") for k in range(3)]
     assert [i for i in select.inputs if "ckpt" in i] == expected
-    assert epochs_from_params({"less": {"warmup_epochs": 2}}) == 2 and epochs_from_params(None) == 4
+    assert rounds_from_params({"less": {"warmup_epochs": 2}}, "less") == 2 and rounds_from_params({}, "less") == 4
 
 
 def test_dynamic_select_pipeline_shape():
-    from dataflex.pipelines.dynamic_select.pipeline import create_pipeline, rounds_from_params
+    from dataflex.pipelines.dynamic_select.pipeline import create_pipeline
 
     names = {n.name for n in create_pipeline(n_rounds=3).nodes}
     assert {
         "dynamic_select.round_0.train_segment",
-        "dynamic_select.round_1.compute_features",
-        "dynamic_select.round_2.compute_selection",
+        "dynamic_select.round_1.select",
+        "dynamic_select.round_2.select",
         "dynamic_select.round_2.train_segment",
         "dynamic_select.finalize",
     } <= names
-    assert "dynamic_select.round_3.compute_features" not in names
+    assert "dynamic_select.round_3.select" not in names
     train = {"per_device_train_batch_size": 4, "num_train_epochs": 2.0}
     flex = {"warmup_step": 2, "update_step": 3, "update_times": 2, "train_step": 0}
-    assert rounds_from_params({"dataflex": flex, "train": train}) == 1 + 4  # two flex epochs of 2 selections
-    assert rounds_from_params({"dataflex": {**flex, "update_times": 0, "train_step": 11}, "train": train}) == 4
-    assert rounds_from_params({"dataflex": {**flex, "update_times": 0}, "train": train}) == 1  # refused by validation
+    assert rounds_from_params({"dataflex": flex, "train": train}, "dynamic_select") == 1 + 4  # 2 flex epochs x 2
+    params = {"dataflex": {**flex, "update_times": 0, "train_step": 11}, "train": train}
+    assert rounds_from_params(params, "dynamic_select") == 4
+    params = {"dataflex": {**flex, "update_times": 0}, "train": train}
+    assert rounds_from_params(params, "dynamic_select") == 1  # refused by validation
+
+
+def test_pipeline_builders_take_their_round_count_from_the_schedule(monkeypatch):
+    """`kedro run` unrolls as many rounds as the mode will train (one schedule module for both)."""
+    import dataflex.hooks
+    from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline as mix_pipeline
+    from dataflex.pipelines.dynamic_select.pipeline import create_pipeline as select_pipeline
+
+    flex = {"warmup_step": 2, "update_step": 3, "update_times": 2, "train_step": 0}
+    monkeypatch.setattr(dataflex.hooks, "_PARAMS", {"dataflex": flex, "train": {"per_device_train_batch_size": 4}})
+    assert "dynamic_select.round_2.train_segment" in {n.name for n in select_pipeline().nodes}
+    assert "dynamic_mix.round_2.train_segment" in {n.name for n in mix_pipeline().nodes}
+    assert "dynamic_mix.round_3.train_segment" not in {n.name for n in mix_pipeline().nodes}

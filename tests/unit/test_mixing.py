@@ -5,11 +5,13 @@ the random, static, ODM and DoReMi mixers' formulas; mix schedule and config err
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from dataflex.config import RunConfig
 from dataflex.core.errors import CheckpointError, ConfigError
 from dataflex.core.registry import REGISTRY
 from dataflex.train.dataset.mixed_proportion_manager import MixedProportionManager, apportion, check_proportions
@@ -105,7 +107,7 @@ def test_random_and_static_mixers():
     assert np.allclose(manager.proportions, p1)
 
 
-def _mix_params(tmp_path, model_dir, **flex):
+def _mix_cfg(tmp_path, model_dir, **flex):
     model = {
         "model_name_or_path": str(model_dir),
         "finetuning_type": "lora",
@@ -138,34 +140,37 @@ def _mix_params(tmp_path, model_dir, **flex):
         "init_mixture_proportions": [0.8, 0.1, 0.1],
     }
     base.update(flex)
-    return model, train, base
+    return RunConfig.from_params({"model": model, "train": train, "dataflex": base})
 
 
 def test_mix_schedule_arithmetic():
-    from dataflex.train.mix import mix_schedule
+    from dataflex.config import DynamicConfig
+    from dataflex.train.schedule import mix_schedule
 
-    train = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": -1, "num_train_epochs": 1}
-    flex = {"warmup_step": 3, "update_step": 5, "update_times": 2, "train_step": 0, "static_mix": False}
+    train = TrainingArguments(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    flex = DynamicConfig(warmup_step=3, update_step=5, update_times=2)
     assert mix_schedule(flex, train, 100).boundaries == [3, 8, 13]
-    assert mix_schedule({**flex, "update_times": 0, "train_step": 11}, train, 100).boundaries == [3, 8, 11]
-    assert mix_schedule({**flex, "update_times": -1}, train, 100).boundaries == [3, 8, 12]  # floor(100/8) = 12
-    assert mix_schedule({**flex, "static_mix": True, "train_step": 7}, train, 100).boundaries == [7]
+    assert mix_schedule(replace(flex, update_times=0, train_step=11), train, 100).boundaries == [3, 8, 11]
+    assert mix_schedule(replace(flex, update_times=-1), train, 100).boundaries == [3, 8, 12]  # floor(100/8) = 12
+    assert mix_schedule(replace(flex, static_mix=True, train_step=7), train, 100).boundaries == [7]
     with pytest.raises(ConfigError, match="warmup_step >= 1 and update_step >= 1"):
-        mix_schedule({**flex, "update_step": 0}, train, 100)
+        mix_schedule(replace(flex, update_step=0), train, 100)
 
 
 def test_mix_config_errors(tmp_path, untrained_model_dir, sft_pool):
-    from dataflex.train.mix import check_mix_config, train_segment
+    from dataflex.config import DynamicConfig
+    from dataflex.train.modes.mix import check_mix_config, train_segment
 
+    flex = DynamicConfig(warmup_step=1, update_step=1)
     with pytest.raises(ConfigError, match="fixes the proportions"):
-        check_mix_config({"mixture_sample_rule": "uniform", "static_mix": False})
+        check_mix_config(replace(flex, mixture_sample_rule="uniform"))
     with pytest.raises(ConfigError, match="mixture_sample_rule 'temp' is not valid"):
-        check_mix_config({"mixture_sample_rule": "temp", "static_mix": True})
+        check_mix_config(replace(flex, mixture_sample_rule="temp", static_mix=True))
     with pytest.raises(ConfigError, match="at least two domains"):
-        check_mix_config({"mixture_sample_rule": "mixture"}, num_domains=1)
-    model_p, train_p, flex = _mix_params(tmp_path, untrained_model_dir, init_mixture_proportions=[0.5, 0.5])
+        check_mix_config(flex, num_domains=1)
+    cfg = _mix_cfg(tmp_path, untrained_model_dir, init_mixture_proportions=[0.5, 0.5])
     with pytest.raises(ConfigError, match="init_mixture_proportions has 2 value"):
-        train_segment(sft_pool, model_p, train_p, flex, 0)
+        train_segment(cfg, sft_pool, 0)
 
 
 class _Ctx:

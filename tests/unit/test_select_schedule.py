@@ -9,18 +9,22 @@ import math
 import pytest
 import torch
 
-from dataflex.config import DEFAULTS
+from dataflex.config import DEFAULTS, RunConfig
 from dataflex.core.errors import ConfigError
-from dataflex.train import select
+from dataflex.train.modes import select
+from dataflex.train.schedule import select_schedule
 from dataflex.train.selector.delta_loss_selector import window_positions
 from dataflex.train.selector.loss_selector import bucket_probabilities
 
 
 def sched(b=1, a=1, w=10, u=10, t=2, s=0, e=1.0, n=999):
-    flex = {"warmup_step": w, "update_step": u, "update_times": t, "train_step": s}
-    return select.select_schedule(
-        flex, {"per_device_train_batch_size": b, "gradient_accumulation_steps": a, "num_train_epochs": e}, n
+    cfg = RunConfig.from_params(
+        {
+            "dataflex": {"warmup_step": w, "update_step": u, "update_times": t, "train_step": s},
+            "train": {"per_device_train_batch_size": b, "gradient_accumulation_steps": a, "num_train_epochs": e},
+        }
     )
+    return select_schedule(cfg.dataflex, cfg.train, n)
 
 
 def steps(schedule, kind):
@@ -90,25 +94,27 @@ def test_delta_loss_window_slides_and_never_includes_worse_samples():
 def test_bad_select_config_is_refused_before_training(sft_pool):
     train = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}
     base = {**DEFAULTS["dataflex"], "train_type": "dynamic_select", "warmup_step": 1, "update_step": 1}
+
+    def check(flex, has_eval, pool_size=None):
+        cfg = RunConfig.from_params({"train": train, "dataflex": flex})
+        select.check_select_config(cfg, has_eval, pool_size)
+
     with pytest.raises(ConfigError, match="unknown selector 'nope'; registered selectors: ") as err:
-        select.check_select_config({**base, "component_name": "nope"}, train, True)
+        check({**base, "component_name": "nope"}, True)
     listed = str(err.value).split("registered selectors: ")[1].split(" (")[0].split(", ")
     assert {"custom", "delta_loss", "less", "loss", "random"} <= set(listed) and listed == sorted(listed)
     with pytest.raises(ConfigError, match="does not accept parameter"):
-        select.check_select_config(
+        check(
             {
                 **base,
                 "component_name": "random",
                 "components": {"selectors": {"random": {"name": "random", "params": {"sed": 1}}}},
             },
-            train,
             True,
         )
     with pytest.raises(ConfigError, match="'less' needs an eval_dataset"):
-        select.check_select_config({**base, "component_name": "less"}, train, False)
+        check({**base, "component_name": "less"}, False)
     with pytest.raises(ConfigError, match="G x update_step = 160 samples but the pool has 120"):
-        select.check_select_config({**base, "component_name": "random", "update_step": 10}, train, True, 120)
+        check({**base, "component_name": "random", "update_step": 10}, True, 120)
     rep = {"selectors": {"random": {"name": "random", "params": {"replacement": True}}}}
-    select.check_select_config(
-        {**base, "component_name": "random", "update_step": 10, "components": rep}, train, True, 120
-    )
+    check({**base, "component_name": "random", "update_step": 10, "components": rep}, True, 120)

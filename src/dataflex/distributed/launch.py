@@ -1,11 +1,12 @@
 """The orchestrating side of scale-out: run a library function on N processes with `accelerate launch`.
 
-Kedro stays one process (a launched Kedro session would run every node on every rank, spec kedro-notes §6).
-A node whose `num_processes` > 1 calls `launch`: the datasets go to a work directory as Arrow, the arguments as
-JSON, and `python -m accelerate.commands.launch ... -m dataflex.distributed.worker task.json` runs the same
-function on every rank. Rank 0 writes the result (JSON) once everyone finished; the metrics the ranks' Trainer
-would have logged come back with it and are logged here, so only this process talks to MLflow. State passes
-through TrainState directories, as between in-process rounds.
+Kedro stays one process (a launched Kedro session would run every node on every rank). A library function
+decorated with `@distributable` runs on `num_processes` workers when its run config asks for more than one:
+datasets are handed over as the Arrow files they were loaded from (the catalog's; a derived dataset is saved to
+the work directory first), other arguments as JSON, and `python -m accelerate.commands.launch ... -m
+dataflex.distributed.worker task.json` runs the same function on every rank. Rank 0 writes the result (JSON) once
+everyone finished; the metrics the ranks' Trainer would have logged come back with it and are logged here, so
+only this process talks to MLflow. State passes through TrainState directories, as between in-process rounds.
 
 A worker that dies (killed, out of memory, an exception) stops the launch (torchrun ends the other ranks); the
 node raises one line naming the log, and nothing is half-written: checkpoints and outputs are written by
@@ -15,6 +16,8 @@ rank 0 with temp + rename, and a re-run resumes from the last checkpoint.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import json
 import os
 import re
@@ -57,22 +60,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _on_disk(ds: Any) -> str | None:
+    """The `save_to_disk` folder `ds` was loaded from unchanged (a catalog ArrowDataset), else None."""
+    files = getattr(ds, "cache_files", None)
+    if not files or getattr(ds, "_indices", None) is not None or len(files) != 1:
+        return None
+    folder = Path(files[0]["filename"]).parent
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(folder) if state.get("_fingerprint") == getattr(ds, "_fingerprint", None) else None
+
+
 def _save_datasets(datasets: Mapping[str, Any], root: Path) -> dict[str, Any]:
-    """Arrow copies of the inputs (a dataset, a dict of datasets, or None) and how to load them back."""
+    """Where each input dataset (a dataset, a dict of datasets, or None) can be loaded from on a worker."""
+
+    def ref(ds: Any, path: Path) -> str:
+        existing = _on_disk(ds)
+        if existing is not None:
+            return existing
+        ds.save_to_disk(str(path))
+        return str(path)
+
     refs: dict[str, Any] = {}
     for name, value in datasets.items():
         if value is None:
             refs[name] = None
         elif isinstance(value, Mapping):
-            refs[name] = {"dict": {}}
-            for key, ds in value.items():
-                path = root / name / str(key)
-                ds.save_to_disk(str(path))
-                refs[name]["dict"][key] = str(path)
+            refs[name] = {"dict": {key: ref(ds, root / name / str(key)) for key, ds in value.items()}}
         else:
-            path = root / name
-            value.save_to_disk(str(path))
-            refs[name] = {"path": str(path)}
+            refs[name] = {"path": ref(value, root / name)}
     return refs
 
 
@@ -145,10 +163,6 @@ def launch(
 ) -> Any:
     """Run `target` ("module:function", one of worker.TARGETS) on `train_params['num_processes']` processes with
     `datasets` (Arrow-saved) and JSON `kwargs`; returns rank 0's result. Metrics are replayed into `metrics_sink`."""
-    from dataflex.distributed.worker import TARGETS
-
-    if target not in TARGETS:
-        raise ValueError(f"{target} is not a worker target; known: {', '.join(sorted(TARGETS))}")
     check_launch_config(train_params)
     n = int(train_params["num_processes"])
     work = Path(train_params.get("output_dir") or ".") / ".workers" / f"{target.split(':')[1]}-{uuid.uuid4().hex[:8]}"
@@ -228,3 +242,48 @@ def _run(cmd: list[str], env: Mapping[str, str], log: Path) -> list[str] | None:
             sys.stderr.write(line)
         code = proc.wait()
     return None if code == 0 else [*tail, f"exit status {code}"]
+
+
+# ------------------------------------------------------------------------------------------ the decorator
+
+_DISTRIBUTABLE_ATTR = "__dataflex_distributable__"
+
+
+def _is_dataset(value: Any) -> bool:
+    import datasets
+
+    if isinstance(value, datasets.Dataset | datasets.DatasetDict):
+        return True
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, datasets.Dataset) for v in value.values())
+
+
+def distributable(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `fn` on `cfg.train.num_processes` accelerate workers when that is > 1 (and we are not a worker).
+
+    `fn` takes a run config (`cfg`, a RunConfig), datasets and JSON-serialisable arguments, and an optional
+    `metrics_sink`; it returns rank 0's JSON result. Only functions carrying this decorator run on workers."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        cfg = bound.arguments.get("cfg")
+        if cfg is None or not distributed(cfg.train.to_dict()):
+            return fn(*args, **kwargs)
+        sink = bound.arguments.pop("metrics_sink", None)
+        data = {k: v for k, v in bound.arguments.items() if k != "cfg" and _is_dataset(v)}
+        plain = {k: v for k, v in bound.arguments.items() if k not in data and k != "cfg"}
+        return launch(
+            f"{fn.__module__}:{fn.__qualname__}",
+            cfg.train.to_dict(),
+            datasets=data,
+            kwargs={**plain, "cfg": {"run_config": cfg.to_params()}},
+            metrics_sink=sink,
+        )
+
+    setattr(wrapper, _DISTRIBUTABLE_ATTR, True)
+    return wrapper
+
+
+def is_distributable(fn: Any) -> bool:
+    return bool(getattr(fn, _DISTRIBUTABLE_ATTR, False))

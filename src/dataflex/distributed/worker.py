@@ -1,7 +1,7 @@
 """One rank of a `launch`: load the task (JSON + Arrow datasets), run the function, rank 0 writes the result.
 
-Run as `accelerate launch ... -m dataflex.distributed.worker task.json`. Only functions listed in TARGETS run
-(a task file names code by an allowlisted name, nothing is unpickled).
+Run as `accelerate launch ... -m dataflex.distributed.worker task.json`. Only dataflex functions decorated with
+`@distributable` run (a task file names code, nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TARGETS = {
-    "dataflex.train.runner:train_model",
-    "dataflex.train.select:train_segment",
-    "dataflex.train.select:compute_features",
-    "dataflex.train.mix:train_segment",
-    "dataflex.train.less:warmup",
-    "dataflex.train.less:checkpoint_features",
-}
+
+def resolve_target(target: str) -> Any:
+    """The `@distributable` function named "module:function" (a dataflex module), or SystemExit."""
+    from dataflex.distributed.launch import is_distributable
+
+    module, _, name = target.partition(":")
+    if not module.startswith("dataflex."):
+        raise SystemExit(f"{target} is not a dataflex function")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not is_distributable(fn):
+        raise SystemExit(f"{target} is not a @distributable dataflex function")
+    return fn
 
 
 def _load(ref: Any) -> Any:
@@ -38,15 +42,16 @@ def main(task_path: str) -> None:
     from dataflex.utils.io import atomic_write_json
 
     task = json.loads(Path(task_path).read_text())
-    if task["target"] not in TARGETS:
-        raise SystemExit(f"{task['target']} is not a worker target")
+    fn = resolve_target(task["target"])
     import torch
 
     state = PartialState(cpu=not torch.cuda.is_available())  # cpu=True + a launched world = MULTI_CPU (gloo)
-    module, name = task["target"].split(":")
-    fn = getattr(importlib.import_module(module), name)
     records: list[list[Any]] = []
     kwargs = {**{k: _load(v) for k, v in task["datasets"].items()}, **task["kwargs"]}
+    if isinstance(kwargs.get("cfg"), dict) and "run_config" in kwargs["cfg"]:
+        from dataflex.config import RunConfig
+
+        kwargs["cfg"] = RunConfig.from_params(kwargs["cfg"]["run_config"])
     if task["metrics"]:
         kwargs["metrics_sink"] = lambda logs, step: records.append([logs, step])
     result = fn(**kwargs)

@@ -26,3 +26,29 @@ def current_params() -> dict[str, Any] | None:
         return OmegaConfigLoader(conf_source=str(conf), **settings.CONFIG_LOADER_ARGS)["parameters"]
     except Exception:  # no project here: the pipeline falls back to its defaults
         return None
+
+
+def run_config(parameters: dict[str, Any], train_type: str | None = None) -> Any:
+    """The node boundary: Kedro's merged parameters parsed once into the typed RunConfig (a mode's pipeline run
+    by name is that train_type)."""
+    from dataclasses import replace
+
+    from dataflex.config import RunConfig
+
+    cfg = RunConfig.from_params(parameters)
+    return replace(cfg, dataflex=replace(cfg.dataflex, train_type=train_type)) if train_type else cfg
+
+
+def rounds(pipeline: str) -> int:
+    """How many rounds to unroll for `pipeline`, from the current parameters and the one schedule module (1 when
+    there are no parameters or they are invalid: the run's validation then says why)."""
+    from dataflex.core.errors import DataFlexError
+    from dataflex.train.schedule import num_rounds
+
+    params = current_params()
+    if params is None:
+        return 1
+    try:
+        return num_rounds(run_config(params, pipeline if pipeline.startswith("dynamic_") else None), pipeline)
+    except DataFlexError:
+        return 1

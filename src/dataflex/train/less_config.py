@@ -1,33 +1,68 @@
-"""The `less` parameter group: defaults and validation (light: no model or data is loaded here)."""
+"""The `less` parameter group (flat YAML keys `less_<key>`): typed settings and their checks (light: no model or
+data is loaded here)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from dataflex.core.errors import ConfigError
+from dataflex.core.schema import Schema, setting
 
-DEFAULTS: dict[str, Any] = {
-    "targets": [],  # each: a dataset name, or a list of names (its subtasks)
-    "warmup_percentage": 0.05,
-    "warmup_epochs": 4,
-    "percentage": 0.05,
-    "max_samples": None,
-    "aggregation": "max",  # max over subtasks of the mean within each (LESS) | mean over all target examples
-    "gradient_type": "adam",
-    "projector": "sjlt",
-    "proj_dim": 8192,
-    "proj_seed": 0,
-    "adam_eps_placement": "inside",
-    "feature_dtype": "float32",
-    "feature_batch_size": 16,
-    "shard_size": 1024,
-    "datastore_dir": "data/04_feature",
-    "warmup_dir": "data/06_models/less/warmup",
-    "output_dir": "data/05_model_input/less",
-    "final_epochs": 4,
-}
+# The implementations' own names (dataflex.features: AGGREGATIONS, GRADIENT_TYPES, PROJECTORS, FEATURE_DTYPES) are
+# repeated here so the config layer need not import torch; tests/unit/test_config_schema.py keeps them equal.
+AGGREGATIONS = ("max", "mean")
+GRADIENT_TYPES = ("adam", "sgd")
+PROJECTORS = ("sjlt", "rademacher", "none")
+EPS_PLACEMENTS = ("inside", "outside")
+FEATURE_DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+
+
+@dataclass(frozen=True)
+class LessConfig(Schema):
+    """The `less` pipeline: warm-up, gradient datastore, selection per target, final training."""
+
+    group: ClassVar[str] = "less"
+    flat_prefix: ClassVar[str | None] = "less_"
+
+    targets: str | list[str | list[str]] = setting(
+        [], "target tasks: dev-set names; a target with subtasks is a list [a, b] or a+b; a string t1,t2 is two targets"
+    )
+    warmup_percentage: float = setting(
+        0.05, "random share of the pool for the LoRA warm-up (seeded by train.seed)", gt=0, le=1
+    )
+    warmup_epochs: int = setting(4, "warm-up epochs; one checkpoint and one feature round per epoch", ge=1)
+    percentage: float = setting(
+        0.05, "share of the pool selected per target (int(percentage x N), at least 1)", gt=0, le=1
+    )
+    max_samples: int | None = setting(None, "a fixed number to select instead of percentage", ge=1)
+    aggregation: str = setting(
+        "max",
+        "max: mean within each subtask, max over subtasks (LESS); mean: mean over all target examples (DataFlex)",
+        choices=AGGREGATIONS,
+    )
+    gradient_type: str = setting(
+        "adam", "pool features: LESS's Adam transform with the checkpoint's moments, or sgd", choices=GRADIENT_TYPES
+    )
+    projector: str = setting(
+        "sjlt", "sjlt (sparse JL), rademacher (dense +-1/sqrt(k)), none (raw gradients)", choices=PROJECTORS
+    )
+    proj_dim: int = setting(8192, "projection dimension k", ge=1)
+    proj_seed: int = setting(0, "projection seed (per parameter name)", ge=0)
+    adam_eps_placement: str = setting(
+        "inside", "epsilon inside the sqrt (LESS) or outside (DataFlex)", choices=EPS_PLACEMENTS
+    )
+    feature_dtype: str = setting("float32", "stored feature dtype", choices=FEATURE_DTYPES)
+    feature_batch_size: int = setting(16, "samples per batched backward pass", ge=1)
+    shard_size: int = setting(1024, "samples per datastore shard (the unit of resume)", ge=1)
+    datastore_dir: str = setting("data/04_feature", "the gradient datastore (shared by every run)")
+    warmup_dir: str = setting("data/06_models/less/warmup", "warm-up checkpoints, keyed by content")
+    output_dir: str = setting("data/05_model_input/less", "selections, selected jsonl, score table")
+    final_epochs: int = setting(4, "epochs of the final training on the selection", ge=1)
+
+
+# Derived, never written by hand: the plain-dict defaults other modules merge into.
+DEFAULTS: dict[str, Any] = LessConfig().to_dict()
 
 
 def target_list(less: Mapping[str, Any]) -> list[list[str]]:
@@ -50,45 +85,9 @@ def target_names(less: Mapping[str, Any]) -> list[str]:
 
 
 def check_less_config(less: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> None:
-    """Every LESS setting, before any work; with `data`, also that each target is a known dataset."""
-    unknown = sorted(set(less) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter(s) {', '.join('less.' + k for k in unknown)}; valid: {', '.join(sorted(DEFAULTS))}"
-        )
-    targets = target_list(less)
-    if not targets or not all(targets):
-        raise ConfigError("less.targets is empty: name the target task's dev set(s), e.g. targets: [arith_dev]")
-    for key in ("warmup_percentage", "percentage"):
-        value = less.get(key)
-        if key == "percentage" and less.get("max_samples") is not None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            raise ConfigError(f"less.{key} must be a fraction in (0, 1], got {value!r}")
-    for key in ("warmup_epochs", "proj_dim", "feature_batch_size", "shard_size", "final_epochs"):
-        value = less.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"less.{key} must be an integer >= 1, got {value!r}")
-    if less.get("max_samples") is not None:
-        m = less["max_samples"]
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(f"less.max_samples must be an integer >= 1 or null, got {m!r}")
-    from dataflex.features.datastore import FeatureSettings
-    from dataflex.features.matching import AGGREGATIONS
-    from dataflex.features.projectors import PROJECTORS
+    """Every LESS setting, before any work; with `data`, also that each target is a known dataset.
 
-    choices = {
-        "aggregation": AGGREGATIONS,
-        "gradient_type": ("adam", "sgd"),
-        "projector": PROJECTORS,
-        "adam_eps_placement": ("inside", "outside"),
-    }
-    for key, allowed in choices.items():
-        if less.get(key) not in allowed:
-            raise ConfigError(f"less.{key} must be one of {', '.join(allowed)}, got {less.get(key)!r}")
-    FeatureSettings(dtype=less.get("feature_dtype"))
-    if data is not None and (Path(data["dataset_dir"]) / "dataset_info.json").is_file():
-        from dataflex.data.dataset_info import resolve_datasets
+    A thin wrapper: the checks live in `dataflex.config.validate` (the one home of cross-field checks)."""
+    from dataflex.config.validate import check_less
 
-        for target in targets:
-            resolve_datasets(target, data["dataset_dir"])
+    check_less(LessConfig.from_dict(less), (data or {}).get("dataset_dir"))

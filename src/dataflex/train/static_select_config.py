@@ -4,55 +4,48 @@ their checks: light, so the config layer and the CLI can validate before importi
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from dataflex.core.errors import ConfigError
-from dataflex.core.registry import REGISTRY
-from dataflex.train.less_config import target_list
+from dataflex.core.schema import Schema, setting
 
-DEFAULTS: dict[str, Any] = {
-    "selector": "near",  # any registered selector: near | tsds | cluster_less | nice | less | loss | random ...
-    "params": {},  # its parameters, as under selectors.<name>.params in components.yaml
-    "targets": [],  # target dev sets, as less.targets
-    "percentage": 0.05,
-    "max_samples": None,
-    "warmup_epochs": 0,  # > 0: LESS's warm-up first; features at its last checkpoint (needed for adam features)
-    "warmup_percentage": 0.05,
-    "warmup_dir": "data/06_models/static_select/warmup",
-    "cache_dir": "data/04_feature/static_select",
-    "output_dir": "data/05_model_input/static_select",
-    "final_epochs": 4,
-}
+
+@dataclass(frozen=True)
+class StaticSelectConfig(Schema):
+    """The `static_select` pipeline: one selection by any registered selector, then training on it."""
+
+    group: ClassVar[str] = "static_select"
+    flat_prefix: ClassVar[str | None] = "static_select_"
+
+    selector: str = setting(
+        "near", "any registered selector for one-shot selection (near, tsds, cluster_less, nice, less, loss, ...)"
+    )
+    params: dict[str, Any] = setting(
+        {}, "that selector's parameters (as under selectors.NAME.params in a components YAML)"
+    )
+    targets: str | list[str | list[str]] = setting([], "target dev sets, as less.targets")
+    percentage: float = setting(0.05, "share of the pool to select (unless max_samples is set)", gt=0, le=1)
+    max_samples: int | None = setting(None, "a fixed number to select instead of percentage", ge=1)
+    warmup_epochs: int = setting(
+        0, "> 0: LESS's cached warm-up first (model state and Adam moments for cluster_less / nice)", ge=0
+    )
+    warmup_percentage: float = setting(0.05, "random share of the pool for that warm-up", gt=0, le=1)
+    warmup_dir: str = setting("data/06_models/static_select/warmup", "warm-up checkpoints")
+    cache_dir: str = setting(
+        "data/04_feature/static_select", "selector artefacts: embeddings, neighbours, clusters, datastore"
+    )
+    output_dir: str = setting("data/05_model_input/static_select", "selections")
+    final_epochs: int = setting(4, "epochs of the final training on the selection", ge=1)
+
+
+# Derived, never written by hand: the plain-dict defaults other modules merge into.
+DEFAULTS: dict[str, Any] = StaticSelectConfig().to_dict()
 
 
 def check_config(cfg: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> None:
-    """Every setting, before any work: one ConfigError line for the first problem."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter(s) {', '.join('static_select.' + k for k in unknown)}; "
-            f"valid: {', '.join(sorted(DEFAULTS))}"
-        )
-    import dataflex.train.selector  # noqa: F401  (registers the selectors)
+    """Every setting, before any work: one ConfigError line for the first problem.
 
-    REGISTRY.check("selector", cfg.get("selector"), cfg.get("params") or {})
-    if not target_list(cfg) or not all(target_list(cfg)):
-        raise ConfigError("static_select.targets is empty: name the target task's dev set(s), e.g. [arith_dev]")
-    if cfg.get("max_samples") is not None:
-        m = cfg["max_samples"]
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ConfigError(f"static_select.max_samples must be an integer >= 1 or null, got {m!r}")
-    else:
-        p = cfg.get("percentage")
-        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
-            raise ConfigError(f"static_select.percentage must be a fraction in (0, 1], got {p!r}")
-    for key, low in (("warmup_epochs", 0), ("final_epochs", 1)):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ConfigError(f"static_select.{key} must be an integer >= {low}, got {v!r}")
-    if data is not None and (Path(data["dataset_dir"]) / "dataset_info.json").is_file():
-        from dataflex.data.dataset_info import resolve_datasets
+    A thin wrapper: the checks live in `dataflex.config.validate` (the one home of cross-field checks)."""
+    from dataflex.config.validate import check_static_select
 
-        for target in target_list(cfg):
-            resolve_datasets(target, data["dataset_dir"])
+    check_static_select(StaticSelectConfig.from_dict(cfg), (data or {}).get("dataset_dir"))

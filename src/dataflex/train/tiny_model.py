@@ -3,16 +3,19 @@ the demo text with the project's one training loop (full fine-tuning), so it is 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import datasets
 
-from dataflex.data import DataCollatorForCausalLM, demo_texts
+from dataflex.config import ModelConfig, RunConfig
+from dataflex.data import demo_texts
 from dataflex.models import init_tiny_model, load_model, load_tokenizer
-from dataflex.train.trainer import Trainer, TrainingArguments
-from dataflex.utils.io import atomic_dir
+from dataflex.train.run import Run
+from dataflex.train.trainer import TrainingArguments
+from dataflex.utils.io import atomic_dir, sha256_json
 from dataflex.utils.logging import logger
 
 
@@ -22,13 +25,16 @@ def pack_texts(tokenizer: object, texts: list[str], block_size: int) -> datasets
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    # The data contract's metadata, so the run core treats it like any pool (one domain).
+    meta = {"domains": ["demo_text"], "stage": "pt", "fingerprint": sha256_json(blocks), "block_size": block_size}
     return datasets.Dataset.from_dict(
         {
             "input_ids": blocks,
             "labels": [list(b) for b in blocks],
             "sample_id": list(range(len(blocks))),
             "domain_id": [0] * len(blocks),
-        }
+        },
+        info=datasets.DatasetInfo(description=json.dumps(meta)),
     )
 
 
@@ -51,7 +57,7 @@ def make_tiny_model(
         init_dir = init_tiny_model(Path(work) / "init", texts, size=size, seed=seed)
         tokenizer = load_tokenizer(str(init_dir))
         pool = pack_texts(tokenizer, texts, block_size)
-        model = load_model(str(init_dir), finetuning_type="full", dtype="fp32", seed=seed)
+        model = None
         if pretrain_steps > 0:
             args = TrainingArguments(
                 output_dir=str(Path(work) / "run"),
@@ -65,7 +71,9 @@ def make_tiny_model(
                 weight_decay=0.01,
                 progress_bar=progress_bar,
             )
-            result = Trainer(model, pool, args, data_collator=DataCollatorForCausalLM(tokenizer)).train()
+            cfg = RunConfig(model=ModelConfig(str(init_dir), finetuning_type="full", dtype="fp32"), train=args)
+            run = Run(cfg, pool)
+            result, model = run.train(), run.model
             logger.info(
                 "tiny model pre-trained %d steps on %d blocks, final loss %.3f",
                 result.global_step,
@@ -76,5 +84,7 @@ def make_tiny_model(
             for item in Path(init_dir).iterdir():
                 if item.is_file() and item.suffix != ".safetensors":
                     shutil.copy2(item, tmp / item.name)
+            if model is None:
+                model = load_model(str(init_dir), finetuning_type="full", dtype="fp32", seed=seed)
             model.save_pretrained(tmp, safe_serialization=True)
     return output_dir

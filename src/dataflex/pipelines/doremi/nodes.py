@@ -3,39 +3,44 @@ proxy's averaged weights). Each step writes under its own output dir; the next r
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dataflex.pipelines.params import run_config
 from dataflex.reporting import doremi_plot
 from dataflex.tracking import log_mixture, mlflow_metrics_sink
-from dataflex.train import mix
+from dataflex.train.modes import mix
 
 
-def _train(train: dict, sub: str | None) -> dict:
-    return {**train, "output_dir": str(Path(train["output_dir"]) / sub) if sub else train["output_dir"]}
+def _step(parameters: dict, step: str, sub: str | None, **kwargs: Any) -> Any:
+    cfg = mix.doremi_config(run_config(parameters), step, **kwargs)
+    if sub is None:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, output_dir=str(Path(cfg.train.output_dir) / sub)))
 
 
 def _trained_dir(result: dict) -> str:
     return result.get("adapter_dir") or result["model_dir"]
 
 
-def reference(train_pool: Any, model: dict, train: dict, dataflex: dict) -> dict:
-    flex = mix.doremi_flex(dataflex, "reference")
-    return mix.run_single_segment(
-        train_pool, model, _train(train, "reference"), flex, mlflow_metrics_sink("reference/")
+def reference(train_pool: Any, parameters: dict) -> dict:
+    cfg = _step(parameters, "reference", "reference")
+    return mix.run_single_segment(cfg, train_pool, mlflow_metrics_sink("reference/"))
+
+
+def proxy(train_pool: Any, parameters: dict, reference_result: dict) -> dict:
+    cfg = _step(parameters, "proxy", "proxy", reference_dir=_trained_dir(reference_result))
+    return mix.run_single_segment(cfg, train_pool, mlflow_metrics_sink("proxy/"))
+
+
+def final(train_pool: Any, parameters: dict, proxy_result: dict) -> dict:
+    weights = proxy_result["doremi_average_weights"]
+    result = mix.run_single_segment(
+        _step(parameters, "final", None, weights=weights), train_pool, mlflow_metrics_sink()
     )
-
-
-def proxy(train_pool: Any, model: dict, train: dict, dataflex: dict, reference_result: dict) -> dict:
-    flex = mix.doremi_flex(dataflex, "proxy", reference_dir=_trained_dir(reference_result))
-    return mix.run_single_segment(train_pool, model, _train(train, "proxy"), flex, mlflow_metrics_sink("proxy/"))
-
-
-def final(train_pool: Any, model: dict, train: dict, dataflex: dict, proxy_result: dict) -> dict:
-    flex = mix.doremi_flex(dataflex, "final", weights=proxy_result["doremi_average_weights"])
-    result = mix.run_single_segment(train_pool, model, _train(train, None), flex, mlflow_metrics_sink())
     log_mixture(result["mixture_history"])
-    return {**result, "train_type": "doremi", "doremi_average_weights": proxy_result["doremi_average_weights"]}
+    return {**result, "train_type": "doremi", "doremi_average_weights": weights}
 
 
 def plot(proxy_result: dict) -> Any:

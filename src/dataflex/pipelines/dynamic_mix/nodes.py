@@ -4,38 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataflex.pipelines.params import run_config
 from dataflex.reporting import mixture_plot
 from dataflex.tracking import log_mixture, mlflow_metrics_sink
-from dataflex.train import mix
+from dataflex.train.modes import mix
 
 
-def _flex(dataflex: dict) -> dict:
-    return {**dataflex, "train_type": "dynamic_mix"}
+def _cfg(parameters: dict) -> Any:
+    return run_config(parameters, "dynamic_mix")
 
 
-def first_segment(train_pool: Any, model: dict, train: dict, dataflex: dict) -> dict:
-    return mix.train_segment(train_pool, model, train, _flex(dataflex), 0, metrics_sink=mlflow_metrics_sink())
+def first_segment(train_pool: Any, parameters: dict) -> dict:
+    return mix.train_segment(_cfg(parameters), train_pool, 0, metrics_sink=mlflow_metrics_sink())
 
 
-def compute_mixture(train_pool: Any, model: dict, train: dict, dataflex: dict, prev_state: dict) -> dict:
-    return mix.compute_mixture(train_pool, model, train, _flex(dataflex), prev_state)
+def compute_mixture(train_pool: Any, parameters: dict, prev_state: dict) -> dict:
+    return mix.compute_mixture(_cfg(parameters), train_pool, prev_state)
 
 
-def next_segment(train_pool: Any, model: dict, train: dict, dataflex: dict, prev_state: dict, mixture: dict) -> dict:
-    return mix.train_segment(
-        train_pool,
-        model,
-        train,
-        _flex(dataflex),
-        prev_state["round"] + 1,
-        previous=prev_state,
-        mixture=mixture,
-        metrics_sink=mlflow_metrics_sink(),
-    )
+def next_segment(train_pool: Any, parameters: dict, prev_state: dict, mixture: dict) -> dict:
+    k = prev_state["round"] + 1
+    return mix.train_segment(_cfg(parameters), train_pool, k, prev_state, mixture, metrics_sink=mlflow_metrics_sink())
 
 
-def finalize(last_state: dict, train_pool: Any, model: dict, train: dict, dataflex: dict, *mixtures: dict) -> dict:
-    result = mix.finalize(last_state, list(mixtures), train_pool, model, train, _flex(dataflex))
+def finalize(last_state: dict, parameters: dict, *mixtures: dict) -> dict:
+    result = mix.finalize(_cfg(parameters), last_state, list(mixtures))
     log_mixture(result["mixture_history"])
     return result
 

@@ -1,62 +1,39 @@
-"""Nodes of the unrolled dynamic-select loop: features -> selection -> training segment per round."""
+"""Nodes of the unrolled dynamic-select loop: per round, the selection (features, then choice) and a segment."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import mlflow
-
+from dataflex.pipelines.params import run_config
 from dataflex.reporting import selection_rounds_plot
-from dataflex.tracking import metric_key, mlflow_metrics_sink
-from dataflex.train import select
+from dataflex.tracking import log_metrics, mlflow_metrics_sink
+from dataflex.train.modes import select
 
 
-def _flex(dataflex: dict) -> dict:
-    return {**dataflex, "train_type": "dynamic_select"}
+def _cfg(parameters: dict) -> Any:
+    return run_config(parameters, "dynamic_select")
 
 
-def first_segment(train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict) -> dict:
-    return select.train_segment(
-        train_pool, eval_sets, model, train, _flex(dataflex), 0, metrics_sink=mlflow_metrics_sink()
-    )
+def first_segment(train_pool: Any, eval_sets: Any, parameters: dict) -> dict:
+    return select.train_segment(_cfg(parameters), train_pool, eval_sets, 0, metrics_sink=mlflow_metrics_sink())
 
 
-def compute_features(
-    train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict
-) -> dict:
-    return select.compute_features(train_pool, eval_sets, model, train, _flex(dataflex), prev_state)
+def select_round(train_pool: Any, eval_sets: Any, parameters: dict, prev_state: dict) -> tuple[dict, dict]:
+    features, sel = select.select_round(_cfg(parameters), train_pool, eval_sets, prev_state)
+    total = max(1, sum(sel["domain_counts"].values()))
+    metrics = {f"select/fraction/{d}": c / total for d, c in sel["domain_counts"].items()}
+    log_metrics({**metrics, "select/cache_hit": float(sel["cache"] == "hit")}, step=sel["step"])
+    return features, sel
 
 
-def compute_selection(
-    train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict, features: dict
-) -> dict:
-    sel = select.compute_selection(train_pool, eval_sets, model, train, _flex(dataflex), prev_state, features)
-    if mlflow.active_run() is not None:
-        total = max(1, sum(sel["domain_counts"].values()))
-        metrics = {metric_key(f"select/fraction/{d}"): c / total for d, c in sel["domain_counts"].items()}
-        metrics["select/cache_hit"] = float(sel["cache"] == "hit")
-        mlflow.log_metrics(metrics, step=sel["step"])
-    return sel
+def next_segment(train_pool: Any, eval_sets: Any, parameters: dict, prev_state: dict, selection: dict) -> dict:
+    k = prev_state["round"] + 1
+    sink = mlflow_metrics_sink()
+    return select.train_segment(_cfg(parameters), train_pool, eval_sets, k, prev_state, selection, metrics_sink=sink)
 
 
-def next_segment(
-    train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict, prev_state: dict, selection: dict
-) -> dict:
-    return select.train_segment(
-        train_pool,
-        eval_sets,
-        model,
-        train,
-        _flex(dataflex),
-        prev_state["round"] + 1,
-        previous=prev_state,
-        selection=selection,
-        metrics_sink=mlflow_metrics_sink(),
-    )
-
-
-def finalize(last_state: dict, train_pool: Any, model: dict, train: dict, dataflex: dict, *selections: dict) -> dict:
-    return select.finalize(last_state, list(selections), train_pool, model, train, _flex(dataflex))
+def finalize(last_state: dict, parameters: dict, *selections: dict) -> dict:
+    return select.finalize(_cfg(parameters), last_state, list(selections))
 
 
 def plot_selection(train_result: dict) -> Any:

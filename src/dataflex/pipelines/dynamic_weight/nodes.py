@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataflex.pipelines.params import run_config
 from dataflex.reporting import weights_plot
 from dataflex.tracking import mlflow_metrics_sink
-from dataflex.train.runner import train_model
+from dataflex.train import run
 
 
-def train(train_pool: Any, eval_sets: Any, model: dict, train: dict, dataflex: dict) -> dict[str, Any]:
-    flex = {**dataflex, "train_type": "dynamic_weight"}
-    return train_model(train_pool, model, train, flex, eval_sets=eval_sets, metrics_sink=mlflow_metrics_sink())
+def train(train_pool: Any, eval_sets: Any, parameters: dict) -> dict[str, Any]:
+    cfg = run_config(parameters, "dynamic_weight")
+    return run.train(cfg, train_pool, "dynamic_weight", eval_sets=eval_sets, metrics_sink=mlflow_metrics_sink())
 
 
 def plot_weights(train_result: dict) -> Any:

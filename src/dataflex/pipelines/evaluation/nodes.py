@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from dataflex.evaluation import evaluate_sets
 from dataflex.models import load_tokenizer
+from dataflex.pipelines.params import run_config
 from dataflex.tracking import log_eval_metrics
-from dataflex.train.runner import build_model
+from dataflex.train.run import build_model
 
 
-def evaluate(train_result: dict, eval_sets: Any, model: dict, data: dict, train: dict, eval: dict) -> dict:
+def evaluate(train_result: dict, eval_sets: Any, parameters: dict) -> dict:
     if not len(eval_sets):
         return {}
-    tokenizer = load_tokenizer(model["model_name_or_path"])
-    if model["finetuning_type"] == "lora":
-        net = build_model(model, seed=train["seed"], adapter_path=train_result["adapter_dir"])
+    cfg = run_config(parameters)
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
+    if cfg.model.finetuning_type == "lora":
+        net = build_model(cfg.model, seed=cfg.train.seed, adapter_path=train_result["adapter_dir"])
     else:
-        net = build_model({**model, "model_name_or_path": train_result["model_dir"]}, seed=train["seed"])
+        net = build_model(replace(cfg.model, model_name_or_path=train_result["model_dir"]), seed=cfg.train.seed)
     metrics = evaluate_sets(
         net,
         tokenizer,
         eval_sets,
-        batch_size=train["per_device_eval_batch_size"],
-        generate=eval["generate"],
-        max_new_tokens=eval["max_new_tokens"],
-        max_generate_samples=eval["max_generate_samples"],
-        stage=data["stage"],
+        batch_size=cfg.train.per_device_eval_batch_size,
+        generate=cfg.eval.generate,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        max_generate_samples=cfg.eval.max_generate_samples,
+        stage=cfg.data.stage,
     )
     log_eval_metrics(metrics)
     return metrics

@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:  # noqa: ANN003
         [
             Node(
                 evaluate,
-                ["train_result", "eval_sets", "params:model", "params:data", "params:train", "params:eval"],
+                ["train_result", "eval_sets", "parameters"],
                 "eval_metrics",
                 name="evaluate",
             )

@@ -1,60 +1,44 @@
-"""Thin nodes over `dataflex.train.less`: warm-up, per-checkpoint features, matching, final training, plots."""
+"""Thin nodes over `dataflex.train.modes.less`: warm-up, per-checkpoint features, matching, final training, plots."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-import mlflow
-
 from dataflex.models import load_tokenizer
+from dataflex.pipelines.params import run_config
 from dataflex.reporting import score_histogram, selection_composition_plot
-from dataflex.tracking import metric_key, mlflow_metrics_sink
-from dataflex.train import less as lib
-from dataflex.train.less_config import check_less_config
+from dataflex.tracking import log_metrics, mlflow_metrics_sink
+from dataflex.train.modes import less as lib
 
 
-def prepare_targets(raw_inputs: dict, data: dict, train: dict, less: dict) -> Any:
-    check_less_config(less, data)
-    return lib.build_targets(data, less, load_tokenizer(raw_inputs["model_name_or_path"]), seed=train["seed"])
+def prepare_targets(raw_inputs: dict, parameters: dict) -> Any:
+    cfg = run_config(parameters)
+    data, targets = cfg.data.to_dict(), {"targets": cfg.less.targets}
+    return lib.build_targets(data, targets, load_tokenizer(raw_inputs["model_name_or_path"]), seed=cfg.train.seed)
 
 
-def warmup(train_pool: Any, model: dict, train: dict, less: dict) -> dict:
-    result = lib.warmup(train_pool, model, train, less, metrics_sink=mlflow_metrics_sink("less/warmup/"))
-    _log({"less/warmup_cache_hit": float(result["cache"] == "hit")})
+def warmup(train_pool: Any, parameters: dict) -> dict:
+    cfg = run_config(parameters)
+    less, sink = cfg.less, mlflow_metrics_sink("less/warmup/")
+    result = lib.warmup(cfg, train_pool, less.warmup_percentage, less.warmup_epochs, less.warmup_dir, metrics_sink=sink)
+    log_metrics({"less/warmup_cache_hit": float(result["cache"] == "hit")})
     return result
 
 
-def _log(metrics: dict[str, float]) -> None:
-    if mlflow.active_run() is not None:
-        mlflow.log_metrics({metric_key(k): v for k, v in metrics.items()})
-
-
 def _log_cache(ref: dict, prefix: str) -> None:
-    _log(
-        {
-            f"{prefix}_cache_hit": float(ref["status"] == "hit"),
-            f"{prefix}_computed_samples": ref["computed_samples"],
-            f"{prefix}_seconds": ref["seconds"],
-        }
-    )
+    hit = float(ref["status"] == "hit")
+    log_metrics({f"{prefix}_cache_hit": hit, f"{prefix}_computed_samples": ref["computed_samples"]})
+    log_metrics({f"{prefix}_seconds": ref["seconds"]})
 
 
 def train_features_at(k: int) -> Callable[..., dict]:
-    def train_features(train_pool: Any, warmup_result: dict, model: dict, train: dict, less: dict) -> dict:
-        ref = lib.checkpoint_features(
-            train_pool,
-            warmup_result,
-            k,
-            model,
-            less,
-            kind="train",
-            name="pool",
-            seed=train["seed"],
-            progress=train.get("progress_bar", True),
-            train_params=train,
-        )
+    def train_features(train_pool: Any, warmup_result: dict, parameters: dict) -> dict:
+        cfg = run_config(parameters)
+        progress = cfg.train.progress_bar
+        ref = lib.checkpoint_features(cfg, train_pool, warmup_result, k, "train", "pool", progress=progress)
         _log_cache(ref, f"less/ckpt_{k}/datastore")
         return ref
 
@@ -62,34 +46,30 @@ def train_features_at(k: int) -> Callable[..., dict]:
 
 
 def target_features_at(k: int) -> Callable[..., dict]:
-    def target_features(target_sets: Any, warmup_result: dict, model: dict, train: dict, less: dict) -> dict:
+    def target_features(target_sets: Any, warmup_result: dict, parameters: dict) -> dict:
+        cfg = run_config(parameters)
+        # Targets are dev sets of a few samples: computed here, where worker start-up would dominate.
+        local = replace(cfg, train=replace(cfg.train, num_processes=1))
         refs = {}
         for name in target_sets:
-            refs[name] = lib.checkpoint_features(
-                target_sets[name],
-                warmup_result,
-                k,
-                model,
-                less,
-                kind="target",
-                name=name,
-                seed=train["seed"],
-                progress=False,
-            )
-            # (targets are dev sets of a few samples: computed here, worker start-up would dominate)
-            _log_cache(refs[name], f"less/ckpt_{k}/target/{name}")
+            ref = lib.checkpoint_features(local, target_sets[name], warmup_result, k, "target", name, progress=False)
+            refs[name] = ref
+            _log_cache(ref, f"less/ckpt_{k}/target/{name}")
         return refs
 
     return target_features
 
 
-def select(train_pool: Any, target_sets: Any, warmup_result: dict, less: dict, data: dict, *refs: dict) -> dict:
-    n = len(refs) // 2
-    return lib.select(train_pool, target_sets, warmup_result, list(refs[:n]), list(refs[n:]), less, data)
+def select(train_pool: Any, target_sets: Any, warmup_result: dict, parameters: dict, *refs: dict) -> dict:
+    cfg, n = run_config(parameters), len(refs) // 2
+    return lib.select(
+        train_pool, target_sets, warmup_result, list(refs[:n]), list(refs[n:]), cfg.less, cfg.data.to_dict()
+    )
 
 
-def final_train(train_pool: Any, selection: dict, model: dict, train: dict, less: dict) -> dict:
-    return lib.final_train(train_pool, selection, model, train, less, metrics_sink=mlflow_metrics_sink())
+def final_train(train_pool: Any, selection: dict, parameters: dict) -> dict:
+    cfg = run_config(parameters)
+    return lib.final_train(cfg, train_pool, selection, cfg.less.final_epochs, metrics_sink=mlflow_metrics_sink())
 
 
 def plot_composition(selection: dict) -> Any:

@@ -10,7 +10,7 @@ from kedro.pipeline import Node, Pipeline
 
 from dataflex.pipelines.data_processing import create_pipeline as data_processing
 from dataflex.pipelines.evaluation import create_pipeline as evaluation
-from dataflex.pipelines.params import current_params
+from dataflex.pipelines.params import rounds
 from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import (
@@ -24,34 +24,28 @@ from .nodes import (
     warmup,
 )
 
-FEATURE_INPUTS = ["less.warmup_result", "params:model", "params:train", "params:less"]
-SHARED = {"params:model", "params:train", "params:less"}
-
-
-def epochs_from_params(params: dict[str, Any] | None) -> int:
-    value = ((params or {}).get("less") or {}).get("warmup_epochs", 4)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+FEATURE_INPUTS = ["less.warmup_result", "parameters"]
 
 
 def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline:
-    n = n_checkpoints if n_checkpoints is not None else epochs_from_params(current_params())
+    n = n_checkpoints if n_checkpoints is not None else rounds("less")
     head = Pipeline(
         [
             Node(
                 prepare_targets,
-                ["raw_inputs", "params:data", "params:train", "params:less"],
+                ["raw_inputs", "parameters"],
                 "less.target_sets",
                 name="less.prepare_targets",
             ),
             Node(
                 warmup,
-                ["train_pool", "params:model", "params:train", "params:less"],
+                ["train_pool", "parameters"],
                 "less.warmup_result",
                 name="less.warmup",
             ),
         ]
     )
-    rounds = [
+    checkpoints = [
         Pipeline(
             [
                 Node(train_features_at(k), ["train_pool", *FEATURE_INPUTS], "train_features", name="train_features"),
@@ -64,7 +58,6 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
             ],
             namespace=f"less.ckpt_{k}",
             inputs={"train_pool", "less.target_sets", "less.warmup_result"},
-            parameters=SHARED,
         )
         for k in range(n)
     ]
@@ -73,13 +66,13 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
         [
             Node(
                 select,
-                ["train_pool", "less.target_sets", "less.warmup_result", "params:less", "params:data", *refs],
+                ["train_pool", "less.target_sets", "less.warmup_result", "parameters", *refs],
                 "less.selection",
                 name="less.select",
             ),
             Node(
                 final_train,
-                ["train_pool", "less.selection", "params:model", "params:train", "params:less"],
+                ["train_pool", "less.selection", "parameters"],
                 "train_result",
                 name="less.final_train",
             ),
@@ -87,4 +80,4 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
             Node(plot_scores, "less.selection", "less.score_histogram", name="less.plot_scores"),
         ]
     )
-    return data_processing() + Pipeline([head, *rounds, tail], tags="less") + evaluation() + reporting()
+    return data_processing() + Pipeline([head, *checkpoints, tail], tags="less") + evaluation() + reporting()

@@ -1,12 +1,14 @@
-"""Node: static training with the one loop."""
+"""Node: static training with the run core."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from dataflex.pipelines.params import run_config
 from dataflex.tracking import mlflow_metrics_sink
-from dataflex.train.runner import train_model
+from dataflex.train import run
 
 
-def train(train_pool: Any, model: dict, train: dict) -> dict[str, Any]:
-    return train_model(train_pool, model, train, {"train_type": "static"}, metrics_sink=mlflow_metrics_sink())
+def train(train_pool: Any, parameters: dict) -> dict[str, Any]:
+    cfg = run_config(parameters, "static")
+    return run.train(cfg, train_pool, "static", metrics_sink=mlflow_metrics_sink())

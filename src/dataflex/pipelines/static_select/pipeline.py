@@ -13,7 +13,7 @@ from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import compute_features, final_train, plot_composition, prepare_targets, select, warmup
 
-P = ["params:model", "params:train", "params:static_select"]
+P = ["parameters"]
 
 
 def create_pipeline(**kwargs: Any) -> Pipeline:
@@ -21,7 +21,7 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
         [
             Node(
                 prepare_targets,
-                ["raw_inputs", "params:data", "params:train", "params:static_select"],
+                ["raw_inputs", "parameters"],
                 "static_select.target_sets",
                 name="static_select.prepare_targets",
             ),
@@ -40,7 +40,6 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
                     "static_select.warmup_result",
                     "static_select.features",
                     *P,
-                    "params:data",
                 ],
                 "static_select.selection",
                 name="static_select.select",

@@ -13,6 +13,7 @@ updated alpha from one micro-batch every update_step steps (spec B1, B2).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_mixer
-from dataflex.train.trainer.losses import IGNORE_INDEX, per_token_losses
+from dataflex.train.trainer.losses import IGNORE_INDEX, LossStrategy, per_token_losses
 
 from .base_mixer import Mixer
 from .domain_losses import domain_sums, reduce_across_processes
@@ -83,7 +84,10 @@ class DoReMiMixer(Mixer):
         self.updates = 0
         self._step_sums = torch.zeros(2, k, dtype=torch.float64)
 
-    def loss_fn(self, losses: Any, ctx: Any, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_strategy(self) -> LossStrategy:
+        return DoReMiLoss(self)
+
+    def proxy_loss(self, losses: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The proxy's domain-weighted loss; also records this micro-batch's per-domain excess loss."""
         with torch.no_grad():
             ref_logits = self.reference(
@@ -122,7 +126,7 @@ class DoReMiMixer(Mixer):
             "updates": self.updates,
         }
 
-    def log_metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         names = self.mixture_manager.names
         return {f"doremi/alpha/{n}": float(a) for n, a in zip(names, self.alpha)}
 
@@ -142,3 +146,14 @@ class DoReMiMixer(Mixer):
             self.alpha_sum = np.asarray(state["alpha_sum"])
             self.updates = int(state["updates"])
             self._step_sums = torch.tensor(state["step_sums"], dtype=torch.float64)
+
+
+class DoReMiLoss(LossStrategy):
+    """The DoReMi proxy's loss: each domain's token losses weighted by alpha / p (the mixer's current weights over
+    the sampling proportions)."""
+
+    def __init__(self, mixer: DoReMiMixer) -> None:
+        self.mixer = mixer
+
+    def loss(self, losses: Any, ctx: Any, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.mixer.proxy_loss(losses, batch)

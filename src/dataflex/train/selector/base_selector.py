@@ -6,7 +6,8 @@ fresh for every flex epoch: the loop sets `flex_epoch` before calling it).
 
 Optional: `compute_features(model, step_id, **kwargs) -> dict` computes what `select` needs (per-sample losses,
 gradient features) as its own pipeline node; its result reaches `select` as the `features` keyword. A selector
-without it computes everything inside `select`, as on the seed page.
+without it computes everything inside `select`, as on the seed page. A selector is a `Callback`: its
+`state_dict()` is carried in every TrainState.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 
 import torch
 
+from dataflex.train.trainer.callbacks import Callback
 from dataflex.utils.logging import logger
 
 __all__ = ["Selector", "logger"]
 
 
-class Selector(ABC):
+class Selector(Callback, ABC):
     def __init__(
         self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None, seed: int = 42
     ) -> None:

@@ -2,10 +2,10 @@
 
 Per optimizer step it takes the step's micro-batches from a data plan, counts the supervised tokens
 of the whole accumulation window, and per micro-batch runs one forward pass that yields per-sample
-losses (`MicroBatchLosses`). The loss to back-propagate comes from `loss_fn` (default: exactly the HF
-Trainer's token mean over the window; a weighter replaces it), and observers (mixers, domain
-statistics) see the same per-sample losses. Clipping, schedulers, mixed precision and DDP gradient
-sync behave as in the HF Trainer.
+losses (`MicroBatchLosses`). The loss to back-propagate comes from the run's `LossStrategy` (default: exactly
+the HF Trainer's token mean over the window; a weighter's or DoReMi's replaces it), and every `Callback`
+(selector, mixer, weighter) sees the same per-sample losses. Clipping, schedulers, mixed precision and DDP
+gradient sync behave as in the HF Trainer.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -25,10 +25,18 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from dataflex.core.errors import ConfigError, DataFlexError
-from dataflex.distributed.collectives import gather_varlen
+from dataflex.core.errors import ConfigError
 from dataflex.train.trainer.args import TrainingArguments
-from dataflex.train.trainer.losses import MicroBatchLosses, count_supervised_tokens, forward_losses
+from dataflex.train.trainer.callbacks import Callback, TrainContext
+from dataflex.train.trainer.losses import (
+    LossStrategy,
+    MicroBatchLosses,
+    StepInputs,
+    TokenMeanLoss,
+    WeighterError,
+    count_supervised_tokens,
+    forward_losses,
+)
 from dataflex.train.trainer.plan import DataPlan, EpochPlan, shard_step
 from dataflex.train.trainer.state import (
     check_compatible,
@@ -41,54 +49,7 @@ from dataflex.train.trainer.state import (
 from dataflex.utils.logging import logger
 
 TRAIN_COLUMNS = ("input_ids", "labels", "sample_id", "domain_id")
-
-
-class WeighterError(DataFlexError):
-    """A weighter produced an unusable loss (non-scalar, NaN, negative)."""
-
-
-def _local_count(batches: list[dict[str, torch.Tensor]]) -> int:
-    return sum(b["input_ids"].shape[0] for b in batches)
-
-
-@dataclass
-class TrainContext:
-    """What components see of the loop (the seed page's `ctx`)."""
-
-    global_step: int
-    max_steps: int
-    epoch: float
-    micro_step: int
-    num_micro_batches: int
-    accelerator: Accelerator
-    args: TrainingArguments
-    domain_names: list[str]
-    extra: dict[str, Any] = field(default_factory=dict)
-    # Set while a weighter is active (see `Trainer(weighter=...)`):
-    warmup_step: int = 0
-    batch_losses: MicroBatchLosses | None = None  # this micro-batch's losses (token sums, counts, domain ids)
-    step_scores: torch.Tensor | None = None  # every sample's score in the optimizer step, all processes
-    step_domains: torch.Tensor | None = None  # their domain ids, same order
-    sample_offset: int = 0  # where this micro-batch's samples start in `step_scores`
-
-    @property
-    def domain_ids(self) -> torch.Tensor | None:
-        return self.batch_losses.domain_id if self.batch_losses is not None else None
-
-
-LossFn = Callable[[MicroBatchLosses, TrainContext, torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
-
-
-class Observer(Protocol):
-    def on_micro_batch(self, losses: MicroBatchLosses, ctx: TrainContext) -> None: ...
-
-    def on_step_end(self, ctx: TrainContext, logs: dict[str, float]) -> None: ...
-
-
-def standard_loss(
-    losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]
-) -> torch.Tensor:
-    return losses.standard_loss()
+__all__ = ["TrainContext", "TrainResult", "Trainer", "WeighterError", "make_accelerator", "make_optimizer"]
 
 
 @dataclass
@@ -168,8 +129,9 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
 class Trainer:
     """Train `model` on `train_dataset` (the data contract's columns) following `plan`.
 
-    `components` maps a name to an object with `state_dict()` / `load_state_dict()` (selector, mixer,
-    weighter): their state is part of every checkpoint.
+    `callbacks` maps a name to a `Callback` (selector, mixer, weighter): each sees every micro-batch and step, and
+    its state is part of every checkpoint under that name. `loss` is the run's `LossStrategy`. Built by
+    `dataflex.train.run.Run`, the one place that assembles a run.
     """
 
     def __init__(
@@ -180,16 +142,12 @@ class Trainer:
         *,
         data_collator: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
         plan: DataPlan | None = None,
-        loss_fn: LossFn | None = None,
-        observers: Iterable[Observer] = (),
-        components: Mapping[str, Any] | None = None,
+        loss: LossStrategy | None = None,
+        callbacks: Mapping[str, Callback] | None = None,
         metrics_sink: Callable[[dict[str, float], int], None] | None = None,
         accelerator: Accelerator | None = None,
         domain_names: list[str] | None = None,
         model_fingerprint: str | None = None,
-        weighter: Any = None,
-        weighter_name: str = "weighter",
-        weighting_warmup_steps: int = 0,
     ) -> None:
         self.args = args
         self.accelerator = accelerator or make_accelerator(args)
@@ -217,15 +175,8 @@ class Trainer:
             max_steps=args.max_steps,
             shuffle=not args.disable_shuffling,
         )
-        self.loss_fn = loss_fn or standard_loss
-        # A weighter (seed interface `get_weighted_loss`) replaces the loss from `weighting_warmup_steps` on.
-        self.weighter = weighter
-        self.weighter_name = weighter_name
-        self.weighting_warmup_steps = weighting_warmup_steps
-        if weighter is not None:
-            components = {"weighter": weighter, **dict(components or {})}
-        self.observers = list(observers)
-        self.components = dict(components or {})
+        self.loss = loss or TokenMeanLoss()
+        self.callbacks = dict(callbacks or {})
         self.metrics_sink = metrics_sink
         self.domain_names = domain_names or []
         self.model_fingerprint = model_fingerprint
@@ -277,7 +228,7 @@ class Trainer:
             "log_history": self.log_history,
             "log_interval": self._interval.state_dict(),
             "plan": self.plan.state_dict(),
-            "components": {k: c.state_dict() for k, c in self.components.items() if hasattr(c, "state_dict")},
+            "components": {k: c.state_dict() for k, c in self.callbacks.items()},
             "model_fingerprint": self.model_fingerprint,
             "args": self.args.to_dict(),
         }
@@ -287,8 +238,8 @@ class Trainer:
             path, model=self.accelerator.unwrap_model(self.model), optimizer=self.optimizer, scheduler=self.scheduler
         )
         self.plan.load_state_dict(state["plan"])
-        for name, comp in self.components.items():
-            if hasattr(comp, "load_state_dict") and name in state.get("components", {}):
+        for name, comp in self.callbacks.items():
+            if name in state.get("components", {}):
                 comp.load_state_dict(state["components"][name])
         self.global_step = state["global_step"]
         self.samples_seen = state["samples_seen"]
@@ -322,64 +273,35 @@ class Trainer:
     def train(self, until_step: int | None = None) -> TrainResult:
         """Train to the plan's end, or stop after `until_step` (a segment of a longer run; the LR schedule and
         logging are those of the whole run, so segments chained through checkpoints equal one run)."""
-        args = self.args
-        if self.accelerator.num_processes != args.num_processes:
+        args, acc = self.args, self.accelerator
+        if acc.num_processes != args.num_processes:
             raise ConfigError(
                 f"num_processes is {args.num_processes} but this process is alone; run the training "
                 "through dataflex.distributed.launch (the pipelines and dataflex-cli do)"
             )
-        if self.resume_path is None:
-            set_seed(args.seed)
+        if self.resume_path is None and self.global_step == 0:
+            set_seed(args.seed)  # once per run: a later segment of the same Trainer continues the RNG streams
         self.restore()
-        model, acc = self.model, self.accelerator
         max_steps = self.plan.num_steps
         stop = max_steps if until_step is None else min(until_step, max_steps)
-        model.train()
+        self.model.train()
         start = time.perf_counter()
-        bar = tqdm(
-            total=max_steps,
-            initial=self.global_step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (args.progress_bar and acc.is_local_main_process),
-        )
-        interval = self._interval
-        interval.start = time.perf_counter()
+        show = args.progress_bar and acc.is_local_main_process
+        bar = tqdm(total=max_steps, initial=self.global_step, desc="train", unit="step", disable=not show)
+        self._interval.start = time.perf_counter()
         last_checkpoint = None
         while self.global_step < stop:
-            step_global = self.plan.step_batches(self.global_step)
-            micro = shard_step(step_global, args.per_device_train_batch_size, acc.num_processes, acc.process_index)
-            step_loss, weighted, n_micro = self._accumulate(
-                micro or [step_global[0][:1]], max_steps, interval, ghost=not micro
-            )
-            grad_norm = None
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            self.optimizer.step()
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.global_step += 1
-            step_loss_value = float(step_loss)
-            self._loss_sum_all += step_loss_value
-            self.samples_seen += sum(len(ix) for ix in step_global)
-            interval.add_step(step_loss_value, float(weighted), grad_norm, lr)
-            logs: dict[str, float] = {}
-            if self.global_step % args.logging_steps == 0 or self.global_step == max_steps:
-                logs = self._log(interval)
-                interval = self._interval = _Interval()
-            ctx = self._context(n_micro - 1, n_micro, max_steps)
-            for obs in self.observers:
-                if hasattr(obs, "on_step_end"):
-                    obs.on_step_end(ctx, logs)
+            logs = self._optimizer_step(max_steps)
             bar.update(1)
             if logs:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}")
             if args.save_steps and (self.global_step % args.save_steps == 0 or self.global_step == max_steps):
                 last_checkpoint = str(self.save_checkpoint())
         bar.close()
-        runtime = time.perf_counter() - start
+        return self.result(runtime_s=time.perf_counter() - start, last_checkpoint=last_checkpoint)
+
+    def result(self, runtime_s: float = 0.0, last_checkpoint: str | None = None) -> TrainResult:
+        """The run's result so far (after `train`, or of a restored checkpoint)."""
         last = next((h["loss"] for h in reversed(self.log_history) if "loss" in h), None)
         return TrainResult(
             global_step=self.global_step,
@@ -387,27 +309,44 @@ class Trainer:
             train_tokens_seen=self.tokens_seen,
             final_train_loss=last,
             train_loss_mean=self._loss_sum_all / self.global_step if self.global_step else None,
-            runtime_s=runtime,
+            runtime_s=runtime_s,
             log_history=self.log_history,
             last_checkpoint=last_checkpoint,
         )
 
+    def _optimizer_step(self, max_steps: int) -> dict[str, float]:
+        """One optimizer step: accumulate, clip, step, log; returns the log line (empty between logging steps)."""
+        args, acc = self.args, self.accelerator
+        step_global = self.plan.step_batches(self.global_step)
+        micro = shard_step(step_global, args.per_device_train_batch_size, acc.num_processes, acc.process_index)
+        step_loss, weighted, n_micro = self._accumulate(micro or [step_global[0][:1]], max_steps, ghost=not micro)
+        grad_norm = None
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self._loss_sum_all += float(step_loss)
+        self.samples_seen += sum(len(ix) for ix in step_global)
+        self._interval.add_step(float(step_loss), float(weighted), grad_norm, lr)
+        logs: dict[str, float] = {}
+        if self.global_step % args.logging_steps == 0 or self.global_step == max_steps:
+            logs = self._log(self._interval)
+            self._interval = _Interval()
+        ctx = self._context(n_micro - 1, n_micro, max_steps)
+        for callback in self.callbacks.values():
+            callback.on_step_end(ctx, logs)
+        return logs
+
     def _context(self, micro_step: int, num_micro: int, max_steps: int) -> TrainContext:
+        epoch = self.plan.epoch_at(self.global_step)
         return TrainContext(
-            self.global_step,
-            max_steps,
-            self.plan.epoch_at(self.global_step),
-            micro_step,
-            num_micro,
-            self.accelerator,
-            self.args,
-            self.domain_names,
-            warmup_step=self.weighting_warmup_steps,
+            self.global_step, max_steps, epoch, micro_step, num_micro, self.accelerator, self.args, self.domain_names
         )
 
-    def _accumulate(
-        self, micro: list[list[int]], max_steps: int, interval: _Interval, ghost: bool = False
-    ) -> tuple[Any, Any, int]:
+    def _accumulate(self, micro: list[list[int]], max_steps: int, ghost: bool = False) -> tuple[Any, Any, int]:
         """Forward and backward every micro-batch of one optimizer step; returns (standard loss, loss used, count).
 
         `ghost`: this process has no sample in a short last step; it runs one zero-weight pass on a sample of the
@@ -417,94 +356,38 @@ class Trainer:
         window = self._window_tokens([] if ghost else batches)
         step_loss = torch.zeros((), device=acc.device)
         weighted = torch.zeros((), device=acc.device)
-        weighting = self.weighter is not None and self.global_step >= self.weighting_warmup_steps
-        first = self._sample_offset(0 if ghost else _local_count(batches)) if weighting else 0
-        step_scores = self._prepass_scores(batches, max_steps, ghost) if weighting else None
-        offset = 0
+        n = len(batches)
+        self.loss.start_step(
+            StepInputs(
+                acc,
+                model,
+                batches,
+                ghost,
+                self.global_step,
+                self.args.gradient_accumulation_steps,
+                lambda i: self._context(i, n, max_steps),
+            )
+        )
         for i, batch in enumerate(batches):
-            ctx = self._context(i, len(batches), max_steps)
-            sync = i == len(batches) - 1 or acc.num_processes == 1
+            ctx = self._context(i, n, max_steps)
+            sync = i == n - 1 or acc.num_processes == 1
             with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
                 losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
                 if ghost:
-                    if weighting and step_scores is None:
-                        self._gather_scores([losses.per_sample_loss.detach()[:0]], [None])  # meet the others
+                    self.loss.ghost(losses)
                     acc.backward(losses.standard_loss() * 0.0)
                     break
-                if weighting:
-                    if step_scores is None:  # one micro-batch: the training forward's losses are the scores
-                        step_scores = self._gather_scores([losses.per_sample_loss.detach()], [losses.domain_id])
-                    ctx.batch_losses, (ctx.step_scores, ctx.step_domains) = losses, step_scores
-                    ctx.sample_offset = first + offset
-                    loss = self._weighted_loss(losses, ctx, model, batch)
-                else:
-                    loss = self.loss_fn(losses, ctx, model, batch)
+                loss = self.loss.loss(losses, ctx, model, batch)
                 acc.backward(loss)
-            offset += batch["input_ids"].shape[0]
             step_loss += losses.standard_loss().detach() / acc.num_processes
             weighted += loss.detach() / acc.num_processes
-            interval.add_micro(losses, batch, self.domain_names)
-            for obs in self.observers:
-                if hasattr(obs, "on_micro_batch"):
-                    obs.on_micro_batch(losses, ctx)
+            self._interval.add_micro(losses, batch, self.domain_names)
+            for callback in self.callbacks.values():
+                callback.on_micro_batch(losses, ctx)
         if acc.num_processes > 1:  # each process holds its share of the step's loss: the step's is their sum
             both = acc.reduce(torch.stack([step_loss, weighted]), reduction="sum")
             step_loss, weighted = both[0], both[1]
-        return step_loss, weighted, len(batches)
-
-    # -- weighting ----------------------------------------------------------------------------------
-
-    def _gather_scores(self, scores: list[torch.Tensor], domains: list[torch.Tensor | None]) -> tuple[Any, Any]:
-        """Concatenate this process's per-sample scores of the step and gather them from every process
-        (rank order, shares may differ in size), so weights are normalised over the whole optimizer step."""
-        local = torch.cat([s.float() for s in scores])
-        dom = torch.cat(
-            [d if d is not None else torch.zeros_like(s, dtype=torch.long) for s, d in zip(scores, domains)]
-        )
-        if self.accelerator.num_processes > 1:
-            local, dom = gather_varlen(self.accelerator, local), gather_varlen(self.accelerator, dom)
-        return local, dom
-
-    def _sample_offset(self, local_count: int) -> int:
-        """Where this process's samples start in the step's gathered scores (the sum of lower ranks' shares)."""
-        if self.accelerator.num_processes == 1:
-            return 0
-        counts = self.accelerator.gather(torch.tensor([local_count], device=self.accelerator.device)).tolist()
-        return int(sum(counts[: self.accelerator.process_index]))
-
-    def _prepass_scores(
-        self, batches: list[dict[str, torch.Tensor]], max_steps: int, ghost: bool = False
-    ) -> tuple[Any, Any] | None:
-        """With several micro-batches, weights need every sample's score before the first backward: a no-grad
-        pass scores them (`score_batch`, by default the per-sample loss). One micro-batch needs no pre-pass.
-        The decision must be the same on every process (they all gather): it uses A, not the local count."""
-        if not getattr(self.weighter, "needs_step_scores", False):
-            return None
-        if self.args.gradient_accumulation_steps == 1 and getattr(self.weighter, "scores_from_losses", True):
-            return None
-        ctx = self._context(0, len(batches), max_steps)
-        with torch.no_grad(), self.accelerator.autocast():
-            scores = [self.weighter.score_batch(self.model, b, ctx) for b in batches]
-        if ghost:
-            scores = [s[:0] for s in scores]
-        return self._gather_scores(scores, [None if ghost else b.get("domain_id") for b in batches])
-
-    def _weighted_loss(
-        self, losses: MicroBatchLosses, ctx: TrainContext, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
-    ) -> torch.Tensor:
-        loss = self.weighter.get_weighted_loss(losses.per_sample_loss, ctx=ctx, model=model, inputs=batch)
-        where = f"weighter '{self.weighter_name}' at step {self.global_step}"
-        if not torch.is_tensor(loss) or loss.dim() != 0:
-            shape = tuple(loss.shape) if torch.is_tensor(loss) else type(loss).__name__
-            raise WeighterError(f"{where} returned {shape}, not a scalar loss; return one number per micro-batch")
-        if not torch.isfinite(loss):
-            raise WeighterError(f"{where} returned a non-finite loss ({float(loss.detach())}); check its weights")
-        if loss.detach() < 0:
-            raise WeighterError(f"{where} returned a negative loss ({float(loss.detach()):.4g}): weights must be >= 0")
-        if not getattr(self.weighter, "needs_step_scores", False):
-            # A per-micro-batch weighter (the seed page's interface) gives a micro-batch mean; the step averages them.
-            loss = loss / ctx.num_micro_batches
-        return loss
+        return step_loss, weighted, n
 
     def _log(self, interval: _Interval) -> dict[str, float]:
         tokens = interval.tokens
@@ -530,9 +413,8 @@ class Trainer:
         for name, (total, count) in domain.items():
             if count:
                 logs[f"train_loss/{name}"] = total / count
-        for comp in [*self.components.values(), *self.observers]:
-            if hasattr(comp, "log_metrics"):
-                logs.update(comp.log_metrics())
+        for callback in self.callbacks.values():
+            logs.update(callback.metrics())
         self.log_history.append({"step": self.global_step, **logs})
         if self.metrics_sink is not None and self.accelerator.is_main_process:
             self.metrics_sink(logs, self.global_step)

@@ -1,9 +1,9 @@
 """Weighter base classes.
 
 `Weighter` has the seed page's interface: subclasses implement `get_weighted_loss(losses, *, ctx, model,
-inputs) -> scalar` for one micro-batch, and the base class owns `training_step` (forward with per-sample
-losses computed once in fp32, weighting, backward). Such a weighter's loss is a micro-batch quantity; the
-loop averages it over the accumulation window, as DataFlex does.
+inputs) -> scalar` for one micro-batch. The loop's `WeightedLoss` strategy calls it with per-sample losses
+computed once in fp32 by the training forward; such a weighter's loss is a micro-batch quantity, averaged over
+the accumulation window as DataFlex does. A weighter is a `Callback`: its state is in every TrainState.
 
 `StepWeighter` is what the built-in weighters use. It fixes two DataFlex problems (spec B3, B14, B15):
 weights are computed over the whole optimizer step (every micro-batch, every process) rather than per
@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dataflex.train.trainer.losses import IGNORE_INDEX, MicroBatchLosses, forward_losses, per_token_losses
+from dataflex.train.trainer.callbacks import Callback
+from dataflex.train.trainer.losses import WeighterError, forward_losses
 
 __all__ = ["StepWeighter", "Weighter"]
 
 
-class Weighter(ABC):
+class Weighter(Callback, ABC):
     # A StepWeighter needs every sample's score of the optimizer step before the first backward.
     needs_step_scores = False
 
@@ -43,35 +44,6 @@ class Weighter(ABC):
         inputs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Weighted scalar loss from this micro-batch's per-sample losses (B,)."""
-
-    @staticmethod
-    def _per_sample_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Token-mean cross-entropy per row in fp32; 0 for a row with no supervised token."""
-        tok = per_token_losses(logits, labels)
-        count = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-        return tok.sum(dim=1) / count
-
-    def loss_for_batch(
-        self, losses: MicroBatchLosses, ctx: Any, model: nn.Module, inputs: dict[str, Any], use_weighter: bool = True
-    ) -> torch.Tensor:
-        if not use_weighter:
-            return losses.standard_loss()
-        return self.get_weighted_loss(losses.per_sample_loss, ctx=ctx, model=model, inputs=inputs)
-
-    def training_step(
-        self, ctx: Any, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: int, use_weighter: bool = True
-    ) -> torch.Tensor:
-        """Forward, (weighted) loss, backward for one micro-batch; returns the detached loss."""
-        model.train()
-        accelerator = getattr(ctx, "accelerator", None)
-        num_processes = accelerator.num_processes if accelerator is not None else 1
-        losses = forward_losses(model, inputs, window_tokens=int(num_items_in_batch), num_processes=num_processes)
-        loss = self.loss_for_batch(losses, ctx, model, inputs, use_weighter)
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
-        return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -106,8 +78,6 @@ class StepWeighter(Weighter):
         if self._weights_step != ctx.global_step:
             raw = self.compute_weights(ctx.step_scores, ctx).detach().float()
             if raw.shape != ctx.step_scores.shape or not torch.isfinite(raw).all() or (raw < 0).any() or raw.sum() <= 0:
-                from dataflex.train.trainer.loop import WeighterError
-
                 raise WeighterError(
                     f"weighter '{type(self).__name__}' at step {ctx.global_step} gave invalid weights "
                     f"(need {tuple(ctx.step_scores.shape)} finite, >= 0, not all 0): {raw.tolist()[:8]}"
@@ -153,7 +123,7 @@ class StepWeighter(Weighter):
                 acc[0] += float(sel.sum())
                 acc[1] += sel.numel()
 
-    def log_metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """Weight statistics since the last log line: relative weights have mean 1 by construction;
         `entropy` is normalised to [0, 1] (1 = uniform)."""
         st = self._stats

@@ -18,28 +18,31 @@ import csv
 import io
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
 
 from dataflex.core.errors import ConfigError
-from dataflex.data import DataCollatorForCausalLM, dataset_fingerprint, domain_names
+from dataflex.data import dataset_fingerprint, domain_names
 from dataflex.data.dataset_info import resolve_datasets
 from dataflex.data.pools import build_named
 from dataflex.data.readers import read_rows
-from dataflex.distributed.launch import distributed, launch
+from dataflex.distributed.launch import MetricsSink, distributable
 from dataflex.features import FeatureSettings, GradientDatastore, less_scores, top_k
-from dataflex.models import load_tokenizer, model_fingerprint
-from dataflex.train.less_config import target_list, target_names
-from dataflex.train.runner import build_model, load_checkpoint_model, train_model
-from dataflex.train.trainer import Trainer, TrainingArguments, make_accelerator
+from dataflex.models import model_fingerprint
+from dataflex.train.less_config import LessConfig, target_list, target_names
+from dataflex.train.run import Run, load_checkpoint_model, train
 from dataflex.train.trainer.loop import scheduled_learning_rates
 from dataflex.train.trainer.state import read_manifest
 from dataflex.utils.io import atomic_write_json, atomic_write_text, sha256_json
 from dataflex.utils.logging import logger
+
+if TYPE_CHECKING:
+    from dataflex.config import RunConfig
 
 WARMUP_VERSION = "2"  # bump when the warm-up or its result format changes: cached warm-ups become misses
 
@@ -48,7 +51,7 @@ WARMUP_VERSION = "2"  # bump when the warm-up or its result format changes: cach
 
 
 def build_targets(data: Mapping[str, Any], less: Mapping[str, Any], tokenizer: Any, seed: int) -> datasets.DatasetDict:
-    """Tokenised dev set of each target; a target's subtasks are its datasets (domain ids)."""
+    """Tokenised dev set of each target (`less`: a group with `targets`); a target's subtasks are its datasets."""
     return datasets.DatasetDict(
         {name: build_named(t, data, tokenizer, seed) for name, t in zip(target_names(less), target_list(less))}
     )
@@ -57,97 +60,73 @@ def build_targets(data: Mapping[str, Any], less: Mapping[str, Any], tokenizer: A
 # ----------------------------------------------------------------------------- 1. warm-up
 
 
-def _warmup_args(train: Mapping[str, Any], less: Mapping[str, Any], out: Path) -> TrainingArguments:
-    return TrainingArguments.from_dict(
-        {
-            **dict(train),
-            "output_dir": str(out),
-            "num_train_epochs": float(less["warmup_epochs"]),
-            "max_steps": -1,
-            "save_steps": 0,
-            "resume_from_checkpoint": None,
-        }
-    )
-
-
 def warmup_subset(pool_size: int, percentage: float, seed: int) -> list[int]:
     k = max(1, int(percentage * pool_size))
     return sorted(random.Random(f"less-warmup:{seed}").sample(range(pool_size), k))
 
 
+@distributable
 def warmup(
-    train_pool: Any,
-    model_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    less: Mapping[str, Any],
-    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+    cfg: RunConfig,
+    pool: Any,
+    percentage: float,
+    epochs: int,
+    warmup_dir: str,
+    metrics_sink: MetricsSink | None = None,
 ) -> dict[str, Any]:
-    """Train on the warm-up subset with a checkpoint per epoch; cached by (pool, model, settings)."""
-    seed = int(train_params["seed"])
-    subset = warmup_subset(len(train_pool), less["warmup_percentage"], seed)
+    """Train on a random `percentage` of the pool for `epochs` epochs with a TrainState at the end of every epoch;
+    cached by (pool, model, settings) under `warmup_dir`."""
+    seed = cfg.train.seed
+    subset = warmup_subset(len(pool), percentage, seed)
+    volatile = ("output_dir", "progress_bar", "logging_steps")
     key = sha256_json(
         {
-            "pool": dataset_fingerprint(train_pool),
-            "model": model_fingerprint(model_params["model_name_or_path"]),
-            "model_params": dict(model_params),
-            "train": {
-                k: v for k, v in dict(train_params).items() if k not in ("output_dir", "progress_bar", "logging_steps")
-            },
-            "warmup_percentage": less["warmup_percentage"],
-            "warmup_epochs": less["warmup_epochs"],
+            "pool": dataset_fingerprint(pool),
+            "model": model_fingerprint(cfg.model.model_name_or_path),
+            "model_params": cfg.model.to_dict(),
+            "train": {k: v for k, v in cfg.train.to_dict().items() if k not in volatile},
+            "warmup_percentage": percentage,
+            "warmup_epochs": epochs,
             "version": WARMUP_VERSION,
         }
     )
-    out = Path(less["warmup_dir"]) / key[:24]
+    out = Path(warmup_dir) / key[:24]
     cached = _cached_warmup(out, key)
     if cached is not None:
         logger.info("LESS warm-up: cache hit (%d checkpoints) at %s", len(cached["checkpoints"]), out)
         return {**cached, "cache": "hit"}
-    if distributed(train_params):  # a miss: train the warm-up on num_processes accelerate workers
-        return launch(
-            "dataflex.train.less:warmup",
-            train_params,
-            datasets={"train_pool": train_pool},
-            kwargs={"model_params": dict(model_params), "train_params": dict(train_params), "less": dict(less)},
-            metrics_sink=metrics_sink,
-        )
-    args = _warmup_args(train_params, less, out)
-    tokenizer = load_tokenizer(model_params["model_name_or_path"])
-    model = build_model(model_params, seed=seed)
-    subset_ds = train_pool.select(subset)
-    trainer = Trainer(
-        model,
-        subset_ds,
-        args,
-        data_collator=DataCollatorForCausalLM(tokenizer),
-        accelerator=make_accelerator(args),
-        metrics_sink=metrics_sink,
-        domain_names=domain_names(train_pool),
-        model_fingerprint=model_fingerprint(model_params["model_name_or_path"]),
+    args = replace(
+        cfg.train,
+        output_dir=str(out),
+        num_train_epochs=float(epochs),
+        max_steps=-1,
+        save_steps=0,
+        resume_from_checkpoint=None,
     )
-    lrs = scheduled_learning_rates(args, trainer.plan.num_steps)
-    per_epoch = trainer.plan.steps_per_epoch
+    run = Run(replace(cfg, train=args), pool.select(subset), metrics_sink=metrics_sink)
+    plan = run.trainer.plan
+    lrs = scheduled_learning_rates(args, plan.num_steps)
     checkpoints = []
-    for epoch in range(1, int(less["warmup_epochs"]) + 1):
-        end = min(epoch * per_epoch, trainer.plan.num_steps)
-        trainer.train(until_step=end)
-        path = trainer.save_checkpoint(out / "checkpoints" / f"epoch-{epoch}")
-        window = lrs[(epoch - 1) * per_epoch : end]
+    for epoch in range(1, epochs + 1):
+        end = min(epoch * plan.steps_per_epoch, plan.num_steps)
+        run.train(until_step=end)
+        path = run.save_state(out / "checkpoints" / f"epoch-{epoch}")
+        window = lrs[(epoch - 1) * plan.steps_per_epoch : end]
         checkpoints.append({"epoch": epoch, "step": end, "path": str(path), "avg_lr": sum(window) / len(window)})
         logger.info("LESS warm-up: epoch %d done at step %d (average lr %.3g)", epoch, end, checkpoints[-1]["avg_lr"])
     result = {
         "key": key,
         "dir": str(out),
-        "model_name_or_path": model_params["model_name_or_path"],
+        "model_name_or_path": cfg.model.model_name_or_path,
         "subset": subset,
         "num_samples": len(subset),
-        "pool_size": len(train_pool),
-        "steps_per_epoch": per_epoch,
+        "pool_size": len(pool),
+        "steps_per_epoch": plan.steps_per_epoch,
         "checkpoints": checkpoints,
-        "log_history": trainer.log_history,
-        "domains": domain_names(train_pool),
+        "log_history": run.trainer.log_history,
+        "domains": domain_names(pool),
     }
-    if trainer.accelerator.is_main_process:
+    if run.accelerator.is_main_process:
         atomic_write_json(out / "warmup_result.json", result)
     return {**result, "cache": "miss"}
 
@@ -167,61 +146,42 @@ def _cached_warmup(out: Path, key: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- 2-3. features
 
 
-def feature_settings(less: Mapping[str, Any], kind: str) -> FeatureSettings:
+def feature_settings(less: LessConfig, kind: str) -> FeatureSettings:
     """Pool features use `gradient_type` (adam, as LESS); targets always use SGD gradients, as LESS does."""
     return FeatureSettings(
-        gradient_type=less["gradient_type"] if kind == "train" else "sgd",
-        projector=less["projector"],
-        proj_dim=int(less["proj_dim"]),
-        seed=int(less["proj_seed"]),
-        adam_eps_placement=less["adam_eps_placement"],
-        dtype=less["feature_dtype"],
+        gradient_type=less.gradient_type if kind == "train" else "sgd",
+        projector=less.projector,
+        proj_dim=less.proj_dim,
+        seed=less.proj_seed,
+        adam_eps_placement=less.adam_eps_placement,
+        dtype=less.feature_dtype,
     )
 
 
+@distributable
 def checkpoint_features(
+    cfg: RunConfig,
     dataset: Any,
-    warmup_result: Mapping[str, Any],
+    warmup_result: dict[str, Any],
     k: int,
-    model_params: Mapping[str, Any],
-    less: Mapping[str, Any],
-    *,
     kind: str,
     name: str,
-    seed: int = 0,
     progress: bool = True,
-    train_params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Features of `dataset` at warm-up checkpoint `k` through the datastore (reused when present); computed by
-    train_params' num_processes workers, each on a share of the rows, when that is > 1."""
-    if distributed(train_params):
-        return launch(
-            "dataflex.train.less:checkpoint_features",
-            train_params or {},
-            datasets={"dataset": dataset},
-            kwargs={
-                "warmup_result": dict(warmup_result),
-                "k": k,
-                "model_params": dict(model_params),
-                "less": dict(less),
-                "kind": kind,
-                "name": name,
-                "seed": seed,
-                "progress": progress,
-                "train_params": dict(train_params or {}),
-            },
-        )
+    num_processes workers, each on a share of the rows, when that is > 1."""
+    less = cfg.less
     ckpt = warmup_result["checkpoints"][k]
-    model = load_checkpoint_model(model_params, ckpt["path"], seed)
+    model = load_checkpoint_model(cfg.model, ckpt["path"], cfg.train.seed)
     settings = feature_settings(less, kind)
-    store = GradientDatastore(less["datastore_dir"], shard_size=int(less["shard_size"]))
+    store = GradientDatastore(less.datastore_dir, shard_size=less.shard_size)
     ref = store.extract(
         model,
         dataset,
         settings,
-        base_model_id=model_fingerprint(model_params["model_name_or_path"]),
+        base_model_id=model_fingerprint(cfg.model.model_name_or_path),
         optimizer_state=ckpt["path"] if settings.gradient_type == "adam" else None,
-        batch_size=int(less["feature_batch_size"]),
+        batch_size=less.feature_batch_size,
         name=f"{name}@epoch-{ckpt['epoch']}",
         progress=progress,
     )
@@ -237,13 +197,13 @@ def select(
     warmup_result: Mapping[str, Any],
     train_refs: list[Mapping[str, Any]],
     target_refs: list[Mapping[str, Mapping[str, Any]]],
-    less: Mapping[str, Any],
+    less: LessConfig,
     data: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Score the pool for every target, pick the top ones and write the selection files."""
+    """Score the pool for every target, pick the top ones and write the selection files (`data`: the data group)."""
     lrs = [c["avg_lr"] for c in warmup_result["checkpoints"]]
     train_feats = [GradientDatastore.load(r).features for r in train_refs]
-    out = Path(less["output_dir"])
+    out = Path(less.output_dir)
     sample_ids = list(train_pool["sample_id"])
     pool_domains = list(train_pool["domain_id"])
     names = domain_names(train_pool)
@@ -260,8 +220,8 @@ def select(
         target_set = targets[target]
         feats = [GradientDatastore.load(refs[target]).features for refs in target_refs]
         subtasks = list(target_set["domain_id"])
-        scores = less_scores(train_feats, feats, lrs, subtasks, less["aggregation"])
-        picked = top_k(scores, percentage=less["percentage"], max_samples=less["max_samples"])
+        scores = less_scores(train_feats, feats, lrs, subtasks, less.aggregation)
+        picked = top_k(scores, percentage=less.percentage, max_samples=less.max_samples)
         table[target] = scores
         counts = [0] * len(names)
         for i in picked:
@@ -270,9 +230,9 @@ def select(
             "target": target,
             "indices": [sample_ids[i] for i in picked],
             "scores": [float(scores[i]) for i in picked],
-            "aggregation": less["aggregation"],
-            "percentage": less["percentage"],
-            "max_samples": less["max_samples"],
+            "aggregation": less.aggregation,
+            "percentage": less.percentage,
+            "max_samples": less.max_samples,
             "checkpoint_lrs": lrs,
             "domain_counts": dict(zip(names, counts)),
         }
@@ -333,16 +293,15 @@ def selected_indices(selection: Mapping[str, Any]) -> list[int]:
 
 
 def final_train(
-    train_pool: Any,
+    cfg: RunConfig,
+    pool: Any,
     selection: Mapping[str, Any],
-    model_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    less: Mapping[str, Any],
-    metrics_sink: Callable[[dict[str, float], int], None] | None = None,
+    final_epochs: int,
+    train_type: str = "less",
+    metrics_sink: MetricsSink | None = None,
 ) -> dict[str, Any]:
     """A fresh model from the base, trained `final_epochs` epochs on the selected subset (LESS's step 5)."""
     indices = selected_indices(selection)
-    subset = train_pool.select(indices)
-    train = {**dict(train_params), "num_train_epochs": float(less["final_epochs"]), "max_steps": -1}
-    result = train_model(subset, model_params, train, metrics_sink=metrics_sink)
-    return {**result, "train_type": "less", "selected_samples": len(indices), "targets": list(selection["targets"])}
+    args = replace(cfg.train, num_train_epochs=float(final_epochs), max_steps=-1)
+    extra = {"train_type": train_type, "selected_samples": len(indices), "targets": list(selection["targets"])}
+    return train(replace(cfg, train=args), pool.select(indices), summary_extra=extra, metrics_sink=metrics_sink)

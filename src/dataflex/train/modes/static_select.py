@@ -16,23 +16,24 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY
 from dataflex.data import domain_names
+from dataflex.distributed.launch import MetricsSink
 from dataflex.models import load_tokenizer, model_fingerprint
-from dataflex.train import less as less_lib
 from dataflex.train.less_config import target_names
-from dataflex.train.static_select_config import DEFAULTS, check_config  # noqa: F401  (re-exported)
+from dataflex.train.modes import less as less_lib
+from dataflex.train.run import build_model, load_checkpoint_model
 from dataflex.utils.io import atomic_write_json, atomic_write_text
 from dataflex.utils.logging import logger
 
-
-def config(group: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {**DEFAULTS, **dict(group or {})}
+if TYPE_CHECKING:
+    from dataflex.config import RunConfig
+    from dataflex.train.static_select_config import StaticSelectConfig
 
 
 def target_union(targets: Mapping[str, Any]) -> datasets.Dataset:
@@ -46,120 +47,103 @@ def target_union(targets: Mapping[str, Any]) -> datasets.Dataset:
     return datasets.concatenate_datasets(parts)
 
 
-def build_selector(cfg: Mapping[str, Any], train_pool: Any, targets: Mapping[str, Any], seed: int) -> Any:
-    import dataflex.train.selector  # noqa: F401
+def build_selector(ss: StaticSelectConfig, pool: Any, targets: Mapping[str, Any], seed: int) -> Any:
+    import dataflex.train.selector  # noqa: F401  (registers the built-in selectors)
 
-    params = dict(cfg.get("params") or {})
+    params = dict(ss.params or {})
     runtime: dict[str, Any] = {
-        "dataset": train_pool,
+        "dataset": pool,
         "eval_dataset": target_union(targets),
         "accelerator": None,
         "data_collator": None,
     }
     if "cache_dir" not in params:
-        runtime["cache_dir"] = str(cfg["cache_dir"])
+        runtime["cache_dir"] = str(ss.cache_dir)
     if "seed" not in params:
         runtime["seed"] = seed
-    return REGISTRY.build("selector", cfg["selector"], runtime=runtime, cfg=params)
+    return REGISTRY.build("selector", ss.selector, runtime=runtime, cfg=params)
 
 
-def warmup(
-    train_pool: Any,
-    model_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    cfg: Mapping[str, Any],
-    metrics_sink: Any = None,
-) -> dict[str, Any]:
+def warmup(cfg: RunConfig, pool: Any, metrics_sink: MetricsSink | None = None) -> dict[str, Any]:
     """LESS's cached warm-up when `warmup_epochs` > 0, else no checkpoint (features at the fresh model)."""
-    if cfg["warmup_epochs"] == 0:
+    ss = cfg.static_select
+    if ss.warmup_epochs == 0:
         return {"checkpoints": [], "cache": "skipped"}
     return less_lib.warmup(
-        train_pool,
-        model_params,
-        train_params,
-        {
-            "warmup_percentage": cfg["warmup_percentage"],
-            "warmup_epochs": cfg["warmup_epochs"],
-            "warmup_dir": cfg["warmup_dir"],
-        },
+        cfg,
+        pool,
+        percentage=ss.warmup_percentage,
+        epochs=ss.warmup_epochs,
+        warmup_dir=ss.warmup_dir,
         metrics_sink=metrics_sink,
     )
 
 
-def _model(selector: Any, model_params: Mapping[str, Any], warmup_result: Mapping[str, Any], seed: int) -> Any:
+def _model(selector: Any, cfg: RunConfig, warmup_result: Mapping[str, Any]) -> Any:
     if not getattr(selector, "needs_model", True):
         return None  # text encoders: no training model to load
-    from dataflex.train.runner import build_model, load_checkpoint_model
-
     ckpts = warmup_result.get("checkpoints") or []
-    return load_checkpoint_model(model_params, ckpts[-1]["path"], seed) if ckpts else build_model(model_params, seed)
+    seed = cfg.train.seed
+    return load_checkpoint_model(cfg.model, ckpts[-1]["path"], seed) if ckpts else build_model(cfg.model, seed)
 
 
 def compute_features(
-    train_pool: Any,
-    targets: Mapping[str, Any],
-    warmup_result: Mapping[str, Any],
-    model_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    cfg: Mapping[str, Any],
+    cfg: RunConfig, pool: Any, targets: Mapping[str, Any], warmup_result: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The selector's offline artefacts (content-cached by the selector itself)."""
-    seed = int(train_params["seed"])
+    ss = cfg.static_select
     start = time.perf_counter()
-    selector = build_selector(cfg, train_pool, targets, seed)
+    selector = build_selector(ss, pool, targets, cfg.train.seed)
     if not hasattr(selector, "compute_features"):
-        return {"selector": cfg["selector"], "features": None, "seconds": 0.0}
+        return {"selector": ss.selector, "features": None, "seconds": 0.0}
     ckpts = warmup_result.get("checkpoints") or []
     feats = selector.compute_features(
-        _model(selector, model_params, warmup_result, seed),
+        _model(selector, cfg, warmup_result),
         0,
         optimizer_state=ckpts[-1]["path"] if ckpts else None,
-        base_model_id=model_fingerprint(model_params["model_name_or_path"]),
-        tokenizer=load_tokenizer(model_params["model_name_or_path"]),
+        base_model_id=model_fingerprint(cfg.model.model_name_or_path),
+        tokenizer=load_tokenizer(cfg.model.model_name_or_path),
     )
-    return {"selector": cfg["selector"], "features": feats, "seconds": time.perf_counter() - start}
+    return {"selector": ss.selector, "features": feats, "seconds": time.perf_counter() - start}
 
 
-def budget(cfg: Mapping[str, Any], pool_size: int) -> int:
-    if cfg.get("max_samples") is not None:
-        return min(int(cfg["max_samples"]), pool_size)
-    return max(1, int(float(cfg["percentage"]) * pool_size))
+def budget(ss: StaticSelectConfig, pool_size: int) -> int:
+    if ss.max_samples is not None:
+        return min(int(ss.max_samples), pool_size)
+    return max(1, int(float(ss.percentage) * pool_size))
 
 
 def select(
-    train_pool: Any,
+    cfg: RunConfig,
+    pool: Any,
     targets: Mapping[str, Any],
     warmup_result: Mapping[str, Any],
     features: Mapping[str, Any],
-    model_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    cfg: Mapping[str, Any],
-    data: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Run the selector once and write selections/<target>.json, selected/<target>.jsonl; LESS's summary format."""
-    seed = int(train_params["seed"])
+    ss = cfg.static_select
     start = time.perf_counter()
-    selector = build_selector(cfg, train_pool, targets, seed)
-    k = budget(cfg, len(train_pool))
-    model = None if features.get("features") else _model(selector, model_params, warmup_result, seed)
-    tokenizer = load_tokenizer(model_params["model_name_or_path"])
+    selector = build_selector(ss, pool, targets, cfg.train.seed)
+    k = budget(ss, len(pool))
+    model = None if features.get("features") else _model(selector, cfg, warmup_result)
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
     raw = selector.select(model, 0, k, features=features.get("features"), tokenizer=tokenizer)
     picked = list(dict.fromkeys(int(i) for i in raw))  # one-shot: a subset, so repeats are dropped
     seconds = time.perf_counter() - start
-    bad = [i for i in picked if not 0 <= i < len(train_pool)]
+    bad = [i for i in picked if not 0 <= i < len(pool)]
     if bad:
-        raise ConfigError(f"selector '{cfg['selector']}' returned row {bad[0]} outside the pool [0, {len(train_pool)})")
-    names = domain_names(train_pool)
-    dom = train_pool["domain_id"]
-    sample_ids = train_pool["sample_id"]
+        raise ConfigError(f"selector '{ss.selector}' returned row {bad[0]} outside the pool [0, {len(pool)})")
+    names = domain_names(pool)
+    dom = pool["domain_id"]
+    sample_ids = pool["sample_id"]
     counts = dict.fromkeys(names, 0)
     for i in picked:
         counts[names[dom[i]]] += 1
-    name = "+".join(target_names(cfg))
-    out = Path(cfg["output_dir"])
+    name = "+".join(target_names({"targets": ss.targets}))
+    out = Path(ss.output_dir)
     selection = {
         "target": name,
-        "selector": cfg["selector"],
+        "selector": ss.selector,
         "indices": [int(sample_ids[i]) for i in picked],
         "budget": k,
         "domain_counts": counts,
@@ -168,39 +152,26 @@ def select(
         "features_seconds": features.get("seconds"),
     }
     atomic_write_json(out / "selections" / f"{name}.json", selection)
-    atomic_write_text(out / "selected" / f"{name}.jsonl", less_lib.selected_jsonl(train_pool, picked, data))
+    atomic_write_text(out / "selected" / f"{name}.jsonl", less_lib.selected_jsonl(pool, picked, cfg.data.to_dict()))
+    composition = ", ".join(f"{n}={c}" for n, c in counts.items() if c)
     logger.info(
-        "static_select (%s) selected %d of %d samples for %s: %s",
-        cfg["selector"],
-        len(picked),
-        len(train_pool),
-        name,
-        ", ".join(f"{n}={c}" for n, c in counts.items() if c),
+        "static_select (%s) selected %d of %d for %s: %s", ss.selector, len(picked), len(pool), name, composition
     )
     pool_counts = {n: list(dom).count(d) for d, n in enumerate(names)}
     return {
-        "selector": cfg["selector"],
+        "selector": ss.selector,
         "targets": {name: {k2: v for k2, v in selection.items() if k2 != "metric"}},
         "domains": names,
-        "pool_size": len(train_pool),
+        "pool_size": len(pool),
         "pool_domain_counts": pool_counts,
     }
 
 
 def final_train(
-    train_pool: Any,
-    selection: Mapping[str, Any],
-    model_params: Mapping[str, Any],
-    train_params: Mapping[str, Any],
-    cfg: Mapping[str, Any],
-    metrics_sink: Any = None,
+    cfg: RunConfig, pool: Any, selection: Mapping[str, Any], metrics_sink: MetricsSink | None = None
 ) -> dict[str, Any]:
+    """A fresh model from the base, trained `final_epochs` epochs on the selection."""
     result = less_lib.final_train(
-        train_pool,
-        selection,
-        model_params,
-        train_params,
-        {"final_epochs": cfg["final_epochs"]},
-        metrics_sink=metrics_sink,
+        cfg, pool, selection, cfg.static_select.final_epochs, train_type="static_select", metrics_sink=metrics_sink
     )
-    return {**result, "train_type": "static_select", "selector": selection["selector"]}
+    return {**result, "selector": selection["selector"]}

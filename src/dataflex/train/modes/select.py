@@ -1,0 +1,317 @@
+"""`dynamic_select`: the run is cut into segments at the selector's events (`dataflex.train.schedule`).
+
+Round 0 trains from step 0 to the first selection on the selector's warm-up draw; round k ≥ 1 computes what the
+selector needs (`select_round`: features, e.g. losses or gradient features, then the selection) and trains up to
+the next selection (`train_segment`). Each segment resumes the previous one's TrainState (weights, optimizer,
+plan with every segment's indices, selector state), so the chain equals one uninterrupted run. Kedro unrolls
+the rounds as `dynamic_select.round_<k>`; `run_all` runs them without Kedro.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from dataflex.core.errors import ConfigError, DataFlexError
+from dataflex.core.registry import REGISTRY
+from dataflex.data import dataset_fingerprint, domain_names
+from dataflex.distributed.launch import MetricsSink, distributable
+from dataflex.train.modes import component_for
+from dataflex.train.run import Mode, Run, write_train_result
+from dataflex.train.schedule import Event, select_schedule
+from dataflex.train.trainer import Callback
+from dataflex.train.trainer.plan import SelectPlan
+from dataflex.train.trainer.state import capture_rng, read_manifest, restore_rng
+from dataflex.utils.io import atomic_write_json, sha256_json
+from dataflex.utils.logging import logger
+
+__all__ = [
+    "SelectMode",
+    "SelectionError",
+    "check_indices",
+    "check_select_config",
+    "finalize",
+    "run_all",
+    "select_round",
+    "target_dataset",
+    "train_segment",
+]
+
+
+class SelectionError(DataFlexError):
+    """A selector returned an unusable selection (wrong length, out-of-range or non-integer indices)."""
+
+
+def check_select_config(cfg: Any, has_eval: bool, pool_size: int | None = None) -> None:
+    """Select-specific config errors, before any work (pool-size checks when the size is known)."""
+    flex = cfg.dataflex
+    name, params = component_for(flex, "selector")
+    if name == "less" and not has_eval:
+        raise ConfigError("selector 'less' needs an eval_dataset (the target task's examples); set eval_dataset")
+    if flex.update_times <= 0 and flex.train_step <= 0:
+        raise ConfigError(
+            "dynamic_select with update_times <= 0 needs train_step > 0 (the rounds are unrolled "
+            "before the data is read); or set update_times >= 1"
+        )
+    sched = select_schedule(flex, cfg.train, pool_size if pool_size is not None else 1 << 30)
+    if pool_size is not None:
+        need = sched.global_batch * flex.update_step
+        if need > pool_size and not params.get("replacement", False):
+            raise ConfigError(
+                f"each selection takes G x update_step = {need} samples but the pool has {pool_size}; "
+                "lower update_step or the batch size, or use a selector with replacement"
+            )
+
+
+def target_dataset(eval_sets: Mapping[str, Any] | None) -> Any:
+    """The eval sets as one target dataset; `domain_id` = which eval set (the subtasks of LESS's max)."""
+    if not eval_sets:
+        return None
+    parts = []
+    for k, name in enumerate(eval_sets):
+        ds = eval_sets[name].select_columns(["input_ids", "labels"])
+        parts.append(ds.add_column("domain_id", [k] * len(ds)))
+    return datasets.concatenate_datasets(parts)
+
+
+def check_indices(indices: Any, expected: int, pool_size: int, where: str) -> list[int]:
+    """A selection must be `expected` integers in [0, pool_size): SelectionError (one line) otherwise."""
+    if not isinstance(indices, list | tuple) and not hasattr(indices, "tolist"):
+        raise SelectionError(f"{where} returned {type(indices).__name__}, not a list of pool indices")
+    values = list(indices.tolist() if hasattr(indices, "tolist") else indices)
+    if len(values) != expected:
+        raise SelectionError(f"{where} returned {len(values)} indices; it must return exactly num_samples={expected}")
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < pool_size]
+    if bad:
+        raise SelectionError(
+            f"{where} returned index {bad[0]!r}, outside the pool [0, {pool_size}); return "
+            "positions in the train dataset"
+        )
+    return [int(v) for v in values]
+
+
+class SelectMode(Mode):
+    name = "dynamic_select"
+
+    def __init__(self, cfg: Any, pool_size: int) -> None:
+        super().__init__(cfg, pool_size)
+        self.schedule = select_schedule(cfg.dataflex, cfg.train, pool_size)
+
+    def components(self, run: Run) -> dict[str, Callback]:
+        check_select_config(self.cfg, bool(run.eval_sets), self.pool_size)  # pool-size checks, before training
+        self.component, params = component_for(self.cfg.dataflex, "selector")
+        runtime = run.runtime(eval_dataset=target_dataset(run.eval_sets))
+        if "cache_dir" not in params:  # the user's cache_dir wins over the run's default
+            runtime["cache_dir"] = str(Path(run.args.output_dir) / "selector_cache")
+        return {"selector": REGISTRY.build("selector", self.component, runtime=runtime, cfg=params)}
+
+    def plan(self, run: Run) -> SelectPlan:
+        args = run.args
+        return SelectPlan(
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps * args.num_processes,
+            num_steps=self.schedule.max_steps,
+            seed=args.seed,
+            steps_per_epoch=self.schedule.epoch_steps,
+        )
+
+    # -- between segments ------------------------------------------------------------------------------
+
+    def add_warmups(self, run: Run, start: int, end: int) -> None:
+        """Warm-up segments of the flex epochs that begin in [start, end), drawn by the selector's `warmup`."""
+        selector, n = run.callbacks["selector"], len(run.pool)
+        for e in self.schedule.events:
+            if e.kind == "warmup" and start <= e.step < end:
+                selector.flex_epoch = e.flex_epoch
+                count = self.schedule.global_batch * (e.end - e.step)
+                indices = selector.warmup(count, replacement=count > n)
+                check_indices(indices, count, n, f"selector '{self.component}' warmup at step {e.step}")
+                run.trainer.plan.add_segment(e.step, e.end, indices)
+
+    def num_samples(self, event: Event) -> int:
+        return self.schedule.global_batch * (event.end - event.step)
+
+    def selection_key(self, run: Run, event: Event, checkpoint: str | None) -> str:
+        """Content key of a selection: model and optimizer state, selector state, data, selector config, step."""
+        files = read_manifest(checkpoint, verify_hashes=False)["files"] if checkpoint else {}
+        selector = run.callbacks["selector"]
+        return sha256_json(
+            {
+                "weights": files.get("trainable.safetensors"),
+                "optimizer": files.get("optimizer.safetensors"),
+                "selector_state": selector.state_dict(),
+                "pool": dataset_fingerprint(run.pool),
+                "eval": _eval_fingerprint(selector),
+                "selector": self.component,
+                "params": component_for(self.cfg.dataflex, "selector")[1],
+                "step": event.step,
+                "num_samples": self.num_samples(event),
+                "base": run.base_id,
+            }
+        )
+
+
+def _eval_fingerprint(selector: Any) -> Any:
+    ev = getattr(selector, "eval_dataset", None)
+    if ev is None:
+        return None
+    from dataflex.features import sample_hashes
+
+    return sha256_json(sample_hashes(ev))
+
+
+@distributable
+def train_segment(
+    cfg: Any,
+    pool: Any,
+    eval_sets: Any,
+    round_k: int,
+    previous: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
+    metrics_sink: MetricsSink | None = None,
+) -> dict[str, Any]:
+    """Train round `round_k` on `selection` (and any warm-up data of flex epochs starting inside it). The last
+    round also saves the trained adapter / model and carries the run's summary."""
+    mode = SelectMode(cfg, len(pool))
+    run = Run(
+        cfg, pool, mode, eval_sets=eval_sets, resume=previous and previous["checkpoint"], metrics_sink=metrics_sink
+    )
+    start, end = mode.schedule.round_range(round_k)
+    # A save_steps checkpoint inside the round resumes there: its plan already holds the active subset.
+    if not start <= run.global_step < end:
+        raise ConfigError(
+            f"round {round_k} covers steps [{start}, {end}) but its input state is at step {run.global_step}"
+        )
+    if selection is not None:
+        run.callbacks["selector"].load_state_dict(selection.get("selector_state") or {})
+        run.trainer.plan.add_segment(selection["step"], selection["end"], selection["indices"])
+    mode.add_warmups(run, start, end)
+    result = run.train(until_step=end)
+    state = {
+        "round": round_k,
+        "step": result.global_step,
+        "checkpoint": str(run.save_state()),
+        "last_train_loss": result.final_train_loss,
+    }
+    if end >= mode.schedule.max_steps:
+        state["summary"] = run.finish(result, last_checkpoint=state["checkpoint"]).to_summary()
+    return state
+
+
+@distributable
+def compute_features(cfg: Any, pool: Any, eval_sets: Any, previous: dict[str, Any]) -> dict[str, Any]:
+    """What the selector needs for round previous+1, from the model and optimizer at that point (cached by the
+    selector); with num_processes > 1 computed by that many workers, each on a share of the pool."""
+    mode = SelectMode(cfg, len(pool))
+    run = Run(cfg, pool, mode, eval_sets=eval_sets, resume=previous["checkpoint"])
+    return _features(mode, run, previous)
+
+
+def _features(mode: SelectMode, run: Run, previous: Mapping[str, Any]) -> dict[str, Any]:
+    event = mode.schedule.selections[previous["round"]]
+    selector = run.callbacks["selector"]
+    feats = selector.compute_features(
+        run.model, event.step, optimizer=run.trainer.optimizer, base_model_id=run.base_id, tokenizer=run.tokenizer
+    )
+    return {"step": event.step, "selector": mode.component, "features": feats}
+
+
+def select_round(
+    cfg: Any, pool: Any, eval_sets: Any, previous: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The selector's features and choice for round previous+1 (one set-up of model and selector for both).
+
+    The selection is written to OUTPUT_DIR/selections/step_<g>.json and reused when the same model state, data,
+    selector config and step come again. With num_processes > 1, features are computed on the workers."""
+    mode = SelectMode(cfg, len(pool))
+    has_features = hasattr(REGISTRY.get("selector", component_for(cfg.dataflex, "selector")[0]), "compute_features")
+    launched = has_features and cfg.train.num_processes > 1
+    feats = compute_features(cfg, pool, eval_sets, previous) if launched else None
+    run = Run(cfg, pool, mode, eval_sets=eval_sets, resume=previous["checkpoint"])
+    if feats is None:
+        # Computing features must not change the selection: the selector state and RNG streams are put back.
+        restored, rng = run.callbacks["selector"].state_dict(), capture_rng()
+        feats = _features(mode, run, previous) if has_features else {"features": {}}
+        run.callbacks["selector"].load_state_dict(restored)
+        restore_rng(*rng)
+    return feats, _selection(mode, run, previous, feats)
+
+
+def _selection(mode: SelectMode, run: Run, previous: Mapping[str, Any], features: Mapping[str, Any]) -> dict:
+    event = mode.schedule.selections[previous["round"]]
+    selector, pool = run.callbacks["selector"], run.pool
+    k = mode.num_samples(event)
+    key = mode.selection_key(run, event, previous["checkpoint"])
+    path = Path(run.args.output_dir) / "selections" / f"step_{event.step}.json"
+    cached = _read(path)
+    if cached is not None and cached.get("key") == key:
+        logger.info("selection at step %d: cache hit %s", event.step, path)
+        return {**cached, "cache": "hit"}
+    selector.last_metric = {}
+    indices = selector.select(
+        run.model,
+        event.step,
+        k,
+        features=features.get("features") or None,
+        optimizer=run.trainer.optimizer,
+        optimizer_state=run.trainer.optimizer.state,
+        scheduler_state=run.trainer.scheduler.state_dict(),
+        current_update_times=event.current,
+        update_times=event.update_times,
+        tokenizer=run.tokenizer,
+        base_model_id=run.base_id,
+    )
+    indices = check_indices(indices, k, len(pool), f"selector '{mode.component}' at step {event.step}")
+    names = domain_names(pool)
+    dom = pool["domain_id"]
+    counts = Counter(names[dom[i]] for i in indices)
+    out = {
+        "step": event.step,
+        "end": event.end,
+        "indices": indices,
+        "metric": getattr(selector, "last_metric", {}),
+        "domain_counts": {n: counts.get(n, 0) for n in names},
+        "selector": mode.component,
+        "key": key,
+        "selector_state": selector.state_dict(),
+        "current_update_times": event.current,
+        "update_times": event.update_times,
+    }
+    atomic_write_json(path, out)
+    composition = ", ".join(f"{n}={c}" for n, c in out["domain_counts"].items() if c)
+    logger.info("selection at step %d (%s): %s", event.step, mode.component, composition)
+    return {**out, "cache": "miss"}
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finalize(cfg: Any, last: Mapping[str, Any], selections: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's summary with the per-round selection composition (OUTPUT_DIR/selections/composition.json)."""
+    out = Path(cfg.train.output_dir)
+    composition = [
+        {"step": s["step"], "domain_counts": s["domain_counts"], "cache": s.get("cache")} for s in selections
+    ]
+    atomic_write_json(out / "selections" / "composition.json", composition)
+    return write_train_result({**last["summary"], "selection_history": composition})
+
+
+def run_all(cfg: Any, pool: Any, eval_sets: Any, metrics_sink: MetricsSink | None = None) -> dict[str, Any]:
+    """Every round in order (what the Kedro pipeline unrolls), for use without Kedro."""
+    n = select_schedule(cfg.dataflex, cfg.train, len(pool)).num_rounds
+    state = train_segment(cfg, pool, eval_sets, 0, metrics_sink=metrics_sink)
+    selections = []
+    for k in range(1, n):
+        _, sel = select_round(cfg, pool, eval_sets, state)
+        selections.append(sel)
+        state = train_segment(cfg, pool, eval_sets, k, state, sel, metrics_sink)
+    return finalize(cfg, state, selections)

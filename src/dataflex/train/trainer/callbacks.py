@@ -1,0 +1,54 @@
+"""The one seam between the loop and the components: selectors, mixers and weighters all extend `Callback`.
+
+The loop calls every callback at each micro-batch (with its per-sample losses) and at each optimizer step's end,
+merges their `metrics()` into the log line, and saves their `state_dict()` in every TrainState under their name,
+so resuming restores them exactly. Every hook is a no-op by default: a component overrides what it uses, and the
+loop never probes for attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from dataflex.train.trainer.args import TrainingArguments
+    from dataflex.train.trainer.losses import MicroBatchLosses
+
+__all__ = ["Callback", "TrainContext"]
+
+
+@dataclass
+class TrainContext:
+    """What components see of the loop (the seed page's `ctx`)."""
+
+    global_step: int
+    max_steps: int
+    epoch: float
+    micro_step: int
+    num_micro_batches: int
+    accelerator: Accelerator
+    args: TrainingArguments
+    domain_names: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Callback:
+    def on_micro_batch(self, losses: MicroBatchLosses, ctx: TrainContext) -> None:
+        """After each micro-batch's forward pass (losses carry the graph; detach what you keep)."""
+
+    def on_step_end(self, ctx: TrainContext, logs: dict[str, float]) -> None:
+        """After each optimizer step; `logs` is the step's log line, empty between logging steps."""
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics for the next log line (called at logging steps only)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state carried in TrainState."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
