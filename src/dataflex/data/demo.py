@@ -1,8 +1,8 @@
 """Deterministic demo corpus: short, learnable instruction tasks + plain-text domains + a sharegpt chat set.
 
 Every instruction domain shares one surface form (an instruction, an input, a few-token answer) and
-differs in the operation asked for, so data selection quality is measurable on it (see
-specs/gradient-features.md: domains with different templates are trivially separable). Answers are short,
+differs in the operation asked for, so data selection quality is measurable on it (domains with
+different templates would be trivially separable). Answers are short,
 so exact-match accuracy of greedy generation is meaningful for a tiny model.
 
 Randomness: one `random.Random` per (seed, domain), never the global RNG, so the bytes written depend on

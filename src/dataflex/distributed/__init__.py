@@ -1,5 +1,5 @@
 """Scale-out: Kedro stays one process; nodes that train or extract features start `accelerate launch` workers
-when `num_processes` > 1 (DESIGN §8). See `launch.py` (the orchestrating side) and `worker.py` (each rank)."""
+when `num_processes` > 1. See `launch.py` (the orchestrating side) and `worker.py` (each rank)."""
 
 from dataflex.distributed.collectives import (
     barrier,

@@ -1,6 +1,7 @@
-"""ClusterLESS's clustering (spec §3.7, fixing §4 C3/C4): k-means with k-means++ initialisation and a convergence
-tolerance (scikit-learn), representatives nearest to each centroid, and a budget spread over clusters in score
-order so that one huge cluster cannot take the whole selection.
+"""ClusterLESS's clustering: k-means with k-means++ initialisation and a convergence tolerance (scikit-learn;
+DataFlex ran randomly initialised Lloyd iterations for a fixed count), representatives nearest to each centroid,
+and a budget spread over clusters in score order so that one huge cluster cannot take the whole selection (in
+DataFlex it could, and ties decided which rows of the last cluster were kept).
 """
 
 from __future__ import annotations

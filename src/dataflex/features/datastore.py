@@ -1,4 +1,4 @@
-"""The gradient datastore: content-addressed, sharded, resumable per-sample features (DESIGN §7).
+"""The gradient datastore: content-addressed, sharded, resumable per-sample features.
 
 Layout under the root (`data/04_feature` by default):
 

@@ -1,5 +1,5 @@
-"""Selection rules over neighbour matrices: NEAR's column-major walk (spec §3.9), TSDS's KDE-corrected
-transport-vs-diversity probabilities (§3.10) and a seeded draw from a probability vector.
+"""Selection rules over neighbour matrices: NEAR's column-major walk, TSDS's KDE-corrected
+transport-vs-diversity probabilities and a seeded draw from a probability vector.
 
 All indices are rows of the embedded pool (its `sample_id` space); nothing here reads files or models.
 """
@@ -32,7 +32,7 @@ def near_order(neighbors: np.ndarray, k: int | None = None) -> list[int]:
 def tsds_probabilities(
     dist: np.ndarray, idx: np.ndarray, density: np.ndarray, n: int, *, alpha: float = 0.6, C: float = 5.0
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """[n] TSDS sampling probabilities (spec §3.10 steps 3-4) and a summary of the greedy stop.
+    """[n] TSDS sampling probabilities and a summary of the greedy stop.
 
     `dist` / `idx`: [M, K] ascending distances and pool rows of every query's neighbours; `density[i]` = ρ of pool
     row i (only rows appearing in `idx` are read). Each query spreads mass 1/M over its nearest candidates with
@@ -98,8 +98,8 @@ def tsds_probabilities(
 def seeded_draw(probs: np.ndarray | torch.Tensor, k: int, seed: int) -> list[int]:
     """k distinct rows drawn ∝ probs with a private generator (same seed ⇒ same draw on every rank).
 
-    When fewer than k rows have mass (TSDS concentrates it near the queries; DataFlex's `replace=False` crashed,
-    spec §4 T6), every row with mass is taken and the rest is drawn from them again with replacement."""
+    When fewer than k rows have mass (TSDS concentrates it near the queries; DataFlex's `replace=False` crashed),
+    every row with mass is taken and the rest is drawn from them again with replacement."""
     p = torch.as_tensor(np.asarray(probs, dtype=np.float64))
     if p.ndim != 1 or (p < 0).any() or not torch.isfinite(p).all() or p.sum() <= 0:
         raise DataError("sampling needs a 1-D vector of finite non-negative probabilities with a positive sum")

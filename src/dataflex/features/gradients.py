@@ -1,4 +1,4 @@
-"""Per-sample gradient features in one batched forward + backward (specs/gradient-features.md §2, §6).
+"""Per-sample gradient features in one batched forward + backward.
 
 Method: eval mode (LoRA dropout off); samples sorted by length and right-padded to each batch's longest, with
 no attention mask (causal attention never looks at the pads that follow a token, and pad labels are -100);

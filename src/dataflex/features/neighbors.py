@@ -1,7 +1,7 @@
 """Nearest neighbours (faiss) and the KDE density of TSDS, in the row space of the embedded dataset.
 
 Exact search (`IndexFlatL2`) below `exact_threshold` candidates; above it an IVF index (`nlist = sqrt(N)/2`, as the
-original) whose missing neighbours (faiss returns -1 when the probed lists hold fewer than K vectors, spec §4 O3)
+original) whose missing neighbours (faiss returns -1 when the probed lists hold fewer than K vectors)
 are recomputed exactly for the affected queries, so a result never holds -1. K is capped at N.
 """
 

@@ -1,4 +1,4 @@
-"""Random projections of per-sample gradients, one sub-projector per parameter (specs/gradient-features.md §3).
+"""Random projections of per-sample gradients, one sub-projector per parameter.
 
 A projector maps a concatenation of parameter blocks x = [x_1, ..., x_m] to S x = Σ_j S_j x_j. Each block's
 S_j is rebuilt from (seed, parameter name) alone, so features can be accumulated module by module inside the

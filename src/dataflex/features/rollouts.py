@@ -1,4 +1,4 @@
-"""NICE's offline half (spec §3.8, fixing §4 N1-N6): rollouts of the target prompts from a fixed local policy,
+"""NICE's offline half: rollouts of the target prompts from a fixed local policy,
 their rewards, cached once as a table; and the online half's weights, so the target feature is
 
     G(x) = (1/mc) Σ_m (r_m − b) · ∇_θ Σ_t NLL_θ(y_{m,t} | x, y_{m,<t})
@@ -8,8 +8,9 @@ scaled by (r_m − b) · (number of response tokens) / mc and summed per prompt 
 of projected features is the projection of the sum).
 
 Prompts and references come from the tokenised target rows themselves (prompt = the label-masked prefix,
-reference = the supervised tokens), never from an empty template (N2). The policy must share the training
-model's vocabulary (N3 is checked, not assumed). The table is JSON, keyed by the policy's content hash, the
+reference = the supervised tokens), never from an empty template (DataFlex's tokenised eval rows
+had lost their text, so every prompt was the empty one). The policy must share the training model's vocabulary
+(checked, not assumed). The table is JSON, keyed by the policy's content hash, the
 prompts, the reward's identity and every setting.
 """
 

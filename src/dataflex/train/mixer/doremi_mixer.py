@@ -8,7 +8,7 @@ and the proxy trains on the domain-weighted loss sum_b (alpha_d(b) / p_d(b)) * (
 tokens, p being the sampling proportions (so alpha = p gives the standard loss). The run's result is the
 average of alpha over all updates (`average_weights`), which DoReMi step 3 trains on. Sampling itself stays
 at the configured proportions: `mix()` returns them unchanged. DataFlex never applied the weighted loss and
-updated alpha from one micro-batch every update_step steps (spec B1, B2).
+updated alpha from one micro-batch every update_step steps.
 """
 
 from __future__ import annotations

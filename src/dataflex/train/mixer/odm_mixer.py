@@ -2,7 +2,7 @@
 
 Every optimizer step after `warmup_steps` (global steps), each domain's reward is its own token-mean training
 loss over that step (all micro-batches, all processes; the batches are mixtures, so every domain present is
-observed; DataFlex credited the whole micro-batch loss to the first sample's domain, spec B9):
+observed; DataFlex credited the whole micro-batch loss to the first sample's domain):
   R_i <- alpha R_i + (1 - alpha) * reward_scale * L_i          (domains absent from the step keep R_i)
   eps_t = max(min_exploration_rate, min(1/k, sqrt(ln k / (k t))))     t = steps since warmup
   pi_i  = (1 - k eps_t) softmax(eps_{t-1} R)_i + eps_t

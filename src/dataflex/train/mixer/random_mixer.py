@@ -1,7 +1,7 @@
 """`random` mixer: fresh random proportions at every call.
 
 DataFlex's version re-seeds numpy's global RNG with the same seed on every call, so it returns the same
-vector every time (and clobbers the global RNG; spec B7). Here each call draws from a generator seeded by
+vector every time (and clobbers the global RNG). Here each call draws from a generator seeded by
 (seed, step): different per call, reproducible, and no global state is touched.
 """
 

@@ -1,4 +1,4 @@
-"""`cluster_less` (ClusterLESS, spec §3.7, fixing §4 C1-C4): LESS scores for clusters of the pool.
+"""`cluster_less` (ClusterLESS): LESS scores for clusters of the pool.
 
 `compute_features`: pool embeddings (default: mean hidden states of the current model; any encoder of
 `dataflex.features.embeddings`), k-means with k-means++ init and tolerance `kmeans_tol` (cached by the embeddings'

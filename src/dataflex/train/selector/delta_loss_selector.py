@@ -1,4 +1,4 @@
-"""`delta_loss`: a loss-reduction curriculum with a sliding window (spec §3.4), with its failures defined.
+"""`delta_loss`: a loss-reduction curriculum with a sliding window, with its failures defined.
 
 First selection of the run: the pool's losses L⁰ are recorded (selector state, so they survive resume) and the
 selection is uniform without replacement. Later: Δ = L⁰ − L (positive = the loss went down), samples ordered by

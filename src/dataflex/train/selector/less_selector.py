@@ -1,4 +1,4 @@
-"""`less`: online LESS (spec §3.5) on the current model and the live Adam moments.
+"""`less`: online LESS on the current model and the live Adam moments.
 
 `compute_features` stores Adam features of the pool and SGD features of `eval_dataset` (the target) in the
 gradient datastore (one batched pass each, keyed by content, so a re-run reuses them); `select` scores every

@@ -1,4 +1,4 @@
-"""`loss`: bucketed loss-weighted sampling (spec §3.3), not top-k.
+"""`loss`: bucketed loss-weighted sampling, not top-k.
 
 Terciles (`quantiles`) of the current per-sample losses split the pool into low / medium / high buckets;
 every sample has weight 1, the `focus` bucket `focus_weight`; p ∝ weight^(1/temperature); `num_samples` are

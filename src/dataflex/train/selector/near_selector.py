@@ -1,4 +1,4 @@
-"""`near` (spec §3.9): the target examples' nearest pool samples in a sentence-embedding space.
+"""`near`: the target examples' nearest pool samples in a sentence-embedding space.
 
 `compute_features` embeds the pool and the target (content-cached) and searches the `max_K` nearest pool rows of
 every target example (faiss, exact below `exact_threshold`; cached); `select` walks the neighbour matrix column by

@@ -1,4 +1,4 @@
-"""`nice` (NICE, spec §3.8, fixing §4 N1-N6): LESS matching against policy-gradient target features.
+"""`nice` (NICE): LESS matching against policy-gradient target features.
 
 Offline, once (content-cached table): `mc_samples` rollouts per target prompt from the fixed local policy
 `policy_model_path` (same vocabulary as the training model, checked) and their rewards (`reward`: `token_f1`,

@@ -1,4 +1,4 @@
-"""`random`: uniform indices seeded by (seed, step), with or without replacement (spec §3.1)."""
+"""`random`: uniform indices seeded by (seed, step), with or without replacement."""
 
 from __future__ import annotations
 

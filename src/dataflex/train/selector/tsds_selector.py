@@ -1,4 +1,4 @@
-"""`tsds` (spec §3.10): samples drawn from TSDS's KDE-corrected transport-vs-diversity distribution.
+"""`tsds`: samples drawn from TSDS's KDE-corrected transport-vs-diversity distribution.
 
 `compute_features` (content-cached at every step): embeddings of pool and target, each target example's `max_K`
 nearest pool rows, the KDE density ρ over the retrieved rows (σ = `sigma`, `kde_K` neighbours each, itself

@@ -5,7 +5,7 @@ hidden states (later tokens count more). The anchor set is `eval_dataset`; the m
 refreshed with the current model every `refresh_interval` optimizer steps (once per step, not once per
 micro-batch as in DataFlex). score(x) = <phi(x), A> (the mean cosine to the anchors), raw weight
 sigmoid(score / tau), optionally min(., clip); the weights are then normalised over the whole optimizer step
-(mean 1), where DataFlex used an unnormalised sum whose scale depends on the batch size (spec B15).
+(mean 1), where DataFlex used an unnormalised sum whose scale depends on the batch size.
 """
 
 from __future__ import annotations

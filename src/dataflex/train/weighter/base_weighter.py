@@ -5,7 +5,7 @@ inputs) -> scalar` for one micro-batch. The loop's `WeightedLoss` strategy calls
 computed once in fp32 by the training forward; such a weighter's loss is a micro-batch quantity, averaged over
 the accumulation window as DataFlex does. A weighter is a `Callback`: its state is in every TrainState.
 
-`StepWeighter` is what the built-in weighters use. It fixes two DataFlex problems (spec B3, B14, B15):
+`StepWeighter` is what the built-in weighters use. It fixes two DataFlex problems:
 weights are computed over the whole optimizer step (every micro-batch, every process) rather than per
 micro-batch, and they are relative weights with mean 1 applied to each sample's token-sum loss over the
 window's token count, so uniform weights give exactly the standard loss (no scale jump at `warmup_step`).

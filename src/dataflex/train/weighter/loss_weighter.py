@@ -40,7 +40,7 @@ def strategy_scores(norm: torch.Tensor, strategy: str, delta: float) -> torch.Te
 
 
 def loss_weights(losses: torch.Tensor, strategy: str, delta: float = 1.0, r: float = 1.0) -> torch.Tensor:
-    """Softmax weights (sum 1) of the spec's formulas."""
+    """Softmax weights (sum 1) of the formulas in the module docstring."""
     f = strategy_scores(normalised_losses(losses.float(), delta), strategy, delta)
     return torch.softmax(f / r, dim=0)
 
