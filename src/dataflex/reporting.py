@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: plots are files and MLflow artifacts
 import matplotlib.pyplot as plt  # noqa: E402
-
-from dataflex.utils.io import atomic_write_json  # noqa: E402
 
 
 def metrics_table(eval_metrics: Mapping[str, Mapping[str, Any]]) -> str:
@@ -119,10 +116,6 @@ def run_summary(
         "mlflow_run_id": mlflow_run_id,
         "output_dir": train_result.get("output_dir"),
     }
-
-
-def write_run_summary(summary: Mapping[str, Any], output_dir: str | Path) -> Path:
-    return atomic_write_json(Path(output_dir) / "run_summary.json", dict(summary))
 
 
 def selection_composition_plot(selection: Mapping[str, Any]) -> plt.Figure:

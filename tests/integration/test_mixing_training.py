@@ -3,7 +3,6 @@ DoReMi's excess loss and weighted proxy loss. (The sampling core and formulas ar
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import replace
 
@@ -112,10 +111,10 @@ def test_rounds_chained_equal_one_run(tmp_path, tiny_model_dir, sft_pool, tokeni
     for k in (1, 2):
         mixtures.append(mix.compute_mixture(cfg, sft_pool, state))
         state = mix.train_segment(cfg, sft_pool, k, previous=state, mixture=mixtures[-1])
-    result = mix.finalize(cfg, state, mixtures)
+    result = mix.finalize(state, mixtures)
     assert result["global_step"] == 6 and [m["step"] for m in mixtures] == [2, 4]
-    lines = (tmp_path / "rounds" / "out" / "mixture" / "proportions.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and json.loads(lines[0])["proportions"] == pytest.approx([0.8, 0.1, 0.1])
+    lines = result["mixture_history"]
+    assert len(lines) == 3 and lines[0]["proportions"] == pytest.approx([0.8, 0.1, 0.1])
 
     # The same run in one Trainer, the mixer called in-loop at steps 2 and 4.
     manager, offsets = mix.build_manager(sft_pool, cfg.dataflex, seed=42)

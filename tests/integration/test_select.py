@@ -90,7 +90,7 @@ def test_rounds_cache_and_resume_from_a_save_steps_checkpoint(demo_dir, tiny_mod
     first_run = json.loads((tmp_path / "out" / "selections" / "step_4.json").read_text())
     assert sel2["step"] == 4 and sel2["indices"] == first_run["indices"]
     s2 = select.train_segment(cfg2, sft_pool, evals, 2, previous=s1, selection=sel2)
-    select.finalize(cfg2, s2, [sel1, sel2])
+    select.finalize(s2, [sel1, sel2])
     resumed = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.allclose(resumed[k], uninterrupted[k], atol=1e-6) for k in resumed)

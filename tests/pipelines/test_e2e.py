@@ -323,7 +323,9 @@ def test_cli_dynamic_mix_with_the_seed_mixer(demo_dir, tiny_model_dir, project_r
     assert lines[1]["proportions"] == pytest.approx((raw / raw.sum()).tolist())
     assert lines[1]["proportions"] == lines[2]["proportions"]  # the seed's mixer re-seeds: the same vector each call
     for k in range(3):
-        assert (project / "data" / "06_models" / "dynamic_mix" / f"round_{k}" / "state.json").is_file()
+        state = json.loads((out / "rounds" / f"round_{k}" / "state.json").read_text())  # the catalog's TrainState
+        assert state["checkpoint"] == str(out / "rounds" / f"round_{k}" / "checkpoint")
+        assert (out / "rounds" / f"round_{k}" / "checkpoint" / "manifest.json").is_file()
     assert (project / "data" / "08_reporting" / "mixture_proportions.png").stat().st_size > 1000
     client, run = _mlflow_run(db, summary["mlflow_run_id"])
     assert len(client.get_metric_history(run.info.run_id, "mixture/text_noisy_train")) == 3
@@ -364,7 +366,7 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
     assert main(["train", "doremi.yaml", "--pipeline", "doremi", *argv]) == 0
     _end_runs()
     out = tmp_path / "saves" / "doremi"
-    weights = json.loads((out / "proxy" / "mixture" / "doremi_weights.json").read_text())
+    weights = json.loads((out / "mixture" / "doremi_weights.json").read_text())
     assert weights["updates"] == 4 and sum(weights["average_weights"]) == pytest.approx(1.0)
     final = [json.loads(x) for x in (out / "mixture" / "proportions.jsonl").read_text().splitlines()]
     assert final[0]["proportions"] == pytest.approx(weights["average_weights"])  # step 3 trains on them
@@ -522,7 +524,7 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     assert sel2["domain_counts"]["reverse_train"] >= 0.8 * 12, sel2["domain_counts"]
     both = json.loads((tmp_path / "selection" / "selections" / "arith_dev+sort_dev.json").read_text())["domain_counts"]
     assert both["arith_train"] + both["sort_train"] >= 0.8 * 12, both
-    final = json.loads((project / "data" / "06_models" / "train_result.json").read_text())
+    final = json.loads((tmp_path / "saves" / "less2" / "train_result.json").read_text())
     assert 12 <= final["selected_samples"] <= 24 and final["targets"] == ["reverse_dev", "arith_dev+sort_dev"]
 
     # The notebook reads the selection and the datastore through the project's catalog and runs as written.
@@ -532,6 +534,7 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     nb = json.loads((project_root / "notebooks" / "less_datastore.ipynb").read_text())
     code = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     env = {**os.environ, "MPLBACKEND": "Agg", "KEDRO_DISABLE_TELEMETRY": "true"}
+    env["DATAFLEX_OUTPUT_DIR"] = str(tmp_path / "saves" / "less2")  # the run to inspect
     done = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "most influential:" in done.stdout and "[reverse_train]" in done.stdout

@@ -3,8 +3,8 @@
 `Run(cfg, pool, mode)` builds tokenizer, collator, accelerator, the mode's components (selector / mixer /
 weighter), its data plan and loss strategy, the model, the optimizer and the one `Trainer`, and resumes from a
 TrainState when asked. `Run.finish()` saves the trained adapter / model and returns the `RunResult` whose
-`to_summary()` is the one output-contract writer (`train_result.json`). A mode (`dataflex.train.modes`) says only
-what differs: its components, plan and loss, and what happens between segments.
+`to_summary()` is the one place the run's summary is built (the catalog's `train_result`). A mode
+(`dataflex.train.modes`) says only what differs: its components, plan and loss, and what happens between segments.
 
 `distributable` is the one launch decision: a library function decorated with it runs on `num_processes`
 accelerate workers when the run asks for more than one (see `dataflex.distributed.launch`).
@@ -25,7 +25,6 @@ from dataflex.models import load_model, load_tokenizer, model_fingerprint, save_
 from dataflex.train.trainer import Callback, LossStrategy, Trainer, TrainingArguments, TrainResult, make_accelerator
 from dataflex.train.trainer.plan import DataPlan
 from dataflex.train.trainer.state import check_compatible, read_manifest
-from dataflex.utils.io import atomic_write_json
 
 if TYPE_CHECKING:
     from dataflex.config import ModelConfig, RunConfig
@@ -38,7 +37,6 @@ __all__ = [
     "distributable",
     "load_checkpoint_model",
     "train",
-    "write_train_result",
 ]
 
 
@@ -126,15 +124,6 @@ class RunResult:
         }
 
 
-def write_train_result(summary: dict[str, Any]) -> dict[str, Any]:
-    """The output contract's `train_result.json` in the run's output_dir (main process only); returns `summary`."""
-    from dataflex.distributed.collectives import current_accelerator, is_main
-
-    if is_main(current_accelerator()):
-        atomic_write_json(Path(summary["output_dir"]) / "train_result.json", summary)
-    return summary
-
-
 class Run:
     """One run (or one segment of a longer run, resumed from the previous segment's TrainState)."""
 
@@ -210,9 +199,9 @@ def train(
     summary_extra: dict[str, Any] | None = None,
     metrics_sink: MetricsSink | None = None,
 ) -> dict[str, Any]:
-    """A one-segment run of `mode` (static, dynamic_weight) to its end; writes and returns the run's summary."""
+    """A one-segment run of `mode` (static, dynamic_weight) to its end; the run's summary (the catalog's
+    `train_result`)."""
     from dataflex.train.modes import get_mode
 
     run = Run(cfg, pool, get_mode(mode)(cfg, len(pool)), eval_sets=eval_sets, metrics_sink=metrics_sink)
-    finished = run.finish(run.train(), **(summary_extra or {}))
-    return write_train_result(finished.to_summary())
+    return run.finish(run.train(), **(summary_extra or {})).to_summary()

@@ -29,18 +29,19 @@ def reference(train_pool: Any, parameters: dict) -> dict:
     return mix.run_single_segment(cfg, train_pool, mlflow_metrics_sink("reference/"))
 
 
-def proxy(train_pool: Any, parameters: dict, reference_result: dict) -> dict:
+def proxy(train_pool: Any, parameters: dict, reference_result: dict) -> tuple[dict, dict]:
     cfg = _step(parameters, "proxy", "proxy", reference_dir=_trained_dir(reference_result))
-    return mix.run_single_segment(cfg, train_pool, mlflow_metrics_sink("proxy/"))
+    result = mix.run_single_segment(cfg, train_pool, mlflow_metrics_sink("proxy/"))
+    return result, result["doremi"]
 
 
-def final(train_pool: Any, parameters: dict, proxy_result: dict) -> dict:
+def final(train_pool: Any, parameters: dict, proxy_result: dict) -> tuple[dict, list]:
     weights = proxy_result["doremi_average_weights"]
     result = mix.run_single_segment(
         _step(parameters, "final", None, weights=weights), train_pool, mlflow_metrics_sink()
     )
     log_mixture(result["mixture_history"])
-    return {**result, "train_type": "doremi", "doremi_average_weights": weights}
+    return {**result, "train_type": "doremi", "doremi_average_weights": weights}, result["mixture_history"]
 
 
 def plot(proxy_result: dict) -> Any:

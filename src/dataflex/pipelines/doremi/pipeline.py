@@ -19,8 +19,13 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
     steps = Pipeline(
         [
             Node(reference, PARAMS, "doremi.reference_result", name="doremi.reference"),
-            Node(proxy, [*PARAMS, "doremi.reference_result"], "doremi.proxy_result", name="doremi.proxy"),
-            Node(final, [*PARAMS, "doremi.proxy_result"], "train_result", name="doremi.final"),
+            Node(
+                proxy,
+                [*PARAMS, "doremi.reference_result"],
+                ["doremi.proxy_result", "doremi.weights"],
+                name="doremi.proxy",
+            ),
+            Node(final, [*PARAMS, "doremi.proxy_result"], ["train_result", "mixture_history"], name="doremi.final"),
             Node(plot, "doremi.proxy_result", "doremi_plot", name="doremi.plot_weights"),
         ],
         tags="doremi",

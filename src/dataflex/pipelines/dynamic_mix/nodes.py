@@ -27,10 +27,10 @@ def next_segment(train_pool: Any, parameters: dict, prev_state: dict, mixture: d
     return mix.train_segment(_cfg(parameters), train_pool, k, prev_state, mixture, metrics_sink=mlflow_metrics_sink())
 
 
-def finalize(last_state: dict, parameters: dict, *mixtures: dict) -> dict:
-    result = mix.finalize(_cfg(parameters), last_state, list(mixtures))
+def finalize(last_state: dict, *mixtures: dict) -> tuple[dict, list]:
+    result = mix.finalize(last_state, list(mixtures))
     log_mixture(result["mixture_history"])
-    return result
+    return result, result["mixture_history"]
 
 
 def plot_mixture(train_result: dict) -> Any:

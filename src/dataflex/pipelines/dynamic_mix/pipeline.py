@@ -33,7 +33,7 @@ def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     last = f"dynamic_mix.round_{n - 1}.state"
     wrap_up = Pipeline(
         [
-            Node(finalize, [last, "parameters", *mixtures], "train_result", name="dynamic_mix.finalize"),
+            Node(finalize, [last, *mixtures], ["train_result", "mixture_history"], name="dynamic_mix.finalize"),
             Node(plot_mixture, "train_result", "mixture_plot", name="dynamic_mix.plot_mixture"),
         ]
     )

@@ -32,8 +32,9 @@ def next_segment(train_pool: Any, eval_sets: Any, parameters: dict, prev_state: 
     return select.train_segment(_cfg(parameters), train_pool, eval_sets, k, prev_state, selection, metrics_sink=sink)
 
 
-def finalize(last_state: dict, parameters: dict, *selections: dict) -> dict:
-    return select.finalize(_cfg(parameters), last_state, list(selections))
+def finalize(last_state: dict, *selections: dict) -> tuple[dict, list]:
+    result = select.finalize(last_state, list(selections))
+    return result, result["selection_history"]
 
 
 def plot_selection(train_result: dict) -> Any:

@@ -34,7 +34,12 @@ def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     last = f"dynamic_select.round_{n - 1}.state"
     wrap_up = Pipeline(
         [
-            Node(finalize, [last, "parameters", *selections], "train_result", name="dynamic_select.finalize"),
+            Node(
+                finalize,
+                [last, *selections],
+                ["train_result", "selection_history"],
+                name="dynamic_select.finalize",
+            ),
             Node(plot_selection, "train_result", "selection_plot", name="dynamic_select.plot_selection"),
         ]
     )

@@ -9,10 +9,8 @@ loop (its own loss strategy). Kedro unrolls the rounds as `dynamic_mix.round_<k>
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from dataflex.core.errors import ConfigError
@@ -21,11 +19,10 @@ from dataflex.data import domain_names
 from dataflex.distributed.launch import MetricsSink, distributable
 from dataflex.train.dataset.mixed_proportion_manager import RULES, MixedProportionManager, check_proportions
 from dataflex.train.modes import component_for
-from dataflex.train.run import Mode, Run, write_train_result
+from dataflex.train.run import Mode, Run
 from dataflex.train.schedule import mix_schedule
 from dataflex.train.trainer import Callback, LossStrategy
 from dataflex.train.trainer.plan import MixturePlan
-from dataflex.utils.io import atomic_write_text
 
 __all__ = [
     "MixMode",
@@ -172,19 +169,21 @@ def compute_mixture(cfg: Any, pool: Any, previous: dict[str, Any]) -> dict[str, 
     }
 
 
-def finalize(cfg: Any, last: Mapping[str, Any], mixtures: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The run's summary with its mixture history (OUTPUT_DIR/mixture/proportions.jsonl; DoReMi's weights)."""
-    out = Path(cfg.train.output_dir)
+def finalize(last: Mapping[str, Any], mixtures: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's summary (from the last round) with its mixture history (`mixture_history`: the initial
+    proportions, then every mixer update) and, for DoReMi's proxy, its averaged domain weights (`doremi`)."""
     summary = dict(last["summary"])
     init = {"step": 0, "names": last["names"], "proportions": last["initial_proportions"]}
     lines = [init, *({k: m[k] for k in ("step", "names", "proportions", "stats") if k in m} for m in mixtures)]
-    atomic_write_text(out / "mixture" / "proportions.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
     stats = summary.pop("doremi_stats", None)
     if stats is not None:
-        doremi = {"names": last["names"], "average_weights": stats["average_weights"], "final_alpha": stats["alpha"]}
-        doremi["updates"] = stats["updates"]
-        atomic_write_text(out / "mixture" / "doremi_weights.json", json.dumps(doremi, indent=2) + "\n")
-    return write_train_result({**summary, "mixture_history": lines})
+        summary["doremi"] = {
+            "names": last["names"],
+            "average_weights": stats["average_weights"],
+            "final_alpha": stats["alpha"],
+            "updates": stats["updates"],
+        }
+    return {**summary, "mixture_history": lines}
 
 
 def run_all(cfg: Any, pool: Any, metrics_sink: MetricsSink | None = None) -> dict[str, Any]:
@@ -195,13 +194,13 @@ def run_all(cfg: Any, pool: Any, metrics_sink: MetricsSink | None = None) -> dic
     for k in range(1, n):
         mixtures.append(compute_mixture(cfg, pool, state))
         state = train_segment(cfg, pool, k, state, mixtures[-1], metrics_sink=metrics_sink)
-    return finalize(cfg, state, mixtures)
+    return finalize(state, mixtures)
 
 
 def run_single_segment(cfg: Any, pool: Any, metrics_sink: MetricsSink | None = None) -> dict[str, Any]:
     """A whole mixed run in one segment (a static mix, or the DoReMi proxy), finalized."""
     state = train_segment(cfg, pool, 0, single_segment=True, metrics_sink=metrics_sink)
-    return finalize(cfg, state, [])
+    return finalize(state, [])
 
 
 def doremi_config(cfg: Any, step: str, reference_dir: str | None = None, weights: list[float] | None = None) -> Any:

@@ -22,7 +22,7 @@ from dataflex.core.registry import REGISTRY
 from dataflex.data import dataset_fingerprint, domain_names
 from dataflex.distributed.launch import MetricsSink, distributable
 from dataflex.train.modes import component_for
-from dataflex.train.run import Mode, Run, write_train_result
+from dataflex.train.run import Mode, Run
 from dataflex.train.schedule import Event, select_schedule
 from dataflex.train.trainer import Callback
 from dataflex.train.trainer.plan import SelectPlan
@@ -295,14 +295,12 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def finalize(cfg: Any, last: Mapping[str, Any], selections: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The run's summary with the per-round selection composition (OUTPUT_DIR/selections/composition.json)."""
-    out = Path(cfg.train.output_dir)
+def finalize(last: Mapping[str, Any], selections: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The run's summary (from the last round) with the per-round selection composition (`selection_history`)."""
     composition = [
         {"step": s["step"], "domain_counts": s["domain_counts"], "cache": s.get("cache")} for s in selections
     ]
-    atomic_write_json(out / "selections" / "composition.json", composition)
-    return write_train_result({**last["summary"], "selection_history": composition})
+    return {**last["summary"], "selection_history": composition}
 
 
 def run_all(cfg: Any, pool: Any, eval_sets: Any, metrics_sink: MetricsSink | None = None) -> dict[str, Any]:
@@ -314,4 +312,4 @@ def run_all(cfg: Any, pool: Any, eval_sets: Any, metrics_sink: MetricsSink | Non
         _, sel = select_round(cfg, pool, eval_sets, state)
         selections.append(sel)
         state = train_segment(cfg, pool, eval_sets, k, state, sel, metrics_sink)
-    return finalize(cfg, state, selections)
+    return finalize(state, selections)

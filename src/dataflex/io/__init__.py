@@ -1,0 +1,13 @@
+"""Kedro datasets for dataflex's artefacts: the catalog decides where each one lives (under the run's
+`train.output_dir` by default, see conf/base/catalog.yml) and these write them atomically.
+
+- `TrainStateDataset`: a round's TrainState (weights, Adam moments, plan, component state, RNG) as a directory
+  with its manifest, plus the round's JSON record; saving links the loop's finished checkpoint into place
+  (temp dir + rename) and refuses a truncated one; loading verifies it and points the record at it.
+- `JSONLinesDataset`: one JSON object per line (mixture histories), written atomically.
+"""
+
+from dataflex.io.jsonlines import JSONLinesDataset
+from dataflex.io.train_state import TrainStateDataset
+
+__all__ = ["JSONLinesDataset", "TrainStateDataset"]
