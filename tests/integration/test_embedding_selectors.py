@@ -289,7 +289,6 @@ def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_di
         "max_samples": 12,
         "final_epochs": 1,
         "cache_dir": str(tmp_path / "cache"),
-        "output_dir": str(tmp_path / "sel"),
     }
     check_config(ss, data)
     cfg = RunConfig.from_params({"model": model, "train": train, "data": data, "static_select": ss})
@@ -298,10 +297,14 @@ def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_di
     feats = one_shot.compute_features(cfg, sft_pool, targets, warm)
     sel = one_shot.select(cfg, sft_pool, targets, warm, feats)
     (chosen,) = sel["targets"].values()
-    assert len(chosen["indices"]) == 12 and (tmp_path / "sel" / "selected" / "arith_dev.jsonl").is_file()
+    assert len(chosen["indices"]) == 12 and set(sel["files"]) == {
+        "selections/arith_dev.json",
+        "selected/arith_dev.jsonl",
+    }
+    assert len(sel["files"]["selected/arith_dev.jsonl"].splitlines()) == 12
     assert one_shot.compute_features(cfg, sft_pool, targets, warm)["features"]["cache_hit"]
     final_cfg = replace(cfg, train=replace(cfg.train, output_dir=str(tmp_path / "final")))
-    out = one_shot.final_train(final_cfg, sft_pool, sel)
+    out = one_shot.final_train(final_cfg, sft_pool, {k: v for k, v in sel.items() if k != "files"})
     assert out["selected_samples"] == 12 and out["train_type"] == "static_select"
     with pytest.raises(ConfigError, match="static_select.percentage"):
         check_config({**ss, "max_samples": None, "percentage": 2})

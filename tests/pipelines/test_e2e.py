@@ -428,7 +428,6 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
         "less_shard_size": 100,
         "less_datastore_dir": "store",
         "less_warmup_dir": "warmup",
-        "less_output_dir": "selection",
     }
     (tmp_path / "less.yaml").write_text(yaml.safe_dump(cfg))
     db = tmp_path / "mlflow.db"
@@ -436,16 +435,19 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     assert main(["train", "less.yaml", *argv]) == 0
     _end_runs()
 
-    sel = json.loads((tmp_path / "selection" / "selections" / "arith_dev.json").read_text())
+    sel = json.loads((tmp_path / "saves" / "less" / "less" / "selections" / "arith_dev.json").read_text())
     pool_size = 6 * 40
     assert len(sel["indices"]) == int(0.05 * pool_size) == 12
     assert sel["scores"] == sorted(sel["scores"], reverse=True)
     assert sel["domain_counts"]["arith_train"] >= 0.8 * 12, sel["domain_counts"]
     # The selected rows are written back verbatim in their raw format.
     raw = json.loads((demo_dir / "arith_train.json").read_text())
-    lines = [json.loads(x) for x in (tmp_path / "selection" / "selected" / "arith_dev.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x)
+        for x in (tmp_path / "saves" / "less" / "less" / "selected" / "arith_dev.jsonl").read_text().splitlines()
+    ]
     assert len(lines) == 12 and sum(row in raw for row in lines) == sel["domain_counts"]["arith_train"]
-    table = (tmp_path / "selection" / "scores.csv").read_text().splitlines()
+    table = (tmp_path / "saves" / "less" / "less" / "scores.csv").read_text().splitlines()
     assert table[0] == "sample_id,domain,source_row,arith_dev" and len(table) == 1 + pool_size
     summary = json.loads((tmp_path / "saves" / "less" / "run_summary.json").read_text())
     assert summary["train_type"] == "less" and summary["global_step"] == 4 * 3  # 12 samples, batch 4, 4 epochs
@@ -520,9 +522,11 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     assert m["less/ckpt_0/datastore_computed_samples"] == 0
     assert m["less/ckpt_0/target/reverse_dev_cache_hit"] == 0.0
     assert m["less/ckpt_0/target/arith_dev_sort_dev_computed_samples"] == 8  # sort_dev only
-    sel2 = json.loads((tmp_path / "selection" / "selections" / "reverse_dev.json").read_text())
+    sel2 = json.loads((tmp_path / "saves" / "less2" / "less" / "selections" / "reverse_dev.json").read_text())
     assert sel2["domain_counts"]["reverse_train"] >= 0.8 * 12, sel2["domain_counts"]
-    both = json.loads((tmp_path / "selection" / "selections" / "arith_dev+sort_dev.json").read_text())["domain_counts"]
+    both = json.loads((tmp_path / "saves" / "less2" / "less" / "selections" / "arith_dev+sort_dev.json").read_text())[
+        "domain_counts"
+    ]
     assert both["arith_train"] + both["sort_train"] >= 0.8 * 12, both
     final = json.loads((tmp_path / "saves" / "less2" / "train_result.json").read_text())
     assert 12 <= final["selected_samples"] <= 24 and final["targets"] == ["reverse_dev", "arith_dev+sort_dev"]

@@ -194,10 +194,11 @@ def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any
     for key in ("accelerate_config", "deepspeed"):
         train[key] = absolute(train.get(key))
     flex["components_cfg_file"] = absolute(flex["components_cfg_file"])
-    less = params.get("less") or {}
-    for key in ("datastore_dir", "warmup_dir", "output_dir"):
-        if key in less:
-            less[key] = absolute(less[key])
+    for group, keys in (("less", ("datastore_dir", "warmup_dir")), ("static_select", ("warmup_dir", "cache_dir"))):
+        values = params.get(group) or {}
+        for key in keys:
+            if key in values:
+                values[key] = absolute(values[key])
     # A model path is resolved only when it exists locally: otherwise it may be a hub id.
     name = model["model_name_or_path"]
     if isinstance(name, str) and (base_dir / name).exists() and not Path(name).is_absolute():

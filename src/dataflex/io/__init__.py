@@ -4,10 +4,13 @@
 - `TrainStateDataset`: a round's TrainState (weights, Adam moments, plan, component state, RNG) as a directory
   with its manifest, plus the round's JSON record; saving links the loop's finished checkpoint into place
   (temp dir + rename) and refuses a truncated one; loading verifies it and points the record at it.
+- `SelectionDataset`: a one-shot selection (LESS, static_select): per-target selection JSON, the selected rows as
+  jsonl, the pool's score table, and the summary written last.
 - `JSONLinesDataset`: one JSON object per line (mixture histories), written atomically.
 """
 
 from dataflex.io.jsonlines import JSONLinesDataset
+from dataflex.io.selection import SelectionDataset
 from dataflex.io.train_state import TrainStateDataset
 
-__all__ = ["JSONLinesDataset", "TrainStateDataset"]
+__all__ = ["JSONLinesDataset", "SelectionDataset", "TrainStateDataset"]

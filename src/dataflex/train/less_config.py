@@ -57,7 +57,6 @@ class LessConfig(Schema):
     shard_size: int = setting(1024, "samples per datastore shard (the unit of resume)", ge=1)
     datastore_dir: str = setting("data/04_feature", "the gradient datastore (shared by every run)")
     warmup_dir: str = setting("data/06_models/less/warmup", "warm-up checkpoints, keyed by content")
-    output_dir: str = setting("data/05_model_input/less", "selections, selected jsonl, score table")
     final_epochs: int = setting(4, "epochs of the final training on the selection", ge=1)
 
 

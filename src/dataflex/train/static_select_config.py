@@ -34,7 +34,6 @@ class StaticSelectConfig(Schema):
     cache_dir: str = setting(
         "data/04_feature/static_select", "selector artefacts: embeddings, neighbours, clusters, datastore"
     )
-    output_dir: str = setting("data/05_model_input/static_select", "selections")
     final_epochs: int = setting(4, "epochs of the final training on the selection", ge=1)
 
 

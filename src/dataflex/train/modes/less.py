@@ -38,7 +38,7 @@ from dataflex.train.less_config import LessConfig, target_list, target_names
 from dataflex.train.run import Run, load_checkpoint_model, train
 from dataflex.train.trainer.loop import scheduled_learning_rates
 from dataflex.train.trainer.state import read_manifest
-from dataflex.utils.io import atomic_write_json, atomic_write_text, sha256_json
+from dataflex.utils.io import atomic_write_json, sha256_json
 from dataflex.utils.logging import logger
 
 if TYPE_CHECKING:
@@ -200,10 +200,12 @@ def select(
     less: LessConfig,
     data: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Score the pool for every target, pick the top ones and write the selection files (`data`: the data group)."""
+    """Score the pool for every target and pick the top ones; the summary carries the files users read
+    (`files`: per-target selection JSON, selected rows as jsonl, the pool's score table) for the catalog to write
+    (`data`: the data group)."""
     lrs = [c["avg_lr"] for c in warmup_result["checkpoints"]]
     train_feats = [GradientDatastore.load(r).features for r in train_refs]
-    out = Path(less.output_dir)
+    files: dict[str, Any] = {}
     sample_ids = list(train_pool["sample_id"])
     pool_domains = list(train_pool["domain_id"])
     names = domain_names(train_pool)
@@ -236,8 +238,8 @@ def select(
             "checkpoint_lrs": lrs,
             "domain_counts": dict(zip(names, counts)),
         }
-        atomic_write_json(out / "selections" / f"{target}.json", selection)
-        atomic_write_text(out / "selected" / f"{target}.jsonl", selected_jsonl(train_pool, picked, data))
+        files[f"selections/{target}.json"] = selection
+        files[f"selected/{target}.jsonl"] = selected_jsonl(train_pool, picked, data)
         summary["targets"][target] = {k: v for k, v in selection.items() if k not in ("scores",)}
         summary["targets"][target]["score_stats"] = _stats(scores)
         logger.info(
@@ -247,9 +249,8 @@ def select(
             target,
             ", ".join(f"{n}={c}" for n, c in zip(names, counts) if c),
         )
-    atomic_write_text(out / "scores.csv", score_table(train_pool, table))
-    summary["scores_path"] = str(out / "scores.csv")
-    return summary
+    files["scores.csv"] = score_table(train_pool, table)
+    return {**summary, "files": files}
 
 
 def _stats(scores: torch.Tensor) -> dict[str, float]:

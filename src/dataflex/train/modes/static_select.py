@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -28,7 +27,6 @@ from dataflex.models import load_tokenizer, model_fingerprint
 from dataflex.train.less_config import target_names
 from dataflex.train.modes import less as less_lib
 from dataflex.train.run import build_model, load_checkpoint_model
-from dataflex.utils.io import atomic_write_json, atomic_write_text
 from dataflex.utils.logging import logger
 
 if TYPE_CHECKING:
@@ -120,7 +118,8 @@ def select(
     warmup_result: Mapping[str, Any],
     features: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Run the selector once and write selections/<target>.json, selected/<target>.jsonl; LESS's summary format."""
+    """Run the selector once; LESS's summary format, with selections/<target>.json and selected/<target>.jsonl in
+    `files` for the catalog to write."""
     ss = cfg.static_select
     start = time.perf_counter()
     selector = build_selector(ss, pool, targets, cfg.train.seed)
@@ -140,7 +139,6 @@ def select(
     for i in picked:
         counts[names[dom[i]]] += 1
     name = "+".join(target_names({"targets": ss.targets}))
-    out = Path(ss.output_dir)
     selection = {
         "target": name,
         "selector": ss.selector,
@@ -151,8 +149,10 @@ def select(
         "select_seconds": seconds,
         "features_seconds": features.get("seconds"),
     }
-    atomic_write_json(out / "selections" / f"{name}.json", selection)
-    atomic_write_text(out / "selected" / f"{name}.jsonl", less_lib.selected_jsonl(pool, picked, cfg.data.to_dict()))
+    files = {
+        f"selections/{name}.json": selection,
+        f"selected/{name}.jsonl": less_lib.selected_jsonl(pool, picked, cfg.data.to_dict()),
+    }
     composition = ", ".join(f"{n}={c}" for n, c in counts.items() if c)
     logger.info(
         "static_select (%s) selected %d of %d for %s: %s", ss.selector, len(picked), len(pool), name, composition
@@ -164,6 +164,7 @@ def select(
         "domains": names,
         "pool_size": len(pool),
         "pool_domain_counts": pool_counts,
+        "files": files,  # written by the catalog (dataflex.io.SelectionDataset)
     }
 
 
