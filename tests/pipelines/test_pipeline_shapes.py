@@ -83,3 +83,48 @@ def test_pipeline_builders_take_their_round_count_from_the_schedule(monkeypatch)
     assert "dynamic_select.round_2.train_segment" in {n.name for n in select_pipeline().nodes}
     assert "dynamic_mix.round_2.train_segment" in {n.name for n in mix_pipeline().nodes}
     assert "dynamic_mix.round_3.train_segment" not in {n.name for n in mix_pipeline().nodes}
+
+
+def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root, tmp_path):
+    """Train states, selections, mixtures and results are catalog datasets of the dataflex.io types, and a run's
+    output_dir moves all of them (what kedro-viz shows as the pipelines' datasets)."""
+    from kedro.config import OmegaConfigLoader
+    from kedro.framework.project import configure_project, pipelines
+    from kedro.io import DataCatalog
+
+    from dataflex.io import JSONLinesDataset, SelectionDataset, TrainStateDataset
+
+    configure_project("dataflex")
+    out = tmp_path / "run"
+    loader = OmegaConfigLoader(
+        conf_source=str(project_root / "conf"),
+        base_env="base",
+        default_run_env="local",
+        runtime_params={"train": {"output_dir": str(out)}},
+    )
+    catalog = DataCatalog.from_config(loader["catalog"])
+    kinds = {
+        "dynamic_select.round_1.state": TrainStateDataset,
+        "dynamic_mix.round_2.state": TrainStateDataset,
+        "mixture_history": JSONLinesDataset,
+    }
+    for name, kind in kinds.items():
+        assert isinstance(catalog.get(name), kind), name
+    assert (
+        isinstance(
+            catalog.get("less.selection")._dataset
+            if hasattr(catalog.get("less.selection"), "_dataset")
+            else catalog.get("less.selection"),
+            SelectionDataset,
+        )
+        or "Selection" in type(catalog.get("less.selection")).__name__
+    )
+    for pipeline in ("static", "dynamic_select", "dynamic_mix", "dynamic_weight", "doremi", "less", "static_select"):
+        produced = pipelines[pipeline].outputs() | {o for n in pipelines[pipeline].nodes for o in n.outputs}
+        for name in produced:
+            if name.endswith(("_plot", "_histogram", "curve", "table", "eval_metrics", "train_pool_stats")):
+                continue  # reports: data/08_reporting and MLflow
+            if name in ("train_pool", "eval_sets", "raw_inputs") or name.endswith("target_sets"):
+                continue  # shared inputs
+            described = str(catalog.get(name)._describe())
+            assert str(out) in described, f"{pipeline}: {name} is not under the run's output_dir: {described}"
