@@ -9,6 +9,8 @@ from kedro.framework.hooks import hook_impl
 
 from dataflex.config import PIPELINE_GROUPS, TRAIN_TYPES, validate_params
 from dataflex.core.errors import DataFlexError
+from dataflex.utils.io import remove_stale_temp
+from dataflex.utils.lock import RunLock
 from dataflex.utils.logging import logger
 
 _PARAMS: dict[str, Any] | None = None
@@ -29,6 +31,8 @@ def _validate(params: dict[str, Any], check: Any = validate_params) -> None:
 
 
 class ProjectHooks:
+    _lock: RunLock | None = None
+
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         global _PARAMS
@@ -47,3 +51,27 @@ class ProjectHooks:
         modes = [n for n in names if n in TRAIN_TYPES and n != "static"]
         if _PARAMS is not None and modes:
             _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})
+        if _PARAMS is not None:
+            # One run per output_dir: a second concurrent run is refused before it writes anything there.
+            output_dir = _PARAMS["train"]["output_dir"]
+            try:
+                self._lock = RunLock(output_dir).acquire()
+            except DataFlexError as exc:
+                logger.error("%s", exc)
+                raise SystemExit(f"error: {exc}") from None
+            removed = remove_stale_temp(output_dir)  # what a killed run of this output_dir left half-written
+            if removed:
+                logger.info("removed %d unfinished temporary file(s) of an interrupted run in %s", removed, output_dir)
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

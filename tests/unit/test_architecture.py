@@ -77,11 +77,11 @@ def _restated_defaults(components: dict) -> list[str]:
 
 
 def test_component_defaults_live_only_in_constructor_signatures():
-    """examples/components.yaml and the demo's parameters set only what differs from a component's default."""
+    """examples/components.yaml and the demo's components file set only what differs from a component's default."""
     import yaml
 
     root = SRC.parents[1]
     example = yaml.safe_load((root / "examples" / "components.yaml").read_text())
-    demo = yaml.safe_load((root / "conf" / "base" / "parameters.yml").read_text())["dataflex"]["components"]
+    demo = yaml.safe_load((root / "conf" / "base" / "demo_components.yml").read_text())
     assert not _restated_defaults(example), _restated_defaults(example)
     assert not _restated_defaults(demo), _restated_defaults(demo)

@@ -230,3 +230,28 @@ def test_config_reference_documents_every_key(project_root):
     names = {k for group in DEFAULTS.values() for k in group} | set(FLAT_KEYS) | IGNORED_KEYS | UNSUPPORTED_KEYS
     missing = sorted(k for k in names if f"`{k}`" not in readme)
     assert not missing, f"docs/config.md does not document: {missing}"
+
+
+def test_the_demos_component_settings_never_reach_a_cli_run(project_root):
+    """Kedro merges runtime params over parameters.yml: a dataflex-cli run's components file (or none) replaces
+    the demo's, so a user's component gets the user's values and the demo's `odm.warmup_steps: 20` never leaks."""
+    from kedro.config import OmegaConfigLoader
+
+    from dataflex.config import flat_to_grouped
+    from dataflex.core.components_cfg import component_spec, load_components_cfg
+
+    def merged(flat):
+        runtime = flat_to_grouped(flat)
+        loader = OmegaConfigLoader(
+            str(project_root / "conf"), base_env="base", default_run_env="local", runtime_params=runtime
+        )  # the CLI passes every group as runtime params
+        return loader["parameters"]["dataflex"]
+
+    demo = OmegaConfigLoader(str(project_root / "conf"), base_env="base", default_run_env="local")["parameters"]
+    demo_cfg = load_components_cfg(str(project_root / demo["dataflex"]["components_cfg_file"]), None)
+    assert component_spec(demo_cfg, "mixer", "odm")[1] == {"warmup_steps": 20}  # the demo's own setting
+    flex = merged({"component_name": "odm"})
+    assert component_spec(load_components_cfg(flex["components_cfg_file"], flex["components"]), "mixer", "odm") == (
+        "odm",
+        {},
+    )

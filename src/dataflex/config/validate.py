@@ -5,6 +5,7 @@ the resume checkpoint and the launch config are read."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,17 @@ def _check_paths(rc: RunConfig) -> None:
     cfg_file = rc.dataflex.components_cfg_file
     if cfg_file and not Path(cfg_file).is_file():
         raise ConfigError(f"components_cfg_file '{cfg_file}' does not exist")
+    check_output_dir(rc.train.output_dir)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """The output_dir is (or can become) a writable folder: known before training, not after it."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {path} is a file, not a folder; choose a folder path")
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {path} cannot be created: {existing} is not a writable folder")
 
 
 def _same_path(a: Any, b: Any) -> bool:

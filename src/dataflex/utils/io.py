@@ -79,3 +79,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def remove_stale_temp(root: str | os.PathLike) -> int:
+    """Remove the temporary files and folders (`.<name>.*.tmp`) that interrupted atomic writes left under `root`;
+    only call it while holding the run's lock on `root` (another run's writes in progress look the same)."""
+    count = 0
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    for tmp in sorted(root.rglob(".*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        count += 1
+    return count

@@ -52,6 +52,9 @@ class TrainingArguments(Schema):
     resume_from_checkpoint: str | bool | None = setting(
         None, "a checkpoint-N dir, or latest / true (the newest under output_dir)"
     )
+    allow_different_base: bool = setting(
+        False, "resume a checkpoint trained on another base model of the same shapes (refused by default)"
+    )
     mixed_precision: str = setting(
         "no", "autocast for training (fp16 needs a GPU); flat YAML: bf16: true / fp16: true", choices=MIXED_PRECISION
     )

@@ -39,6 +39,7 @@ from dataflex.train.trainer.losses import (
 )
 from dataflex.train.trainer.plan import DataPlan, EpochPlan, shard_step
 from dataflex.train.trainer.state import (
+    check_base,
     check_compatible,
     load_train_state,
     prune_checkpoints,
@@ -185,7 +186,9 @@ class Trainer:
             logger.info("resume_from_checkpoint: no checkpoint under %s yet, starting from scratch", args.output_dir)
         if self.resume_path is not None:
             # Refuse a truncated checkpoint or one from another model before any work.
-            check_compatible(read_manifest(self.resume_path), model, self.resume_path)
+            manifest = read_manifest(self.resume_path)
+            check_compatible(manifest, model, self.resume_path)
+            check_base(manifest, model_fingerprint, self.resume_path, allow=args.allow_different_base)
         self.optimizer = make_optimizer(model, args)
         self.scheduler = make_scheduler(self.optimizer, args, self.plan.num_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)

@@ -160,6 +160,18 @@ def check_compatible(manifest: dict[str, Any], model: torch.nn.Module, path: str
         )
 
 
+def check_base(manifest: dict[str, Any], fingerprint: str | None, path: str | Path, allow: bool = False) -> None:
+    """A checkpoint of another base model with the same shapes is refused too (its weights would be nonsense on
+    this base), unless `allow` (`allow_different_base: true`)."""
+    theirs = manifest.get("model_fingerprint")
+    if allow or not theirs or not fingerprint or theirs == fingerprint:
+        return
+    raise CheckpointError(
+        f"checkpoint '{path}' was trained on another base model (fingerprint {theirs[:12]} vs {fingerprint[:12]}); "
+        "resume with the same model_name_or_path, or set allow_different_base: true"
+    )
+
+
 def load_train_state(
     path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
