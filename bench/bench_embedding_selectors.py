@@ -1,7 +1,7 @@
 """One-shot selection on the demo with NEAR, TSDS, ClusterLESS and NICE: timings and the target-domain share.
 
 Not a test. Demo tiny model, the 6-domain pool of 1,800 samples, target arith_dev, budget 5% of the pool (90),
-through `dataflex.train.static_select` (what `kedro run --pipelines=static_select` runs): compute_features (miss,
+through `dataflex.train.modes.static_select` (what `kedro run --pipelines=static_select` runs): compute_features (miss,
 in a fresh cache), compute_features again (all caches hit), select. NEAR / TSDS use the packaged
 all-MiniLM-L6-v2; ClusterLESS / NICE use LESS features at the last checkpoint of a 1-epoch warm-up on 5% of the
 pool (Adam features; the warm-up is timed separately and shared). Run from the project root after `make demo`:
@@ -23,11 +23,11 @@ quiet_offline_env()
 
 import torch  # noqa: E402
 
-from dataflex.config import DEFAULTS  # noqa: E402
+from dataflex.config import DEFAULTS, RunConfig, check_static_select  # noqa: E402
 from dataflex.models import load_tokenizer  # noqa: E402
 from dataflex.pipelines.data_processing.nodes import process_data  # noqa: E402
-from dataflex.train import static_select as one_shot  # noqa: E402
-from dataflex.train.less import build_targets  # noqa: E402
+from dataflex.train.modes import static_select as one_shot  # noqa: E402
+from dataflex.train.modes.less import build_targets  # noqa: E402
 
 DOMAINS = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
 RUNS = [
@@ -67,32 +67,37 @@ def main() -> None:
         if name == "nice":
             params = {**params, "policy_model_path": str(ROOT / params["policy_model_path"])}
         tag = name + "".join(f" {k}={v}" for k, v in params.items() if k in ("C",))
-        cfg = one_shot.config(
+        static_select = {
+            "selector": name,
+            "params": params,
+            "targets": ["arith_dev"],
+            "percentage": 0.05,
+            "warmup_epochs": warm_epochs,
+            "warmup_dir": str(root / "warmup"),
+            "cache_dir": str(root / tag.replace(" ", "_")),
+        }
+        cfg = RunConfig.from_params(
             {
-                "selector": name,
-                "params": params,
-                "targets": ["arith_dev"],
-                "percentage": 0.05,
-                "warmup_epochs": warm_epochs,
-                "warmup_dir": str(root / "warmup"),
-                "cache_dir": str(root / tag.replace(" ", "_")),
-                "output_dir": str(root / "sel"),
+                "model": model,
+                "data": data,
+                "train": {**train, "output_dir": str(root / "w")},
+                "static_select": static_select,
             }
         )
-        one_shot.check_config(cfg, data)
-        targets = build_targets(data, cfg, tok, seed=42)
+        check_static_select(cfg.static_select, data["dataset_dir"])
+        targets = build_targets(data, cfg.static_select.to_dict(), tok, seed=42)
         start = time.perf_counter()
-        warm = one_shot.warmup(pool, model, {**train, "output_dir": str(root / "w")}, cfg)
+        warm = one_shot.warmup(cfg, pool)
         if warm_epochs and warm_seconds is None:
             warm_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
-        feats = one_shot.compute_features(pool, targets, warm, model, train, cfg)
+        feats = one_shot.compute_features(cfg, pool, targets, warm)
         miss = time.perf_counter() - t0
         t0 = time.perf_counter()
-        again = one_shot.compute_features(pool, targets, warm, model, train, cfg)
+        again = one_shot.compute_features(cfg, pool, targets, warm)
         hit = time.perf_counter() - t0
         t0 = time.perf_counter()
-        sel = one_shot.select(pool, targets, warm, feats, model, train, cfg, data)
+        sel = one_shot.select(cfg, pool, targets, warm, feats)
         pick = time.perf_counter() - t0
         (chosen,) = sel["targets"].values()
         frac = chosen["domain_counts"]["arith_train"] / sum(chosen["domain_counts"].values())

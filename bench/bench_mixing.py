@@ -6,7 +6,7 @@ noisier `text_noisy_train`, random tokens mixed with words; stage `pt`). Every r
 step count given here) for the same number of optimizer steps, same seed and LoRA init:
 
 1. uniform: static mix at 1/3 each (`mix.run_single_segment`, `static_mix: true`).
-2. DoReMi (the pipeline's 3 steps, `mix.doremi_flex`): reference = run 1's adapter (a uniform static run, as in
+2. DoReMi (the pipeline's 3 steps, `mix.doremi_config`): reference = run 1's adapter (a uniform static run, as in
    the paper), proxy = the `doremi` mixer against it (same steps), final = static mix at the proxy's averaged
    domain weights, same steps as uniform.
 3. ODM: the `odm` mixer (`single_segment`: it resets the sampling proportions every step after its warmup).
@@ -88,6 +88,7 @@ def flex_base(steps: int) -> dict:
 
 
 def odm_flex(args: argparse.Namespace) -> dict:
+    """ODM in one segment (`mix.run_single_segment`): it resets the sampling proportions inside the loop."""
     odm = {
         "name": "odm",
         "params": {"alpha": 0.9, "warmup_steps": args.odm_warmup, "reward_scale": 15.0, "min_exploration_rate": 0.03},
@@ -95,10 +96,17 @@ def odm_flex(args: argparse.Namespace) -> dict:
     return {
         **flex_base(args.steps),
         "static_mix": False,
-        "single_segment": True,
         "component_name": "odm",
         "components": {"mixers": {"odm": odm}},
     }
+
+
+def run_config(flex: dict):
+    """The typed run config: parameters.yml `model` / `train` and the `dataflex` group `flex` (the train group is
+    set per run by `run`)."""
+    from dataflex.config import RunConfig
+
+    return RunConfig.from_params({"model": MODEL, "train": TRAIN, "dataflex": flex})
 
 
 def train_params(args: argparse.Namespace, out: Path, save: bool) -> dict:
@@ -111,11 +119,15 @@ def train_params(args: argparse.Namespace, out: Path, save: bool) -> dict:
     }
 
 
-def run(label: str, pool, flex: dict, args: argparse.Namespace, work: Path, save: bool) -> dict:
-    from dataflex.train import mix
+def run(label: str, pool, cfg, args: argparse.Namespace, work: Path, save: bool) -> dict:
+    from dataclasses import replace
+
+    from dataflex.config import TrainingArguments
+    from dataflex.train.modes import mix
 
     t0 = time.perf_counter()
-    result = mix.run_single_segment(pool, MODEL, train_params(args, work / label, save), flex)
+    train = TrainingArguments.from_dict(train_params(args, work / label, save))
+    result = mix.run_single_segment(replace(cfg, train=train), pool)
     result["seconds"] = time.perf_counter() - t0
     print(
         f"  {label:<14} {result['global_step']} steps, train loss {result['final_train_loss']:.4f} "
@@ -139,9 +151,9 @@ class Evaluator:
 
     def __init__(self, tokenizer, eval_sets: dict, seed: int) -> None:
         from dataflex.data import DataCollatorForCausalLM
-        from dataflex.train.runner import build_model
+        from dataflex.train.run import build_model
 
-        self.model = build_model(MODEL, seed=seed)
+        self.model = build_model(run_config({}).model, seed=seed)
         self.params = dict(self.model.named_parameters())
         self.collator = DataCollatorForCausalLM(tokenizer)
         self.eval_sets = eval_sets
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataflex.data import build_dataset
     from dataflex.models import load_tokenizer
-    from dataflex.train import mix
+    from dataflex.train.modes import mix
 
     silence_libraries()
 
@@ -292,19 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_mixing_") as tmp:
         work = Path(tmp)
         flex = flex_base(args.steps)
-        uniform = run("uniform", pool, mix.doremi_flex(flex, "reference"), args, work, save=True)
+        cfg = run_config(flex)
+        uniform = run("uniform", pool, mix.doremi_config(cfg, "reference"), args, work, save=True)
         flex_doremi = {**flex, "components": {"mixers": {"doremi": {"name": "doremi", "params": DOREMI_PARAMS}}}}
         proxy = run(
             "doremi-proxy",
             pool,
-            mix.doremi_flex(flex_doremi, "proxy", reference_dir=uniform["adapter_dir"]),
+            mix.doremi_config(run_config(flex_doremi), "proxy", reference_dir=uniform["adapter_dir"]),
             args,
             work,
             save=False,
         )
         weights = proxy["doremi_average_weights"]
-        final = run("doremi-final", pool, mix.doremi_flex(flex, "final", weights=weights), args, work, save=True)
-        odm = run("odm", pool, odm_flex(args), args, work, save=True)
+        final = run("doremi-final", pool, mix.doremi_config(cfg, "final", weights=weights), args, work, save=True)
+        odm = run("odm", pool, run_config(odm_flex(args)), args, work, save=True)
         for label, r in (("uniform", uniform), ("doremi-proxy", proxy), ("doremi-final", final), ("odm", odm)):
             seconds[label] = r["seconds"]
         t_eval = time.perf_counter()

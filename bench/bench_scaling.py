@@ -25,9 +25,9 @@ quiet_offline_env()
 
 import torch  # noqa: E402
 
-from dataflex.config import DEFAULTS  # noqa: E402
+from dataflex.config import DEFAULTS, RunConfig  # noqa: E402
 from dataflex.pipelines.data_processing.nodes import process_data  # noqa: E402
-from dataflex.train import select  # noqa: E402
+from dataflex.train.modes import select  # noqa: E402
 
 DOMAINS = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
 
@@ -64,16 +64,18 @@ def main() -> None:
         "update_times": 1,
         "components": {"selectors": {"less": {"name": "less", "params": {"proj_dim": 8192}}}},
     }
-    state = select.train_segment(pool, targets, model, train, flex, 0)
+    cfg = RunConfig.from_params({"model": model, "train": train, "dataflex": flex})
+    state = select.train_segment(cfg, pool, targets, 0)
     # The same TrainState read with 2 processes x 8 x 1: the same global batch, so the same plan.
-    variants = {1: train, 2: {**train, "gradient_accumulation_steps": 1, "num_processes": 2}}
+    two = {**train, "gradient_accumulation_steps": 1, "num_processes": 2}
+    variants = {1: cfg, 2: RunConfig.from_params({"model": model, "train": two, "dataflex": flex})}
     wall: dict[int, list[float]] = {1: [], 2: []}
     extract: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.repeats):
-        for n, params in variants.items():
+        for n, run_cfg in variants.items():
             shutil.rmtree(root / "selector_cache", ignore_errors=True)
             start = time.perf_counter()
-            feats = select.compute_features(pool, targets, model, params, flex, state)
+            feats = select.compute_features(run_cfg, pool, targets, state)
             wall[n].append(time.perf_counter() - start)
             f = feats["features"]
             assert f["pool"]["status"] == "computed", f["pool"]["status"]

@@ -19,12 +19,12 @@ quiet_offline_env()
 
 import torch  # noqa: E402
 
-from dataflex.config import DEFAULTS  # noqa: E402
+from dataflex.config import DEFAULTS, RunConfig  # noqa: E402
 from dataflex.evaluation import evaluate_sets  # noqa: E402
 from dataflex.models import load_tokenizer  # noqa: E402
 from dataflex.pipelines.data_processing.nodes import process_data  # noqa: E402
-from dataflex.train import select  # noqa: E402
-from dataflex.train.runner import build_model  # noqa: E402
+from dataflex.train.modes import select  # noqa: E402
+from dataflex.train.run import build_model  # noqa: E402
 
 DOMAINS = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
 MODEL_DIR = "data/01_raw/tiny_llama"
@@ -82,8 +82,9 @@ def main() -> None:
             "components": {"selectors": {name: {"name": name, "params": params}}},
         }
         start = time.perf_counter()
-        result = select.run_all(pool, targets, model, train, flex)
-        net = build_model(model, 42, adapter_path=result["adapter_dir"])
+        cfg = RunConfig.from_params({"model": model, "train": train, "dataflex": flex})
+        result = select.run_all(cfg, pool, targets)
+        net = build_model(cfg.model, 42, adapter_path=result["adapter_dir"])
         loss = evaluate_sets(
             net, tok, tests, batch_size=32, generate=False, max_new_tokens=4, max_generate_samples=0, stage="sft"
         )["arith_test"]["loss"]

@@ -22,12 +22,12 @@ quiet_offline_env()
 
 import torch  # noqa: E402
 
-from dataflex.config import DEFAULTS  # noqa: E402
+from dataflex.config import DEFAULTS, RunConfig  # noqa: E402
 from dataflex.features.gradients import _as_rows, _pad, per_sample_losses  # noqa: E402
 from dataflex.features.token_losses import IGNORE_INDEX  # noqa: E402
 from dataflex.pipelines.data_processing.nodes import process_data  # noqa: E402
-from dataflex.train import select  # noqa: E402
-from dataflex.train.runner import load_checkpoint_model, train_model  # noqa: E402
+from dataflex.train import run as run_core  # noqa: E402
+from dataflex.train.modes import select  # noqa: E402
 
 DOMAINS = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
 MODEL_DIR = "data/01_raw/tiny_llama"
@@ -92,16 +92,19 @@ def main() -> None:
 
     # 1. One selection (features + scoring, cache miss) vs the plain pass over the same samples, interleaved
     # `--repeats` times (caches removed before each selection) so load on the machine hits both alike; medians.
+    def config(train_group: dict) -> RunConfig:
+        return RunConfig.from_params({"model": model, "train": train_group, "dataflex": flex})
+
     t1 = {**train, "output_dir": str(root / "one")}
-    state = select.train_segment(pool, targets, model, t1, flex, 0)
-    net = load_checkpoint_model(model, state["checkpoint"], 42)
+    cfg1 = config(t1)
+    state = select.train_segment(cfg1, pool, targets, 0)
+    net = run_core.load_checkpoint_model(cfg1.model, state["checkpoint"], 42)
     sel_times, plain_times = [], []
     for _ in range(args.repeats):
         for sub in ("selector_cache", "selections"):
             shutil.rmtree(Path(t1["output_dir"]) / sub, ignore_errors=True)
         start = time.perf_counter()
-        feats = select.compute_features(pool, targets, model, t1, flex, state)
-        sel = select.compute_selection(pool, targets, model, t1, flex, state, feats)
+        _, sel = select.select_round(cfg1, pool, targets, state)
         sel_times.append(time.perf_counter() - start)
         assert sel["cache"] == "miss"
         plain_times.append(plain_forward_backward(net, [pool, targets["arith_dev"]], 16))
@@ -110,10 +113,11 @@ def main() -> None:
 
     # 2. A whole dynamic-select run (20 steps, 3 online-LESS selections) vs static training for 20 steps.
     start = time.perf_counter()
-    run = select.run_all(pool, targets, model, {**train, "output_dir": str(root / "run")}, flex)
+    run = select.run_all(config({**train, "output_dir": str(root / "run")}), pool, targets)
     select_run_s = time.perf_counter() - start
     start = time.perf_counter()
-    train_model(pool, model, {**train, "output_dir": str(root / "static"), "max_steps": run["global_step"]})
+    static = {**train, "output_dir": str(root / "static"), "max_steps": run["global_step"]}
+    run_core.train(RunConfig.from_params({"model": model, "train": static}), pool)
     static_s = time.perf_counter() - start
 
     n = len(pool) + len(targets["arith_dev"])

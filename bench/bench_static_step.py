@@ -1,7 +1,7 @@
 """Static training step time: dataflex's loop vs `transformers.Trainer`, same tiny model, data and batch.
 
 What is timed (identically for both): the wall time between consecutive optimizer-step ends, taken with
-`time.perf_counter()` in an `on_step_end` hook (our observer / an HF `TrainerCallback`). One such interval
+`time.perf_counter()` in an `on_step_end` hook (our `Callback` / an HF `TrainerCallback`). One such interval
 covers one whole loop iteration: fetching + collating the step's micro-batches, forward, backward, gradient
 clipping, `optimizer.step()`, `scheduler.step()`, zero_grad, and the loop's own bookkeeping/logging. The
 first `--warmup-steps-untimed` steps of every run are excluded (allocator / first-call effects). A run's
@@ -38,6 +38,8 @@ from _common import machine_label, quiet_offline_env, silence_libraries  # noqa:
 quiet_offline_env()
 
 import torch  # noqa: E402
+
+from dataflex.train.trainer import Callback  # noqa: E402
 
 DOMAINS = ["arith_train", "reverse_train", "sort_train", "wordcount_train", "facts_train", "format_train"]
 COLUMNS = ["input_ids", "labels", "sample_id", "domain_id"]
@@ -127,8 +129,8 @@ def hparams(args: argparse.Namespace, total_steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-class StepClock:
-    """perf_counter() at every optimizer-step end; usable as our observer and (via HFClock) an HF callback."""
+class StepClock(Callback):
+    """perf_counter() at every optimizer-step end; usable as our callback and (via HFClock) an HF callback."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
@@ -155,7 +157,7 @@ def run_ours(model_dir, tokenizer, pool, args, total_steps: int, out_dir: Path) 
         **hparams(args, total_steps),
     )
     trainer = Trainer(
-        load(model_dir, args), pool, targs, data_collator=DataCollatorForCausalLM(tokenizer), observers=[clock]
+        load(model_dir, args), pool, targs, data_collator=DataCollatorForCausalLM(tokenizer), callbacks={"clock": clock}
     )
     result = trainer.train()
     assert result.global_step == total_steps == len(clock.ends)

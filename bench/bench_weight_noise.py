@@ -96,14 +96,16 @@ def domain_weights(log_history: list[dict], noisy: str) -> tuple[float, float, f
 
 
 def run_one(label: str, strategy: str | None, pool, eval_sets, tokenizer, args, work: Path) -> dict:
+    from dataflex.config import RunConfig
     from dataflex.evaluation import evaluate_sets
-    from dataflex.train.runner import build_model, train_model
+    from dataflex.train.run import build_model, train
 
-    train = {**TRAIN, "output_dir": str(work / label), "num_train_epochs": args.epochs, "seed": args.seed}
+    params = {**TRAIN, "output_dir": str(work / label), "num_train_epochs": args.epochs, "seed": args.seed}
+    cfg = RunConfig.from_params({"model": MODEL, "train": params, "dataflex": flex_params(strategy, args)})
     t0 = time.perf_counter()
-    summary = train_model(pool, MODEL, train, flex_params(strategy, args), eval_sets=eval_sets)
+    summary = train(cfg, pool, mode=cfg.dataflex.train_type, eval_sets=eval_sets)
     t_train = time.perf_counter() - t0
-    model = build_model(MODEL, seed=args.seed, adapter_path=summary["adapter_dir"])
+    model = build_model(cfg.model, seed=args.seed, adapter_path=summary["adapter_dir"])
     metrics = evaluate_sets(
         model, tokenizer, eval_sets, batch_size=TRAIN["per_device_eval_batch_size"], stage="sft", **EVAL
     )
