@@ -92,7 +92,7 @@ def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root,
     from kedro.framework.project import configure_project, pipelines
     from kedro.io import DataCatalog
 
-    from dataflex.io import JSONLinesDataset, SelectionDataset, TrainStateDataset
+    from dataflex.io import JSONLinesDataset, SelectionDataset, TrainedModelDataset, TrainStateDataset
 
     configure_project("dataflex")
     out = tmp_path / "run"
@@ -107,6 +107,7 @@ def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root,
         "dynamic_select.round_1.state": TrainStateDataset,
         "dynamic_mix.round_2.state": TrainStateDataset,
         "mixture_history": JSONLinesDataset,
+        "trained_model": TrainedModelDataset,
     }
     for name, kind in kinds.items():
         assert isinstance(catalog.get(name), kind), name

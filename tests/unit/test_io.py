@@ -60,3 +60,21 @@ def test_json_lines_round_trip(tmp_path):
     assert dataset.load() == rows
     lines = (tmp_path / "mixture" / "proportions.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == rows
+
+
+def test_trained_model_is_verified_and_linked_into_place(tmp_path):
+    from dataflex.io import TrainedModelDataset
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    dataset = TrainedModelDataset(path=str(tmp_path / "run"))
+    with pytest.raises(Exception, match="missing adapter_model.safetensors"):  # Kedro wraps it in DatasetError
+        dataset.save({"kind": "adapter", "path": str(adapter), "base_model": "base"})
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    dataset.save({"kind": "adapter", "path": str(adapter), "base_model": "base"})  # in place: only recorded
+    assert dataset.load() == {"kind": "adapter", "path": str(adapter), "base_model": "base"}
+    elsewhere = TrainedModelDataset(path=str(tmp_path / "catalog"))
+    elsewhere.save({"kind": "adapter", "path": str(adapter), "base_model": "base"})
+    assert (tmp_path / "catalog" / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert elsewhere.load()["path"] == str(tmp_path / "catalog" / "adapter")

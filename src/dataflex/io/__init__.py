@@ -4,6 +4,7 @@
 - `TrainStateDataset`: a round's TrainState (weights, Adam moments, plan, component state, RNG) as a directory
   with its manifest, plus the round's JSON record; saving links the loop's finished checkpoint into place
   (temp dir + rename) and refuses a truncated one; loading verifies it and points the record at it.
+- `TrainedModelDataset`: the trained adapter / model, verified complete and recorded where it is.
 - `SelectionDataset`: a one-shot selection (LESS, static_select): per-target selection JSON, the selected rows as
   jsonl, the pool's score table, and the summary written last.
 - `JSONLinesDataset`: one JSON object per line (mixture histories), written atomically.
@@ -12,5 +13,6 @@
 from dataflex.io.jsonlines import JSONLinesDataset
 from dataflex.io.selection import SelectionDataset
 from dataflex.io.train_state import TrainStateDataset
+from dataflex.io.trained_model import TrainedModelDataset
 
-__all__ = ["JSONLinesDataset", "SelectionDataset", "TrainStateDataset"]
+__all__ = ["JSONLinesDataset", "SelectionDataset", "TrainStateDataset", "TrainedModelDataset"]

@@ -1,4 +1,4 @@
-"""Node: evaluate the trained model on every eval set."""
+"""Nodes: the trained model as a catalog dataset, and its evaluation on every eval set."""
 
 from __future__ import annotations
 
@@ -12,15 +12,22 @@ from dataflex.tracking import log_eval_metrics
 from dataflex.train.run import build_model
 
 
-def evaluate(train_result: dict, eval_sets: Any, parameters: dict) -> dict:
+def trained_model(train_result: dict) -> dict:
+    """Where the run core saved the trained adapter / model (`dataflex.io.TrainedModelDataset` verifies it)."""
+    kind = "adapter" if "adapter_dir" in train_result else "model"
+    path = train_result[f"{kind}_dir"]
+    return {"kind": kind, "path": path, "base_model": train_result["model_name_or_path"]}
+
+
+def evaluate(trained: dict, eval_sets: Any, parameters: dict) -> dict:
     if not len(eval_sets):
         return {}
     cfg = run_config(parameters)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
-    if cfg.model.finetuning_type == "lora":
-        net = build_model(cfg.model, seed=cfg.train.seed, adapter_path=train_result["adapter_dir"])
+    if trained["kind"] == "adapter":
+        net = build_model(cfg.model, seed=cfg.train.seed, adapter_path=trained["path"])
     else:
-        net = build_model(replace(cfg.model, model_name_or_path=train_result["model_dir"]), seed=cfg.train.seed)
+        net = build_model(replace(cfg.model, model_name_or_path=trained["path"]), seed=cfg.train.seed)
     metrics = evaluate_sets(
         net,
         tokenizer,
