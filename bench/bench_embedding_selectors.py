@@ -58,7 +58,7 @@ def main() -> None:
         "dataset_dir": str(ROOT / "data/01_raw/demo"),
         "cutoff_len": 128,
     }
-    pool, _ = process_data({"model_name_or_path": model["model_name_or_path"]}, data, {"seed": 42})
+    pool, _ = process_data({"model_name_or_path": model["model_name_or_path"]}, {"data": data, "train": {"seed": 42}})
     tok = load_tokenizer(model["model_name_or_path"])
     dom = pool["domain_id"]
     base = dom.count(0) / len(dom)
@@ -85,7 +85,7 @@ def main() -> None:
             }
         )
         check_static_select(cfg.static_select, data["dataset_dir"])
-        targets = build_targets(data, cfg.static_select.to_dict(), tok, seed=42)
+        targets = build_targets(cfg.data, cfg.static_select.targets, tok, seed=42)
         start = time.perf_counter()
         warm = one_shot.warmup(cfg, pool)
         if warm_epochs and warm_seconds is None:

@@ -45,7 +45,9 @@ def main() -> None:
         "dataset_dir": "data/01_raw/demo",
         "cutoff_len": 128,
     }
-    pool, targets = process_data({"model_name_or_path": model["model_name_or_path"]}, data, {"seed": 42})
+    pool, targets = process_data(
+        {"model_name_or_path": model["model_name_or_path"]}, {"data": data, "train": {"seed": 42}}
+    )
     root = Path(tempfile.mkdtemp(prefix="scaling_"))
     train = {
         **train_demo,

@@ -47,8 +47,10 @@ def main() -> None:
         "dataset_dir": "data/01_raw/demo",
         "cutoff_len": 128,
     }
-    pool, targets = process_data({"model_name_or_path": MODEL_DIR}, data, {"seed": 42})
-    _, tests = process_data({"model_name_or_path": MODEL_DIR}, {**data, "eval_dataset": "arith_test"}, {"seed": 42})
+    pool, targets = process_data({"model_name_or_path": MODEL_DIR}, {"data": data, "train": {"seed": 42}})
+    _, tests = process_data(
+        {"model_name_or_path": MODEL_DIR}, {"data": {**data, "eval_dataset": "arith_test"}, "train": {"seed": 42}}
+    )
     model = {
         "model_name_or_path": MODEL_DIR,
         "finetuning_type": "lora",

@@ -292,7 +292,7 @@ def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_di
     }
     check_config(ss, data)
     cfg = RunConfig.from_params({"model": model, "train": train, "data": data, "static_select": ss})
-    targets = build_targets(data, ss, tokenizer, seed=0)
+    targets = build_targets(cfg.data, ss["targets"], tokenizer, seed=0)
     warm = one_shot.warmup(cfg, sft_pool)
     feats = one_shot.compute_features(cfg, sft_pool, targets, warm)
     sel = one_shot.select(cfg, sft_pool, targets, warm, feats)

@@ -473,7 +473,7 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
         "packing": False,
         "cache_dir": str(tmp_path / "cache"),
     }
-    pool, evals = process_data({"model_name_or_path": str(tiny_model_dir)}, data, {"seed": 42})
+    pool, evals = process_data({"model_name_or_path": str(tiny_model_dir)}, {"data": data, "train": {"seed": 42}})
     model = {
         "model_name_or_path": str(tiny_model_dir),
         "finetuning_type": "lora",

@@ -119,7 +119,7 @@ def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root,
         for name in produced:
             if name.endswith(("_plot", "_histogram", "curve", "table", "eval_metrics", "train_pool_stats")):
                 continue  # reports: data/08_reporting and MLflow
-            if name in ("train_pool", "eval_sets", "raw_inputs") or name.endswith("target_sets"):
-                continue  # shared inputs
+            if name in ("train_pool", "eval_sets", "raw_inputs", "run_config") or name.endswith("target_sets"):
+                continue  # shared inputs; run_config is in memory (parsed once per run)
             described = str(catalog.get(name)._describe())
             assert str(out) in described, f"{pipeline}: {name} is not under the run's output_dir: {described}"

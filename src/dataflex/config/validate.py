@@ -110,7 +110,7 @@ def _check_paths(rc: RunConfig) -> None:
     if not (will_build and demo_model and not Path(model.model_name_or_path).exists()):
         check_model_path(model.model_name_or_path)
     if not (will_build and demo_data and not (Path(data.dataset_dir) / "dataset_info.json").exists()):
-        check_sources(data.to_dict())
+        check_sources(data)
     from dataflex.train.trainer.state import read_manifest, resolve_resume_path
 
     resume = resolve_resume_path(rc.train.resume_from_checkpoint, rc.train.output_dir)

@@ -52,3 +52,20 @@ def rounds(pipeline: str) -> int:
         return num_rounds(run_config(params, pipeline if pipeline.startswith("dynamic_") else None), pipeline)
     except DataFlexError:
         return 1
+
+
+def config_inputs() -> list[str]:
+    """The `params:<group>` inputs of `resolve_config`: one per config group (kedro-mlflow logs each key under its
+    group's name, e.g. `model.lora_rank`)."""
+    from dataflex.config.groups import GROUPS
+
+    return [f"params:{group}" for group in GROUPS]
+
+
+def resolve_config(*groups: dict) -> dict[str, Any]:
+    """The run's whole configuration, typed-checked with every default filled in: the `run_config` every node
+    reads (in memory), parsed once here at the pipeline's edge."""
+    from dataflex.config import RunConfig
+    from dataflex.config.groups import GROUPS
+
+    return RunConfig.from_params(dict(zip(GROUPS, groups, strict=True))).to_params()

@@ -1,18 +1,17 @@
 from kedro.pipeline import Node, Pipeline
 
+from dataflex.pipelines.params import config_inputs, resolve_config
+
 from .nodes import describe_pool, prepare_inputs, process_data
 
 
 def create_pipeline(**kwargs) -> Pipeline:  # noqa: ANN003
+    """The run's configuration parsed once (`run_config`, read by every node), then the tokenised data."""
     return Pipeline(
         [
-            Node(prepare_inputs, ["params:demo", "params:data", "params:model"], "raw_inputs", name="prepare_inputs"),
-            Node(
-                process_data,
-                ["raw_inputs", "params:data", "params:train"],
-                ["train_pool", "eval_sets"],
-                name="process_data",
-            ),
+            Node(resolve_config, config_inputs(), "run_config", name="resolve_config"),
+            Node(prepare_inputs, "run_config", "raw_inputs", name="prepare_inputs"),
+            Node(process_data, ["raw_inputs", "run_config"], ["train_pool", "eval_sets"], name="process_data"),
             Node(describe_pool, "train_pool", "train_pool_stats", name="describe_pool"),
         ],
         tags="data_processing",

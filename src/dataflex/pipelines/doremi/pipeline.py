@@ -12,7 +12,7 @@ from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import final, plot, proxy, reference
 
-PARAMS = ["train_pool", "parameters"]
+PARAMS = ["train_pool", "run_config"]
 
 
 def create_pipeline(**kwargs: Any) -> Pipeline:

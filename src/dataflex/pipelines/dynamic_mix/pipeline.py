@@ -15,19 +15,23 @@ from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import compute_mixture, finalize, first_segment, next_segment, plot_mixture
 
-INPUTS = ["train_pool", "parameters"]
+INPUTS = ["train_pool", "run_config"]
 
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds("dynamic_mix")
     first = Node(first_segment, INPUTS, "state", name="train_segment")
-    round_list = [Pipeline([first], namespace="dynamic_mix.round_0", inputs={"train_pool"})]
+    round_list = [Pipeline([first], namespace="dynamic_mix.round_0", inputs={"train_pool", "run_config"})]
     for k in range(1, n):
         nodes = [
             Node(compute_mixture, [*INPUTS, "prev_state"], "mixture", name="compute_mixture"),
             Node(next_segment, [*INPUTS, "prev_state", "mixture"], "state", name="train_segment"),
         ]
-        inputs = {"train_pool": "train_pool", "prev_state": f"dynamic_mix.round_{k - 1}.state"}
+        inputs = {
+            "train_pool": "train_pool",
+            "run_config": "run_config",
+            "prev_state": f"dynamic_mix.round_{k - 1}.state",
+        }
         round_list.append(Pipeline(nodes, namespace=f"dynamic_mix.round_{k}", inputs=inputs))
     mixtures = [f"dynamic_mix.round_{k}.mixture" for k in range(1, n)]
     last = f"dynamic_mix.round_{n - 1}.state"

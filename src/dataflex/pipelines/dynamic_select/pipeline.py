@@ -15,8 +15,8 @@ from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import finalize, first_segment, next_segment, plot_selection, select_round
 
-INPUTS = ["train_pool", "eval_sets", "parameters"]
-SHARED = {"train_pool": "train_pool", "eval_sets": "eval_sets"}
+INPUTS = ["train_pool", "eval_sets", "run_config"]
+SHARED = {"train_pool": "train_pool", "eval_sets": "eval_sets", "run_config": "run_config"}
 
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:

@@ -13,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:  # noqa: ANN003
         [
             Node(
                 train,
-                ["train_pool", "eval_sets", "parameters"],
+                ["train_pool", "eval_sets", "run_config"],
                 "train_result",
                 name="train_dynamic_weight",
             ),

@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:  # noqa: ANN003
     return Pipeline(
         [
             Node(trained_model, "train_result", "trained_model", name="trained_model"),
-            Node(evaluate, ["trained_model", "eval_sets", "parameters"], "eval_metrics", name="evaluate"),
+            Node(evaluate, ["trained_model", "eval_sets", "run_config"], "eval_metrics", name="evaluate"),
         ],
         tags="evaluation",
     )

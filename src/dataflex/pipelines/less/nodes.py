@@ -16,8 +16,9 @@ from dataflex.train.modes import less as lib
 
 def prepare_targets(raw_inputs: dict, parameters: dict) -> Any:
     cfg = run_config(parameters)
-    data, targets = cfg.data.to_dict(), {"targets": cfg.less.targets}
-    return lib.build_targets(data, targets, load_tokenizer(raw_inputs["model_name_or_path"]), seed=cfg.train.seed)
+    return lib.build_targets(
+        cfg.data, cfg.less.targets, load_tokenizer(raw_inputs["model_name_or_path"]), seed=cfg.train.seed
+    )
 
 
 def warmup(train_pool: Any, parameters: dict) -> dict:
@@ -62,9 +63,7 @@ def target_features_at(k: int) -> Callable[..., dict]:
 
 def select(train_pool: Any, target_sets: Any, warmup_result: dict, parameters: dict, *refs: dict) -> dict:
     cfg, n = run_config(parameters), len(refs) // 2
-    return lib.select(
-        train_pool, target_sets, warmup_result, list(refs[:n]), list(refs[n:]), cfg.less, cfg.data.to_dict()
-    )
+    return lib.select(train_pool, target_sets, warmup_result, list(refs[:n]), list(refs[n:]), cfg.less, cfg.data)
 
 
 def final_train(train_pool: Any, selection: dict, parameters: dict) -> dict:

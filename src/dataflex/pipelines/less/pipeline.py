@@ -24,7 +24,7 @@ from .nodes import (
     warmup,
 )
 
-FEATURE_INPUTS = ["less.warmup_result", "parameters"]
+FEATURE_INPUTS = ["less.warmup_result", "run_config"]
 
 
 def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline:
@@ -33,13 +33,13 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
         [
             Node(
                 prepare_targets,
-                ["raw_inputs", "parameters"],
+                ["raw_inputs", "run_config"],
                 "less.target_sets",
                 name="less.prepare_targets",
             ),
             Node(
                 warmup,
-                ["train_pool", "parameters"],
+                ["train_pool", "run_config"],
                 "less.warmup_result",
                 name="less.warmup",
             ),
@@ -57,7 +57,7 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
                 ),
             ],
             namespace=f"less.ckpt_{k}",
-            inputs={"train_pool", "less.target_sets", "less.warmup_result"},
+            inputs={"train_pool", "less.target_sets", "less.warmup_result", "run_config"},
         )
         for k in range(n)
     ]
@@ -66,13 +66,13 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
         [
             Node(
                 select,
-                ["train_pool", "less.target_sets", "less.warmup_result", "parameters", *refs],
+                ["train_pool", "less.target_sets", "less.warmup_result", "run_config", *refs],
                 "less.selection",
                 name="less.select",
             ),
             Node(
                 final_train,
-                ["train_pool", "less.selection", "parameters"],
+                ["train_pool", "less.selection", "run_config"],
                 "train_result",
                 name="less.final_train",
             ),

@@ -14,8 +14,9 @@ from dataflex.train.modes import static_select as lib
 
 def prepare_targets(raw_inputs: dict, parameters: dict) -> Any:
     cfg = run_config(parameters)
-    data, targets = cfg.data.to_dict(), {"targets": cfg.static_select.targets}
-    return less_lib.build_targets(data, targets, load_tokenizer(raw_inputs["model_name_or_path"]), seed=cfg.train.seed)
+    return less_lib.build_targets(
+        cfg.data, cfg.static_select.targets, load_tokenizer(raw_inputs["model_name_or_path"]), seed=cfg.train.seed
+    )
 
 
 def warmup(train_pool: Any, parameters: dict) -> dict:

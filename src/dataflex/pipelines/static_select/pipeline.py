@@ -13,7 +13,7 @@ from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import compute_features, final_train, plot_composition, prepare_targets, select, warmup
 
-P = ["parameters"]
+P = ["run_config"]
 
 
 def create_pipeline(**kwargs: Any) -> Pipeline:
@@ -21,7 +21,7 @@ def create_pipeline(**kwargs: Any) -> Pipeline:
         [
             Node(
                 prepare_targets,
-                ["raw_inputs", "parameters"],
+                ["raw_inputs", "run_config"],
                 "static_select.target_sets",
                 name="static_select.prepare_targets",
             ),

@@ -42,7 +42,7 @@ from dataflex.utils.io import atomic_write_json, sha256_json
 from dataflex.utils.logging import logger
 
 if TYPE_CHECKING:
-    from dataflex.config import RunConfig
+    from dataflex.config import DataConfig, RunConfig
 
 WARMUP_VERSION = "2"  # bump when the warm-up or its result format changes: cached warm-ups become misses
 
@@ -50,10 +50,12 @@ WARMUP_VERSION = "2"  # bump when the warm-up or its result format changes: cach
 # ----------------------------------------------------------------------------- data
 
 
-def build_targets(data: Mapping[str, Any], less: Mapping[str, Any], tokenizer: Any, seed: int) -> datasets.DatasetDict:
-    """Tokenised dev set of each target (`less`: a group with `targets`); a target's subtasks are its datasets."""
+def build_targets(data: DataConfig, targets: Any, tokenizer: Any, seed: int) -> datasets.DatasetDict:
+    """Tokenised dev set of each target (`targets`: a group's `targets` value); a target's subtasks are its
+    datasets."""
+    group = {"targets": targets}
     return datasets.DatasetDict(
-        {name: build_named(t, data, tokenizer, seed) for name, t in zip(target_names(less), target_list(less))}
+        {name: build_named(t, data, tokenizer, seed) for name, t in zip(target_names(group), target_list(group))}
     )
 
 
@@ -198,7 +200,7 @@ def select(
     train_refs: list[Mapping[str, Any]],
     target_refs: list[Mapping[str, Mapping[str, Any]]],
     less: LessConfig,
-    data: Mapping[str, Any],
+    data: DataConfig,
 ) -> dict[str, Any]:
     """Score the pool for every target and pick the top ones; the summary carries the files users read
     (`files`: per-target selection JSON, selected rows as jsonl, the pool's score table) for the catalog to write
@@ -270,12 +272,12 @@ def score_table(train_pool: Any, table: Mapping[str, torch.Tensor]) -> str:
     return buf.getvalue()
 
 
-def selected_jsonl(train_pool: Any, picked: list[int], data: Mapping[str, Any]) -> str:
+def selected_jsonl(train_pool: Any, picked: list[int], data: DataConfig) -> str:
     """The selected samples as their raw rows (the dataset's own columns), one JSON object per line, in score
     order, so the subset can be trained on with any LLaMA-Factory-style tool."""
     names = domain_names(train_pool)
-    attrs = {a.name: a for a in resolve_datasets(names, data["dataset_dir"])}
-    raw = {name: read_rows(attrs[name], data["dataset_dir"]) for name in names}
+    attrs = {a.name: a for a in resolve_datasets(names, data.dataset_dir)}
+    raw = {name: read_rows(attrs[name], data.dataset_dir) for name in names}
     lines = []
     for i in picked:
         row = train_pool[int(i)]

@@ -151,7 +151,7 @@ def select(
     }
     files = {
         f"selections/{name}.json": selection,
-        f"selected/{name}.jsonl": less_lib.selected_jsonl(pool, picked, cfg.data.to_dict()),
+        f"selected/{name}.jsonl": less_lib.selected_jsonl(pool, picked, cfg.data),
     }
     composition = ", ".join(f"{n}={c}" for n, c in counts.items() if c)
     logger.info(
