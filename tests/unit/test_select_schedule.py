@@ -1,5 +1,6 @@
-"""Dynamic selection without a model: the schedule against spec §2.2's worked examples, the loss and
-delta-loss selectors' math on hand-made losses, and bad config refused before training.
+"""Dynamic selection without a model: the schedule against DataFlex's worked examples (less.yaml on one GPU,
+its test config), the loss and delta-loss selectors' math on hand-made losses, and bad config refused before
+training.
 (The runs on the tiny model are in tests/integration/test_select.py.)"""
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def steps(schedule, kind):
     return [ev.step for ev in schedule.events if ev.kind == kind]
 
 
-def test_schedule_worked_examples_of_the_spec():
+def test_schedule_worked_examples():
     # less.yaml on one GPU: G = 1, E = 30, selections at 10 and 20 of 10 samples each, warmup 10 samples.
     s = sched()
     assert (s.global_batch, s.epoch_steps, s.max_steps) == (1, 30, 30)
