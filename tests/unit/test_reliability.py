@@ -64,3 +64,44 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_any_work(tmp_pat
         check_output_dir(str(tmp_path / "file" / "sub"))
     check_output_dir(str(tmp_path / "new" / "deeper"))
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    "env, runtime, expected",
+    [
+        ({}, None, "sqlite:///mlflow.db"),
+        ({"MLFLOW_TRACKING_URI": "sqlite:///from_env.db"}, None, "sqlite:///from_env.db"),
+        ({"MLFLOW_TRACKING_URI": "sqlite:///from_env.db"}, {"mlflow_uri": "sqlite:///cli.db"}, "sqlite:///cli.db"),
+    ],
+)
+def test_the_mlflow_store_honours_the_environment(project_root, monkeypatch, env, runtime, expected):
+    from kedro.config import OmegaConfigLoader
+
+    from dataflex.settings import CONFIG_LOADER_ARGS
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = {**CONFIG_LOADER_ARGS, "config_patterns": {**CONFIG_LOADER_ARGS["config_patterns"], "mlflow": ["mlflow*"]}}
+    loader = OmegaConfigLoader(str(project_root / "conf"), runtime_params=runtime, **args)
+    assert loader["mlflow"]["server"]["mlflow_tracking_uri"] == expected
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("def broken(:\n", "user module {path} failed to import: SyntaxError: "),
+        ("raise RuntimeError('boom')\n", "user module {path} failed to import: RuntimeError: boom (bad_mod.py:1)"),
+        ("import no_such_package_xyz\n", "user module {path} failed to import: ModuleNotFoundError: "),
+        ("x = undefined_name\n", "user module {path} failed to import: NameError: "),
+    ],
+)
+def test_a_user_module_that_fails_to_import_is_one_line(tmp_path, code, expected):
+    from dataflex.core.registry import import_user_modules
+
+    path = tmp_path / "bad_mod.py"
+    path.write_text(code)
+    with pytest.raises(ConfigError) as err:
+        import_user_modules([str(path)])
+    assert str(err.value).startswith(expected.format(path=path)) and "\n" not in str(err.value)
+    assert "dataflex_user_bad_mod" not in sys.modules

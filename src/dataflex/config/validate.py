@@ -44,12 +44,12 @@ def validate(run_config: RunConfig, *, check_paths: bool = True, pipelines: Coll
         from dataflex.distributed.launch import check_launch_config
 
         check_launch_config(rc.train.to_dict())
-    if train_type != "static":
-        _check_dynamic(rc)
     if "less" in pipelines:
         check_less(rc.less, rc.data.dataset_dir)
     if "static_select" in pipelines:
         check_static_select(rc.static_select, rc.data.dataset_dir)
+    if train_type != "static":
+        _check_dynamic(rc)  # last: it imports user_modules, whose code should not run for a config refused anyway
 
 
 def validate_params(

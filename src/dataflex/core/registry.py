@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -144,14 +145,34 @@ def import_user_modules(modules: Iterable[str] | str | None) -> list[str]:
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[mod_name] = module
-            loader_spec.loader.exec_module(module)
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:  # the user's code: any error is theirs to fix, said in one line
+                sys.modules.pop(mod_name, None)
+                raise ConfigError(f"user module {spec} failed to import: {_one_line(exc)}") from None
             imported.append(mod_name)
         else:
             try:
                 importlib.import_module(spec)
             except ModuleNotFoundError as exc:
-                raise ConfigError(
-                    f"cannot import user module '{spec}': {exc}; fix user_modules or PYTHONPATH"
-                ) from None
+                if exc.name and spec.startswith(exc.name):
+                    raise ConfigError(
+                        f"cannot import user module '{spec}': {exc}; fix user_modules or PYTHONPATH"
+                    ) from None
+                raise ConfigError(f"user module {spec} failed to import: {_one_line(exc)}") from None
+            except Exception as exc:
+                raise ConfigError(f"user module {spec} failed to import: {_one_line(exc)}") from None
             imported.append(spec)
     return imported
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message` on one line, with where in the user's file it happened when Python says."""
+    where = ""
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        where = f" (line {exc.lineno})"
+    else:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/dataflex/" not in f.filename]
+        if frames:
+            where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}{where}"
