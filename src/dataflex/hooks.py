@@ -3,6 +3,8 @@ them before any node runs, so a config mistake is one clear line, not a failure 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -10,10 +12,13 @@ from kedro.framework.hooks import hook_impl
 from dataflex.config import PIPELINE_GROUPS, TRAIN_TYPES, validate_params
 from dataflex.core.errors import DataFlexError
 from dataflex.utils.io import remove_stale_temp
-from dataflex.utils.lock import RunLock
+from dataflex.utils.lock import RunLock, claim_output_dir
 from dataflex.utils.logging import logger
 
 _PARAMS: dict[str, Any] | None = None
+# Pipelines that read a run's inputs or outputs but start no run: they may share an output_dir with one.
+NOT_TRAINING = {"data_processing", "evaluation", "reporting"}
+RESUMABLE = ("checkpoints", "rounds", "adapter", "model")  # what a failed run keeps for its resume
 
 
 def get_params() -> dict[str, Any] | None:
@@ -32,6 +37,7 @@ def _validate(params: dict[str, Any], check: Any = validate_params) -> None:
 
 class ProjectHooks:
     _lock: RunLock | None = None
+    _created: Path | None = None  # the output_dir this run created (removed again if it fails before any state)
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -53,10 +59,18 @@ class ProjectHooks:
             _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})
         if _PARAMS is not None:
             # One run per output_dir: a second concurrent run is refused before it writes anything there.
-            output_dir = _PARAMS["train"]["output_dir"]
+            train = _PARAMS["train"]
+            output_dir = train["output_dir"]
             try:
                 self._lock = RunLock(output_dir).acquire()
+                self._created = None if Path(output_dir).exists() else Path(output_dir)
+                if not set(names or ["__default__"]) <= NOT_TRAINING:
+                    resuming = train.get("resume_from_checkpoint") not in (None, False, "false", "False")
+                    overwrite = bool(train.get("overwrite_output_dir"))
+                    if claim_output_dir(output_dir, overwrite=overwrite, resuming=resuming):
+                        logger.info("overwrite_output_dir: removed the previous run in %s", output_dir)
             except DataFlexError as exc:
+                self._release()
                 logger.error("%s", exc)
                 raise SystemExit(f"error: {exc}") from None
             removed = remove_stale_temp(output_dir)  # what a killed run of this output_dir left half-written
@@ -69,9 +83,15 @@ class ProjectHooks:
 
     @hook_impl
     def on_pipeline_error(self) -> None:
+        # A run refused after tokenising (all rows filtered, a selection larger than the pool, ...) leaves nothing:
+        # the output_dir it created goes again, unless it already holds state a resume needs.
+        created = self._created
+        if created is not None and created.is_dir() and not any((created / m).exists() for m in RESUMABLE):
+            shutil.rmtree(created, ignore_errors=True)
         self._release()
 
     def _release(self) -> None:
+        self._created = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

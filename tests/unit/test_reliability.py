@@ -105,3 +105,22 @@ def test_a_user_module_that_fails_to_import_is_one_line(tmp_path, code, expected
         import_user_modules([str(path)])
     assert str(err.value).startswith(expected.format(path=path)) and "\n" not in str(err.value)
     assert "dataflex_user_bad_mod" not in sys.modules
+
+
+def test_an_output_dir_holding_a_run_is_refused_unless_overwritten_or_resumed(tmp_path):
+    from dataflex.utils.lock import claim_output_dir
+
+    out = tmp_path / "run"
+    assert claim_output_dir(out, overwrite=False, resuming=False) is False  # new folder: nothing to claim
+    (out / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (out / "run_summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run .*overwrite_output_dir: true"):
+        claim_output_dir(out, overwrite=False, resuming=False)
+    assert (out / "run_summary.json").exists()  # refused: untouched
+    assert claim_output_dir(out, overwrite=False, resuming=True) is False  # a resume continues it
+    assert claim_output_dir(out, overwrite=True, resuming=False) is True
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))  # old run gone, no stale checkpoint-3 left
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "run_summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="looks like a project folder"):
+        claim_output_dir(tmp_path, overwrite=True, resuming=False)

@@ -45,7 +45,6 @@ IGNORED_KEYS = frozenset(
         "plot_loss",
         "report_to",
         "overwrite_cache",
-        "overwrite_output_dir",
         "preprocessing_num_workers",
         "dataloader_num_workers",
         "do_train",

@@ -54,3 +54,30 @@ class RunLock:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.release()
+
+
+# A folder holding any of these holds a run (finished: the first two; interrupted: the checkpoints).
+RUN_MARKS = ("run_summary.json", "train_result.json", "checkpoints")
+PROJECT_MARKS = ("pyproject.toml", ".git", "conf")
+
+
+def claim_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming: bool) -> bool:
+    """Make `output_dir` this run's: refused (one line) when it holds another run, unless this run resumes it or
+    `overwrite` (then the old run is moved aside and removed). Returns whether an old run was removed."""
+    import shutil
+
+    out = Path(output_dir)
+    marks = [m for m in RUN_MARKS if (out / m).exists()]
+    if not marks or resuming:
+        return False
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir {out} already holds a run ({', '.join(marks)}); set overwrite_output_dir: true to replace "
+            "it, resume_from_checkpoint to continue it, or choose another output_dir"
+        )
+    if any((out / m).exists() for m in PROJECT_MARKS):
+        raise ConfigError(f"refusing to clear output_dir {out}: it looks like a project folder; choose a subfolder")
+    aside = out.with_name(f".{out.name}.replaced-{os.getpid()}.tmp")
+    os.replace(out, aside)  # atomic: the old run is gone from output_dir at once, deleted after
+    shutil.rmtree(aside, ignore_errors=True)
+    return True

@@ -52,6 +52,9 @@ class TrainingArguments(Schema):
     resume_from_checkpoint: str | bool | None = setting(
         None, "a checkpoint-N dir, or latest / true (the newest under output_dir)"
     )
+    overwrite_output_dir: bool = setting(
+        False, "start a training run in an output_dir that holds a finished run (the old run is removed first)"
+    )
     allow_different_base: bool = setting(
         False, "resume a checkpoint trained on another base model of the same shapes (refused by default)"
     )
