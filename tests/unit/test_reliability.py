@@ -124,3 +124,41 @@ def test_an_output_dir_holding_a_run_is_refused_unless_overwritten_or_resumed(tm
     (tmp_path / "run_summary.json").write_text("{}")
     with pytest.raises(ConfigError, match="looks like a project folder"):
         claim_output_dir(tmp_path, overwrite=True, resuming=False)
+
+
+def test_bad_files_are_one_line(tmp_path, untrained_model_dir):
+    """Invalid UTF-8 (with the byte offset), a symlink loop, a folder where a file belongs, a truncated
+    safetensors file and a lora_target the architecture lacks: each one line, found before any work."""
+    import shutil
+
+    from dataflex.config import load_yaml_config
+    from dataflex.core.errors import DataError
+    from dataflex.data.readers import read_file
+    from dataflex.models.loader import check_lora_target, check_model_path
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"learning_rate: 1\nname: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid UTF-8 \(byte 26"):
+        load_yaml_config(bad)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"instruction": "a", "output": "\xff"}\n')
+    with pytest.raises(DataError, match=r"dataset 'd': file .*rows.jsonl is not valid UTF-8 \(byte 32"):
+        read_file(rows, dataset="d")
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match="loop.json cannot be read: Too many levels of symbolic links"):
+        read_file(loop, dataset="d")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(DataError, match="folder.json is a folder, not a file"):
+        read_file(tmp_path / "folder.json", dataset="d")
+
+    model = tmp_path / "model"
+    shutil.copytree(untrained_model_dir, model)
+    check_model_path(str(model))
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="is truncated"):
+        check_model_path(str(model))
+    check_lora_target(str(untrained_model_dir), "q_proj,v_proj")
+    with pytest.raises(ConfigError, match="lora_target qq_proj matches no linear layer"):
+        check_lora_target(str(untrained_model_dir), "q_proj,qq_proj")

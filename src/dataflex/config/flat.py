@@ -15,6 +15,7 @@ import yaml
 from dataflex.config.groups import GROUPS, RunConfig
 from dataflex.core.errors import ConfigError
 from dataflex.core.schema import did_you_mean, flat_names
+from dataflex.utils.io import read_user_text
 from dataflex.utils.logging import logger
 
 
@@ -118,7 +119,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(read_user_text(path, "config file", ConfigError))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

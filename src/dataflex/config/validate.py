@@ -101,7 +101,7 @@ def _check_dynamic(rc: RunConfig) -> None:
 
 def _check_paths(rc: RunConfig) -> None:
     from dataflex.data.pools import check_sources
-    from dataflex.models.loader import check_model_path
+    from dataflex.models.loader import check_lora_target, check_model_path
 
     model, data, demo = rc.model, rc.data, rc.demo
     will_build = demo.build_if_missing
@@ -109,6 +109,8 @@ def _check_paths(rc: RunConfig) -> None:
     demo_data = _same_path(data.dataset_dir, demo.data_dir)
     if not (will_build and demo_model and not Path(model.model_name_or_path).exists()):
         check_model_path(model.model_name_or_path)
+        if model.finetuning_type == "lora" and Path(model.model_name_or_path).is_dir():
+            check_lora_target(model.model_name_or_path, model.lora_target)
     if not (will_build and demo_data and not (Path(data.dataset_dir) / "dataset_info.json").exists()):
         check_sources(data)
     from dataflex.train.trainer.state import read_manifest, resolve_resume_path

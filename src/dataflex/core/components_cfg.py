@@ -14,6 +14,7 @@ import yaml
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import SECTIONS
+from dataflex.utils.io import read_user_text
 
 
 def load_components_cfg(path: str | Path | None = None, inline: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -23,7 +24,7 @@ def load_components_cfg(path: str | Path | None = None, inline: Mapping[str, Any
         if not path.is_file():
             raise ConfigError(f"components_cfg_file '{path}' does not exist; point it at a components YAML")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(read_user_text(path, "components_cfg_file", ConfigError)) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"components_cfg_file '{path}' is not valid YAML: {_one_line(exc)}") from None
         _merge_into(cfg, loaded, str(path))

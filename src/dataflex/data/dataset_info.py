@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.utils.io import read_user_text
 from dataflex.utils.logging import logger
 
 DATASET_INFO = "dataset_info.json"
@@ -105,7 +106,7 @@ def load_dataset_info(dataset_dir: str | os.PathLike) -> dict[str, DatasetAttr]:
             "(LLaMA-Factory format); check `dataset_dir` or run the demo data generator"
         )
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(read_user_text(path, "dataset_info", DataError))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}); fix the file") from None
     if not isinstance(raw, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from dataflex.core.errors import DataError
 from dataflex.data.dataset_info import DatasetAttr
+from dataflex.utils.io import read_user_text
 
 SUPPORTED_EXTENSIONS = (".json", ".jsonl", ".parquet", ".csv", ".txt")
 
@@ -47,19 +49,21 @@ def read_file(path: str | os.PathLike, *, dataset: str = "?") -> list[dict[str, 
     if ext == ".parquet":
         return _read_parquet(path, dataset)
     if ext == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            return [dict(r) for r in csv.DictReader(fh)]
+        return [dict(r) for r in csv.DictReader(io.StringIO(_text(path, dataset), newline=""))]
     if ext == ".txt":
         # LF / HF "text" loader: one row per line, column `text`.
-        with open(path, encoding="utf-8") as fh:
-            return [{"text": line.rstrip("\n")} for line in fh if line.strip()]
+        return [{"text": line} for line in _text(path, dataset).splitlines() if line.strip()]
     raise DataError(
         f"dataset '{dataset}': unsupported file type {path.name!r}; use one of {', '.join(SUPPORTED_EXTENSIONS)}"
     )
 
 
+def _text(path: Path, dataset: str) -> str:
+    return read_user_text(path, f"dataset '{dataset}': file", DataError)
+
+
 def _read_json(path: Path, dataset: str) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _text(path, dataset)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -90,7 +94,7 @@ def _read_json(path: Path, dataset: str) -> list[dict[str, Any]]:
 
 
 def _read_jsonl(path: Path, dataset: str) -> list[dict[str, Any]]:
-    return _parse_jsonl(path.read_text(encoding="utf-8"), path, dataset)
+    return _parse_jsonl(_text(path, dataset), path, dataset)
 
 
 def _parse_jsonl(text: str, path: Path, dataset: str) -> list[dict[str, Any]]:

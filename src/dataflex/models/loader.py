@@ -52,6 +52,36 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name
 
 
+def check_lora_target(model_name_or_path: str, lora_target: str | list[str]) -> None:
+    """`lora_target` names linear layers of this architecture: checked on a weightless (meta-device) copy built
+    from the model's config.json, before anything is loaded or written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    _resolve_lora_targets(skeleton, lora_target)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is complete: its header parses and the file holds every tensor it lists (reads the
+    header only, not the weights)."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+    except (OSError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise ConfigError(f"weights file {path} is not a valid safetensors file (truncated or corrupt); re-download it")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if path.stat().st_size < 8 + size + end:
+        raise ConfigError(
+            f"weights file {path} is truncated ({path.stat().st_size} bytes, its header lists {8 + size + end}); "
+            "re-download or re-export the model"
+        )
+
+
 def check_model_path(model_name_or_path: str, *, cache_dir: str | None = None) -> None:
     """Fail early, in one line, on a model reference that cannot load: missing dir, dir without config.json,
     or a hub id that is not cached while offline. Online hub ids are left to transformers (no network here)."""
@@ -67,6 +97,8 @@ def check_model_path(model_name_or_path: str, *, cache_dir: str | None = None) -
                 else ""
             )
             raise ConfigError(f"model directory {name!r} has no config.json{hint}: point to a Hugging Face model dir")
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
         return
     if not _looks_like_hub_id(name):
         raise ConfigError(

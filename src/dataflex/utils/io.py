@@ -95,3 +95,19 @@ def remove_stale_temp(root: str | os.PathLike) -> int:
             tmp.unlink(missing_ok=True)
         count += 1
     return count
+
+
+def read_user_text(path: str | os.PathLike, what: str, error: type[Exception]) -> str:
+    """The UTF-8 text of a file the user gave; a folder, a symlink loop, an unreadable file or invalid UTF-8 is
+    one `error` line naming `what`, the file and (for encoding) the byte offset."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a folder, not a file") from None
+    except OSError as exc:  # ELOOP (a symlink loop), EACCES, ...
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not valid UTF-8 (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
