@@ -56,3 +56,27 @@ def log_mixture(history: list[Mapping[str, Any]]) -> None:
     for entry in history:
         metrics = {metric_key(f"mixture/{n}"): float(p) for n, p in zip(entry["names"], entry["proportions"])}
         mlflow.log_metrics(metrics, step=int(entry["step"]))
+
+
+def prepare_store(uri: str) -> None:
+    """Create (and migrate) a new sqlite MLflow store once, under a file lock: two runs starting on the same new
+    database would otherwise race on its schema migrations. Other stores are left to MLflow."""
+    import fcntl
+    from pathlib import Path
+
+    from dataflex.core.errors import ConfigError
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///") :])
+    if db.is_file() and db.stat().st_size > 0:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the second run waits here until the first has built the schema
+        if db.is_file() and db.stat().st_size > 0:
+            return
+        try:
+            mlflow.tracking.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # an unusable store is the user's to fix: one line, before training
+            raise ConfigError(f"MLflow store {uri} cannot be created: {' '.join(str(exc).split())[:300]}") from None

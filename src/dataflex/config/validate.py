@@ -119,8 +119,10 @@ def _check_paths(rc: RunConfig) -> None:
     if resume is not None:
         read_manifest(resume)
     cfg_file = rc.dataflex.components_cfg_file
-    if cfg_file and not Path(cfg_file).is_file():
-        raise ConfigError(f"components_cfg_file '{cfg_file}' does not exist")
+    if cfg_file:  # read even when this mode builds no component: a broken file is never silently ignored
+        from dataflex.core.components_cfg import load_components_cfg
+
+        load_components_cfg(cfg_file, rc.dataflex.components)
     check_output_dir(rc.train.output_dir)
 
 

@@ -20,8 +20,9 @@ def read_rows(attr: DatasetAttr, dataset_dir: str | os.PathLike) -> list[dict[st
     """All rows of the dataset as dicts, in file order (folders: files sorted by name)."""
     path = attr.path(dataset_dir)
     if not path.exists():
+        what = "is a broken link or a link loop" if path.is_symlink() else "not found"
         raise DataError(
-            f"dataset '{attr.name}': file {path.resolve()} not found; "
+            f"dataset '{attr.name}': file {os.path.abspath(path)} {what}; "
             "fix file_name in dataset_info.json or add the file"
         )
     if path.is_dir():
