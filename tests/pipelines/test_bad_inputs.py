@@ -91,6 +91,7 @@ def bad_input_env(tmp_path_factory, project_root, demo_dir, untrained_model_dir)
     files.mkdir()
     (files / "not_utf8.yaml").write_bytes(b"mixers:\n  odm: {name: odm, params: {alpha: caf\xe9}}\n")
     (files / "bad.yaml").write_text("mixers: [unclosed\n")
+    (files / "delta_abc.yaml").write_text("weighters:\n  loss: {name: loss, params: {delta: abc}}\n")
     (files / "a_file").write_text("x")
     (files / "no_manifest").mkdir()
     (files / "broken_mod.py").write_text("def broken(:\n")
@@ -143,6 +144,10 @@ FILES = [
     ("resume_from_checkpoint={files}/no_manifest", "no manifest.json"),
     ("components_cfg_file=/nonexistent.yaml", "does not exist"),
     ("components_cfg_file={files}/bad.yaml", "not valid YAML"),
+    (
+        "train_type=dynamic_weight component_name=loss components_cfg_file={files}/delta_abc.yaml",
+        "weighter 'loss': parameter delta must be a number, got 'abc'",
+    ),
     (
         "train_type=dynamic_mix component_name=odm warmup_step=1 update_step=1 "
         "components_cfg_file={files}/not_utf8.yaml",

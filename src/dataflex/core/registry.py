@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,33 @@ class Registry:
 
     def check(self, kind: str, name: str, cfg: Mapping[str, Any] | None = None) -> None:
         """The errors `build` raises for `cfg` alone (unknown name or parameter), without building anything."""
-        _, takes_var_kw, accepted = self._signature(self.get(kind, name))
+        cls = self.get(kind, name)
+        _, takes_var_kw, accepted = self._signature(cls)
         unknown = sorted(set(cfg or {}) - set(accepted))
         if unknown and not takes_var_kw:
             raise ConfigError(
                 f"{kind} '{name}' does not accept parameter(s) {', '.join(unknown)}; "
                 f"accepted: {', '.join(accepted) or '(none)'}"
             )
+        self._check_types(kind, name, cls, cfg or {})
+
+    @staticmethod
+    def _check_types(kind: str, name: str, cls: type, cfg: Mapping[str, Any]) -> None:
+        """Each parameter against its constructor annotation (`delta: float` refuses "abc" and NaN), before any
+        work; parameters without an annotation, or with one that cannot be resolved, are the component's to check."""
+        from dataflex.core.schema import annotation_problem
+
+        try:
+            hints = typing.get_type_hints(cls.__init__)
+        except Exception:  # forward references the component's module cannot resolve: nothing to check here
+            return
+        for key, value in cfg.items():
+            if key in hints:
+                problem = annotation_problem(value, hints[key])
+                if problem == "finite":
+                    raise ConfigError(f"{kind} '{name}': parameter {key} must be a finite number, got {value!r}")
+                if problem:
+                    raise ConfigError(f"{kind} '{name}': parameter {key} must be {problem}, got {value!r}")
 
     def build(
         self, kind: str, name: str, runtime: Mapping[str, Any] | None = None, cfg: Mapping[str, Any] | None = None

@@ -394,3 +394,17 @@ def type_name(tp: Any) -> str:
     if origin is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+def annotation_problem(value: Any, tp: Any) -> str | None:
+    """What `value` should be to fit the annotation `tp` (e.g. "a number"), or None when it fits: the same type and
+    finiteness rules as config fields, for checking a component's parameters against its constructor."""
+    try:
+        fits = _conforms(value, tp)
+    except TypeError:  # an annotation these rules do not cover (Sequence[float], a numpy type): the component checks
+        return None
+    if not fits:
+        return _phrase(tp)
+    if not _finite(value):
+        return "finite"
+    return None
