@@ -83,3 +83,18 @@ def sft_pool(demo_dir: Path, tokenizer):
 @pytest.fixture(scope="session")
 def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_live_streams():
+    """Kedro's logging config binds the console handler to the sys.stdout of the moment, which inside a test is
+    pytest's capture stream, closed after that test: point such handlers at the live stream before each test."""
+    import logging
+    import sys
+
+    for name in (None, "dataflex", "kedro"):
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+                handler.stream = sys.stdout  # not setStream: it would flush the closed stream
+    yield

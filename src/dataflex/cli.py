@@ -86,6 +86,12 @@ def run_kedro(project: Path, pipeline: str, runtime_params: dict[str, Any]) -> d
     from kedro.framework.startup import bootstrap_project
 
     bootstrap_project(project)
+    logging_yml = project / "conf" / "logging.yml"
+    if logging_yml.is_file():  # Kedro looks for it relative to the working directory; a CLI run may start anywhere
+        import yaml
+        from kedro.framework.project import LOGGING
+
+        LOGGING.configure(yaml.safe_load(logging_yml.read_text()))
     with KedroSession.create(project_path=project, runtime_params=runtime_params) as session:
         session.run(pipeline_names=[pipeline])
     _end_mlflow_runs()

@@ -150,7 +150,10 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     assert float(run.data.params["train.learning_rate"]) == 5e-4
 
     # Resume from the finished run's checkpoint-3 reproduces the same adapter (same YAML + resume key).
+    capsys.readouterr()
     assert train("output_dir=saves/resumed", "resume_from_checkpoint=saves/static/checkpoints/checkpoint-3") == 0
+    log = "".join(capsys.readouterr())
+    assert "resumed from" in log and "at step 3" in log  # dataflex's own log lines reach dataflex-cli's output
     from safetensors.torch import load_file
 
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -395,7 +398,7 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
 
 
 def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
-    demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch
+    demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
 ):
     """LESS end to end through a flat YAML: warm-up -> datastore -> target features -> select -> final training.
     The selection comes from the target's domain, its model beats a random selection of the same size on the
@@ -509,11 +512,14 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
 
     # Two other targets at once, one with two subtasks: the warm-up and the pool's datastore are reused; only the
     # targets' new samples get features (arith_dev's rows are copied from the first run's target store).
+    capsys.readouterr()
     assert (
         main(["train", "less.yaml", "less_targets=reverse_dev,arith_dev+sort_dev", "output_dir=saves/less2", *argv])
         == 0
     )
     _end_runs()
+    log = "".join(capsys.readouterr())
+    assert "LESS warm-up: cache hit" in log and "gradient datastore pool@epoch-1: hit" in log  # shown in the log
     summary2 = json.loads((tmp_path / "saves" / "less2" / "run_summary.json").read_text())
     _, run2 = _mlflow_run(db, summary2["mlflow_run_id"])
     m = run2.data.metrics
