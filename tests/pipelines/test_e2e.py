@@ -160,6 +160,13 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     b = load_file(str(tmp_path / "saves" / "resumed" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
 
+    # A killed save left a temp dir in the finished run: resuming that run removes it (it is never read).
+    stale = out / "checkpoints" / ".checkpoint-9.k1ll.tmp"
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"half-written")
+    assert train("resume_from_checkpoint=latest") == 0
+    assert not stale.exists() and json.loads((out / "run_summary.json").read_text())["global_step"] == 6
+
     # The same resume on 2 accelerate workers (4 x 1 x 2 processes: the same global batch): the same adapter,
     # and the workers' metrics reach the orchestrator's MLflow run.
     two = [
