@@ -85,6 +85,26 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def copy_project(root: Path, dest: Path) -> Path:
+    """A copy of the Kedro project (pyproject + conf) at dest/project with an empty src/: the package is installed
+    already, so a run there uses the code under test with a project folder of its own."""
+    import shutil
+
+    project = dest / "project"
+    project.mkdir()
+    shutil.copy(root / "pyproject.toml", project)
+    shutil.copytree(root / "conf" / "base", project / "conf" / "base")
+    shutil.copy(root / "conf" / "logging.yml", project / "conf")
+    (project / "conf" / "local").mkdir()
+    (project / "src").mkdir()
+    return project
+
+
+@pytest.fixture
+def kedro_project(project_root: Path, tmp_path: Path) -> Path:
+    return copy_project(project_root, tmp_path)
+
+
 @pytest.fixture(autouse=True)
 def _log_handlers_on_live_streams():
     """Kedro's logging config binds the console handler to the sys.stdout of the moment, which inside a test is

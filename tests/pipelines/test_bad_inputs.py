@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project
 
 NAN_INF = [
     ("learning_rate=.nan", "train.learning_rate must be a finite number"),
@@ -78,13 +79,7 @@ def _files(root: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def bad_input_env(tmp_path_factory, project_root, demo_dir, untrained_model_dir):
     root = tmp_path_factory.mktemp("bad_inputs")
-    project = root / "project"
-    project.mkdir()
-    shutil.copy(project_root / "pyproject.toml", project)
-    shutil.copytree(project_root / "conf" / "base", project / "conf" / "base")
-    shutil.copy(project_root / "conf" / "logging.yml", project / "conf")
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()
+    project = copy_project(project_root, root)
     data = root / "data"
     shutil.copytree(demo_dir, data)
     files = root / "files"

@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-
-
-def _project(project_root: Path, root: Path) -> Path:
-    project = root / "project"
-    project.mkdir()
-    shutil.copy(project_root / "pyproject.toml", project)
-    shutil.copytree(project_root / "conf" / "base", project / "conf" / "base")
-    shutil.copy(project_root / "conf" / "logging.yml", project / "conf")
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()
-    return project
 
 
 def _start(root: Path, project: Path, name: str, cfg: dict, db: Path) -> subprocess.Popen:
@@ -40,8 +28,8 @@ def _start(root: Path, project: Path, name: str, cfg: dict, db: Path) -> subproc
     )
 
 
-def test_two_runs_in_one_project_and_one_new_mlflow_db(project_root, demo_dir, untrained_model_dir, tmp_path):
-    project = _project(project_root, tmp_path)
+def test_two_runs_in_one_project_and_one_new_mlflow_db(kedro_project, demo_dir, untrained_model_dir, tmp_path):
+    project = kedro_project
     db = tmp_path / "mlflow.db"  # does not exist yet: both runs would create it
     base = {
         "model_name_or_path": str(untrained_model_dir),
@@ -70,10 +58,10 @@ def test_two_runs_in_one_project_and_one_new_mlflow_db(project_root, demo_dir, u
         assert client.get_run(s["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_a_second_run_on_a_busy_output_dir_is_refused(project_root, demo_dir, untrained_model_dir, tmp_path):
+def test_a_second_run_on_a_busy_output_dir_is_refused(kedro_project, demo_dir, untrained_model_dir, tmp_path):
     """The first run holds the output_dir's lock (here: a process holding it, as a long training would); the
     CLI refuses the second with one line naming the holder, and writes nothing there."""
-    project = _project(project_root, tmp_path)
+    project = kedro_project
     out = tmp_path / "busy"
     holder = subprocess.Popen(
         [

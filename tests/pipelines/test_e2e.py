@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -13,18 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-
-def make_project(root: Path, tmp_path: Path) -> Path:
-    """A copy of the Kedro project (pyproject + conf) with an empty src/: the package is installed already."""
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(root / "pyproject.toml", project)
-    shutil.copytree(root / "conf" / "base", project / "conf" / "base")
-    shutil.copy(root / "conf" / "logging.yml", project / "conf")
-    (project / "conf" / "local").mkdir()
-    (project / "src").mkdir()
-    return project
 
 
 def _end_runs() -> None:
@@ -49,10 +36,10 @@ def _mlflow_run(db: Path, run_id: str):
     return client, client.get_run(run_id)
 
 
-def test_kedro_run_demo_end_to_end(project_root, tmp_path, monkeypatch):
+def test_kedro_run_demo_end_to_end(kedro_project, project_root, tmp_path, monkeypatch):
     """`kedro run` with no pipeline: builds the demo corpus and a tiny model in the project, processes, trains,
     evaluates, reports, and logs everything to one MLflow run."""
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(project)
     db = project / "mlflow.db"
     params = {
@@ -96,10 +83,10 @@ def test_kedro_run_demo_end_to_end(project_root, tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == before
 
 
-def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+def test_cli_train_static_yaml(kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
     from dataflex.cli import main
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     cfg = {
         "model_name_or_path": str(tiny_model_dir),
@@ -203,19 +190,21 @@ def test_cli_train_static_yaml(demo_dir, tiny_model_dir, project_root, tmp_path,
     assert not any("lora" in n for n, _ in merged.named_parameters())
 
 
-def test_kedro_run_bad_params_is_one_line(project_root, tmp_path, monkeypatch):
-    project = make_project(project_root, tmp_path)
+def test_kedro_run_bad_params_is_one_line(kedro_project, project_root, tmp_path, monkeypatch):
+    project = kedro_project
     monkeypatch.chdir(project)
     with pytest.raises(SystemExit) as exc:
         _run_kedro(project, {"mlflow_uri": f"sqlite:///{project / 'm.db'}", "train": {"learning_rate": -1}})
     assert exc.value.code == "error: train.learning_rate must be > 0, got -1"
 
 
-def test_cli_dynamic_weight_with_components_file(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+def test_cli_dynamic_weight_with_components_file(
+    kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
+):
     """train_type: dynamic_weight through dataflex-cli with a DataFlex components YAML; weight stats reach MLflow."""
     from dataflex.cli import main
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     (tmp_path / "components.yaml").write_text(
         "weighters:\n  loss:\n    name: loss\n    params:\n      strategy: linupper\n      delta: 1.0\n"
@@ -288,11 +277,13 @@ class RandomMixer(Mixer):
 """
 
 
-def test_cli_dynamic_mix_with_the_seed_mixer(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+def test_cli_dynamic_mix_with_the_seed_mixer(
+    kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
+):
     """The seed page's mixer, in a user module, drives an unrolled dynamic_mix run on the pt text domains."""
     from dataflex.cli import main
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_mixers.py").write_text(SEED_RANDOM_MIXER)
     (tmp_path / "components.yaml").write_text(
@@ -349,11 +340,11 @@ def test_cli_dynamic_mix_with_the_seed_mixer(demo_dir, tiny_model_dir, project_r
     assert "at least two domains" in capsys.readouterr().err
 
 
-def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch):
+def test_cli_doremi_pipeline_and_odm(kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch):
     """The three DoReMi steps chained by one command, the learned weights reaching step 3; and an ODM run."""
     from dataflex.cli import main
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     cfg = {
         "model_name_or_path": str(tiny_model_dir),
@@ -405,7 +396,7 @@ def test_cli_doremi_pipeline_and_odm(demo_dir, tiny_model_dir, project_root, tmp
 
 
 def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
-    demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
+    kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
 ):
     """LESS end to end through a flat YAML: warm-up -> datastore -> target features -> select -> final training.
     The selection comes from the target's domain, its model beats a random selection of the same size on the
@@ -417,7 +408,7 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     from dataflex.train.modes.less import warmup_subset
     from dataflex.train.run import build_model, train
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     domains = ["arith", "reverse", "sort", "wordcount", "facts", "format"]
     cfg = {
@@ -557,10 +548,12 @@ def test_cli_less_pipeline_selects_the_target_domain_and_reuses_the_datastore(
     assert "most influential:" in done.stdout and "[reverse_train]" in done.stdout
 
 
-def test_less_bad_config_is_one_line(demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys):
+def test_less_bad_config_is_one_line(
+    kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
+):
     from dataflex.cli import main
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     cfg = {
         "model_name_or_path": str(tiny_model_dir),
@@ -611,13 +604,13 @@ class FirstSelector(Selector):
 
 
 def test_cli_dynamic_select_with_the_seed_selector_and_a_user_module(
-    demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
+    kedro_project, demo_dir, tiny_model_dir, project_root, tmp_path, monkeypatch, capsys
 ):
     """dynamic_select through a flat YAML and the Kedro rounds: the shipped seed `custom` selector, then a selector
     written exactly as the seed page shows in a user module; selections land in OUTPUT_DIR/selections."""
     from dataflex.cli import main
 
-    project = make_project(project_root, tmp_path)
+    project = kedro_project
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_selectors.py").write_text(SEED_CUSTOM_SELECTOR)
     cfg = {

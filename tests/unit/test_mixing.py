@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from dataflex.config import RunConfig
 from dataflex.core.errors import CheckpointError, ConfigError
 from dataflex.core.registry import REGISTRY
 from dataflex.train.dataset.mixed_proportion_manager import MixedProportionManager, apportion, check_proportions
@@ -107,42 +106,6 @@ def test_random_and_static_mixers():
     assert np.allclose(manager.proportions, p1)
 
 
-def _mix_cfg(tmp_path, model_dir, **flex):
-    model = {
-        "model_name_or_path": str(model_dir),
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "dtype": "fp32",
-    }
-    train = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=-1,
-        logging_steps=2,
-        progress_bar=False,
-    ).to_dict()
-    base = {
-        "train_type": "dynamic_mix",
-        "component_name": "random",
-        "components_cfg_file": None,
-        "components": {"mixers": {"random": {"name": "random", "params": {"seed": 11}}}},
-        "user_modules": [],
-        "warmup_step": 2,
-        "update_step": 2,
-        "update_times": 2,
-        "train_step": 0,
-        "static_mix": False,
-        "mixture_sample_rule": "mixture",
-        "init_mixture_proportions": [0.8, 0.1, 0.1],
-    }
-    base.update(flex)
-    return RunConfig.from_params({"model": model, "train": train, "dataflex": base})
-
-
 def test_mix_schedule_arithmetic():
     from dataflex.config import DynamicConfig
     from dataflex.train.schedule import mix_schedule
@@ -159,7 +122,7 @@ def test_mix_schedule_arithmetic():
 
 def test_mix_config_errors(tmp_path, untrained_model_dir, sft_pool):
     from dataflex.config import DynamicConfig
-    from dataflex.train.modes.mix import check_mix_config, train_segment
+    from dataflex.train.modes.mix import check_mix_config
 
     flex = DynamicConfig(warmup_step=1, update_step=1)
     with pytest.raises(ConfigError, match="fixes the proportions"):
@@ -168,9 +131,8 @@ def test_mix_config_errors(tmp_path, untrained_model_dir, sft_pool):
         check_mix_config(replace(flex, mixture_sample_rule="temp", static_mix=True))
     with pytest.raises(ConfigError, match="at least two domains"):
         check_mix_config(flex, num_domains=1)
-    cfg = _mix_cfg(tmp_path, untrained_model_dir, init_mixture_proportions=[0.5, 0.5])
     with pytest.raises(ConfigError, match="init_mixture_proportions has 2 value"):
-        train_segment(cfg, sft_pool, 0)
+        check_mix_config(replace(flex, init_mixture_proportions=[0.5, 0.5]), num_domains=3)
 
 
 class _Ctx:
