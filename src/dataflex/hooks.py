@@ -82,12 +82,15 @@ class ProjectHooks:
         self._release()
 
     @hook_impl
-    def on_pipeline_error(self) -> None:
+    def on_pipeline_error(self, error: Exception) -> None:
         # A run refused after tokenising (all rows filtered, a selection larger than the pool, ...) leaves nothing:
-        # the output_dir it created goes again, unless it already holds state a resume needs.
+        # the output_dir it created goes again, unless it already holds state a resume needs, and the MLflow run
+        # kedro-mlflow has just closed as FAILED is deleted (a refusal is not a run).
         created = self._created
-        if created is not None and created.is_dir() and not any((created / m).exists() for m in RESUMABLE):
+        if created is not None and not any((created / m).exists() for m in RESUMABLE):
             shutil.rmtree(created, ignore_errors=True)
+            if isinstance(error, DataFlexError):
+                _delete_failed_mlflow_run()
         self._release()
 
     def _release(self) -> None:
@@ -95,3 +98,19 @@ class ProjectHooks:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _delete_failed_mlflow_run() -> None:
+    """Delete the MLflow run of a refused pipeline, whether kedro-mlflow already closed it as FAILED or (hook order)
+    it is still open: then it is closed here first, and kedro-mlflow finds nothing left to close."""
+    import mlflow
+
+    try:
+        active = mlflow.active_run()
+        if active is not None:
+            mlflow.end_run("FAILED")
+        run = mlflow.last_active_run()
+        if run is not None and run.info.status == "FAILED":
+            mlflow.tracking.MlflowClient().delete_run(run.info.run_id)
+    except Exception as exc:  # tracking trouble must not hide the refusal's own one line
+        logger.debug("could not delete the refused run's MLflow record: %s", exc)

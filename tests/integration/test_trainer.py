@@ -233,3 +233,19 @@ def test_bf16_mixed_precision_after_fp32_in_one_process(tmp_path, tiny_model_dir
     ).train()
     for a, b in zip(fp32.log_history, bf16.log_history):
         assert math.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 0.1
+
+
+def test_a_run_of_many_passes_over_its_pool_says_so_once(tmp_path, tiny_model_dir, sft_pool, tokenizer, caplog):
+    """max_steps far beyond the pool: one notice with the implied passes and a time estimate after the first step."""
+    import logging
+
+    small = sft_pool.select(range(4))  # one step per pass at batch 4
+    with caplog.at_level(logging.INFO, logger="dataflex"):
+        Trainer(
+            _lora(tiny_model_dir),
+            small,
+            _args(tmp_path, max_steps=24),
+            data_collator=DataCollatorForCausalLM(tokenizer),
+        ).train()
+    notices = [r.getMessage() for r in caplog.records if "passes over this pool" in r.getMessage()]
+    assert len(notices) == 1 and notices[0].startswith("max_steps=24 is 24 passes over this pool; at ")

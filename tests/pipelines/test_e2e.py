@@ -180,6 +180,9 @@ def test_cli_train_static_yaml(kedro_project, demo_dir, tiny_model_dir, project_
     # Every sample fully masked (the prompt fills cutoff_len): one line, before training, nothing written.
     assert train("cutoff_len=1", "output_dir=saves/masked") == 2
     assert "fully masked" in capsys.readouterr().err.strip().splitlines()[-1]
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, "attributes.status = 'FAILED'")  # a refusal leaves no failed run
     assert not (tmp_path / "saves" / "masked").exists()
 
     # export merges the adapter into its base (llamafactory-cli export).

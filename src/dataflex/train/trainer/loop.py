@@ -293,8 +293,11 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=self.global_step, desc="train", unit="step", disable=not show)
         self._interval.start = time.perf_counter()
         last_checkpoint = None
+        first = self.global_step
         while self.global_step < stop:
             logs = self._optimizer_step(max_steps)
+            if self.global_step == first + 1:
+                self._notice_long_run(max_steps, time.perf_counter() - start)
             bar.update(1)
             if logs:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}")
@@ -316,6 +319,20 @@ class Trainer:
             log_history=self.log_history,
             last_checkpoint=last_checkpoint,
         )
+
+    def _notice_long_run(self, max_steps: int, step_seconds: float) -> None:
+        """One line when the run is many passes over its data (e.g. a max_steps meant for a larger pool)."""
+        passes = self.plan.epoch_at(max_steps)
+        if passes > 10 and self.accelerator.is_main_process:
+            left = step_seconds * (max_steps - self.global_step)
+            eta = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
+            logger.info(
+                "max_steps=%d is %.0f passes over this pool; at %.2f s/step the run needs about %s more",
+                max_steps,
+                passes,
+                step_seconds,
+                eta,
+            )
 
     def _optimizer_step(self, max_steps: int) -> dict[str, float]:
         """One optimizer step: accumulate, clip, step, log; returns the log line (empty between logging steps)."""
