@@ -268,7 +268,7 @@ def distributable(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
         cfg = bound.arguments.get("cfg")
-        if cfg is None or not distributed(cfg.train.to_dict()):
+        if cfg is None or not distributed({"num_processes": cfg.train.num_processes}):
             return fn(*args, **kwargs)
         sink = bound.arguments.pop("metrics_sink", None)
         data = {k: v for k, v in bound.arguments.items() if k != "cfg" and _is_dataset(v)}

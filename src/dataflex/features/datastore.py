@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,10 @@ class FeatureSettings:
             raise ConfigError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
         if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1:
             raise ConfigError(f"proj_dim must be an integer >= 1, got {self.proj_dim!r}")
+
+    def for_targets(self) -> FeatureSettings:
+        """The same projection for target examples, with SGD gradients (LESS's rule: no Adam state for targets)."""
+        return replace(self, gradient_type="sgd")
 
 
 @dataclass

@@ -11,27 +11,13 @@ round never resumes from a truncated or foreign state.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro.io import AbstractDataset
 
 from dataflex.train.trainer.state import read_manifest
-from dataflex.utils.io import atomic_dir, atomic_write_json
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    for item in src.iterdir():
-        if item.is_dir():
-            (dst / item.name).mkdir()
-            _link_tree(item, dst / item.name)
-            continue
-        try:
-            os.link(item, dst / item.name)
-        except OSError:  # another filesystem (or no hard links): copy
-            shutil.copy2(item, dst / item.name)
+from dataflex.utils.io import atomic_write_json, link_into
 
 
 class TrainStateDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
@@ -51,10 +37,7 @@ class TrainStateDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
     def _save(self, data: dict[str, Any]) -> None:
         source = Path(data["checkpoint"])
         read_manifest(source, verify_hashes=False)  # refuse a truncated checkpoint before touching anything
-        target = Path(self._path) / "checkpoint"
-        if source.resolve() != target.resolve():
-            with atomic_dir(target) as tmp:
-                _link_tree(source, tmp)
+        target = link_into(source, Path(self._path) / "checkpoint")
         atomic_write_json(self._filepath, {**data, "checkpoint": str(target)})
 
     def _exists(self) -> bool:

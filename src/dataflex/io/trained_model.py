@@ -16,8 +16,7 @@ from typing import Any
 from kedro.io import AbstractDataset
 
 from dataflex.core.errors import DataError
-from dataflex.io.train_state import _link_tree
-from dataflex.utils.io import atomic_dir, atomic_write_json
+from dataflex.utils.io import atomic_write_json, link_into
 
 _REQUIRED = {"adapter": ("adapter_config.json", "adapter_model.safetensors"), "model": ("config.json",)}
 
@@ -44,10 +43,7 @@ class TrainedModelDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
         if kind not in _REQUIRED:
             raise DataError(f"trained model kind '{kind}' is not adapter or model")
         check_trained(source, kind)
-        target = Path(self._path) / kind
-        if source.resolve() != target.resolve():
-            with atomic_dir(target) as tmp:
-                _link_tree(source, tmp)
+        target = link_into(source, Path(self._path) / kind)
         atomic_write_json(self._filepath, {**data, "path": str(target)})
 
     def _load(self) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def num_rounds(cfg: Any, pipeline: str) -> int:
             return select_schedule(cfg.dataflex, cfg.train, None).num_rounds
         if pipeline == "dynamic_mix":
             return mix_schedule(cfg.dataflex, cfg.train, None).num_rounds
-        if pipeline in ("less", "less_checkpoints"):
+        if pipeline == "less":
             return int(cfg.less.warmup_epochs)
     except ConfigError:
         return 1

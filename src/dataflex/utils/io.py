@@ -111,3 +111,26 @@ def read_user_text(path: str | os.PathLike, what: str, error: type[Exception]) -
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path} is not valid UTF-8 (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+
+
+def link_into(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put folder `source` at `target` atomically (temp dir + rename): hard links, so no second copy on disk, and
+    a copy across filesystems. Nothing to do when `source` already is `target`."""
+    source, target = Path(source), Path(target)
+    if source.resolve() == target.resolve():
+        return target
+
+    def link_tree(src: Path, dst: Path) -> None:
+        for item in src.iterdir():
+            if item.is_dir():
+                (dst / item.name).mkdir()
+                link_tree(item, dst / item.name)
+                continue
+            try:
+                os.link(item, dst / item.name)
+            except OSError:  # another filesystem (or no hard links): copy
+                shutil.copy2(item, dst / item.name)
+
+    with atomic_dir(target) as tmp:
+        link_tree(source, tmp)
+    return target

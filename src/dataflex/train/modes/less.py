@@ -150,14 +150,15 @@ def _cached_warmup(out: Path, key: str) -> dict[str, Any] | None:
 
 def feature_settings(less: LessConfig, kind: str) -> FeatureSettings:
     """Pool features use `gradient_type` (adam, as LESS); targets always use SGD gradients, as LESS does."""
-    return FeatureSettings(
-        gradient_type=less.gradient_type if kind == "train" else "sgd",
+    pool = FeatureSettings(
+        gradient_type=less.gradient_type,
         projector=less.projector,
         proj_dim=less.proj_dim,
         seed=less.proj_seed,
         adam_eps_placement=less.adam_eps_placement,
         dtype=less.feature_dtype,
     )
+    return pool if kind == "train" else pool.for_targets()
 
 
 @distributable

@@ -104,11 +104,11 @@ class SelectMode(Mode):
 
     def components(self, run: Run) -> dict[str, Callback]:
         check_select_config(self.cfg, bool(run.eval_sets), self.pool_size)  # pool-size checks, before training
-        self.component, params = component_for(self.cfg.dataflex, "selector")
+        self.component, self.params = component_for(self.cfg.dataflex, "selector")
         runtime = run.runtime(eval_dataset=target_dataset(run.eval_sets))
-        if "cache_dir" not in params:  # the user's cache_dir wins over the run's default
+        if "cache_dir" not in self.params:  # the user's cache_dir wins over the run's default
             runtime["cache_dir"] = str(Path(run.args.output_dir) / "selector_cache")
-        return {"selector": REGISTRY.build("selector", self.component, runtime=runtime, cfg=params)}
+        return {"selector": REGISTRY.build("selector", self.component, runtime=runtime, cfg=self.params)}
 
     def plan(self, run: Run) -> SelectPlan:
         args = run.args
@@ -148,7 +148,7 @@ class SelectMode(Mode):
                 "pool": dataset_fingerprint(run.pool),
                 "eval": _eval_fingerprint(selector),
                 "selector": self.component,
-                "params": component_for(self.cfg.dataflex, "selector")[1],
+                "params": self.params,
                 "step": event.step,
                 "num_samples": self.num_samples(event),
                 "base": run.base_id,

@@ -94,13 +94,7 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
             seed=int(seed),
             adam_eps_placement=adam_eps_placement,
         )
-        self.target_settings = FeatureSettings(
-            gradient_type="sgd",
-            projector=projector,
-            proj_dim=int(proj_dim),
-            seed=int(seed),
-            adam_eps_placement=adam_eps_placement,
-        )
+        self.target_settings = self.settings.for_targets()
         self.batch_size = positive_int("cluster_less", "batch_size", batch_size)
         self.tokenizer_path = tokenizer_path
 

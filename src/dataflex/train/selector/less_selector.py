@@ -55,13 +55,7 @@ class LessSelector(Selector):
             seed=int(seed),
             adam_eps_placement=adam_eps_placement,
         )
-        self.target_settings = FeatureSettings(
-            gradient_type="sgd",
-            projector=projector,
-            proj_dim=int(proj_dim),
-            seed=int(seed),
-            adam_eps_placement=adam_eps_placement,
-        )
+        self.target_settings = self.settings.for_targets()
         self.aggregation, self.batch_size = aggregation, int(batch_size)
 
     def _store(self) -> GradientDatastore:

@@ -83,13 +83,7 @@ class NiceSelector(Selector):
             seed=int(seed),
             adam_eps_placement=adam_eps_placement,
         )
-        self.target_settings = FeatureSettings(
-            gradient_type="sgd",
-            projector=projector,
-            proj_dim=int(proj_dim),
-            seed=int(seed),
-            adam_eps_placement=adam_eps_placement,
-        )
+        self.target_settings = self.settings.for_targets()
         self.batch_size = positive_int("nice", "batch_size", batch_size)
         self.tokenizer_path = tokenizer_path
         from dataflex.features.rollouts import reward_function
