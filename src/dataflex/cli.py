@@ -67,9 +67,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
     runtime = dict(params)
     if ns.mlflow_uri:
         runtime["mlflow_uri"] = ns.mlflow_uri
-    from dataflex.tracking import prepare_store
-
-    prepare_store(ns.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
     summary = run_kedro(project, ns.pipeline or params["dataflex"]["train_type"], runtime)
     out = Path(params["train"]["output_dir"]) / "run_summary.json"
     print(f"run summary: {out}")

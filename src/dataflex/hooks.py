@@ -11,6 +11,7 @@ from kedro.framework.hooks import hook_impl
 
 from dataflex.config import PIPELINE_GROUPS, TRAIN_TYPES, validate_params
 from dataflex.core.errors import DataFlexError
+from dataflex.tracking import prepare_store
 from dataflex.utils.io import remove_stale_temp
 from dataflex.utils.lock import RunLock, claim_output_dir
 from dataflex.utils.logging import logger
@@ -26,9 +27,9 @@ def get_params() -> dict[str, Any] | None:
     return _PARAMS
 
 
-def _validate(params: dict[str, Any], check: Any = validate_params) -> None:
+def _validate(params: Any, check: Any = validate_params) -> Any:
     try:
-        check(params)
+        return check(params)
     except DataFlexError as exc:
         logger.error("%s", exc)
         # SystemExit with a message: kedro's CLI exits non-zero with this one line, no traceback.
@@ -39,11 +40,14 @@ class ProjectHooks:
     _lock: RunLock | None = None
     _created: Path | None = None  # the output_dir this run created (removed again if it fails before any state)
 
-    @hook_impl
+    @hook_impl(tryfirst=True)  # before kedro-mlflow's own hook opens (and so creates) the tracking store
     def after_context_created(self, context: Any) -> None:
         global _PARAMS
         _PARAMS = dict(context.config_loader["parameters"])
         _validate(_PARAMS)
+        uri = _tracking_uri(context)
+        if uri:
+            _validate(uri, prepare_store)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
@@ -98,6 +102,17 @@ class ProjectHooks:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _tracking_uri(context: Any) -> str | None:
+    """The tracking URI kedro-mlflow will use (from conf/*/mlflow.yml), read before kedro-mlflow opens it."""
+    loader = context.config_loader
+    loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
+    try:
+        uri = loader["mlflow"]["server"]["mlflow_tracking_uri"]
+    except Exception:  # no mlflow.yml (kedro-mlflow not configured): nothing to prepare
+        return None
+    return uri if isinstance(uri, str) else None
 
 
 def _delete_failed_mlflow_run() -> None:

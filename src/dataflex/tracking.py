@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import mlflow
 
+from dataflex.utils.logging import logger
+
 _BAD = re.compile(r"[^0-9A-Za-z_\-. /]")
+_F = TypeVar("_F", bound=Callable[..., Any])
+_failed: list[str] = []  # the first tracking failure of this process (said once; tracking is then skipped)
+
+
+def never_fatal(fn: _F) -> _F:
+    """Tracking is a copy of results that are on disk anyway: a store that fails mid-run (server down, disk full,
+    locked database) is one warning line, then skipped for the rest of the process, and training goes on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            _failed.append(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+            logger.warning(
+                "MLflow tracking failed (%s); the run goes on without it, its results are in output_dir", _failed[0]
+            )
+            return None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def metric_key(name: str) -> str:
@@ -25,18 +51,21 @@ def mlflow_metrics_sink(prefix: str = "train/") -> Callable[[dict[str, float], i
     if mlflow.active_run() is None:
         return None
 
+    @never_fatal
     def sink(metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics({metric_key(prefix + k): float(v) for k, v in metrics.items()}, step=step)
 
     return sink
 
 
+@never_fatal
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     """Node-level metrics (cache hits, timings, selection fractions) into the active run, if any."""
     if mlflow.active_run() is not None:
         mlflow.log_metrics({metric_key(k): float(v) for k, v in metrics.items()}, step=step)
 
 
+@never_fatal
 def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
     if mlflow.active_run() is None:
         return
@@ -49,6 +78,7 @@ def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
     mlflow.log_metrics(flat)
 
 
+@never_fatal
 def log_mixture(history: list[Mapping[str, Any]]) -> None:
     """Proportions per domain at each update step (`mixture/<domain>`)."""
     if mlflow.active_run() is None:
@@ -59,24 +89,23 @@ def log_mixture(history: list[Mapping[str, Any]]) -> None:
 
 
 def prepare_store(uri: str) -> None:
-    """Create (and migrate) a new sqlite MLflow store once, under a file lock: two runs starting on the same new
-    database would otherwise race on its schema migrations. Other stores are left to MLflow."""
-    import fcntl
-    from pathlib import Path
-
+    """Create (and migrate) a new sqlite MLflow store once, under a lock: two runs starting on the same new database
+    would otherwise race on its schema migrations. Other stores are left to MLflow."""
     from dataflex.core.errors import ConfigError
+    from dataflex.utils.lock import RunLock
 
-    if not uri.startswith("sqlite:///"):
-        return
-    db = Path(uri[len("sqlite:///") :])
-    if db.is_file() and db.stat().st_size > 0:
+    db = sqlite_path(uri)
+    if db is None or (db.is_file() and db.stat().st_size > 0):
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the second run waits here until the first has built the schema
+    with RunLock(db, wait=True):  # the second run waits here until the first has built the schema
         if db.is_file() and db.stat().st_size > 0:
             return
         try:
             mlflow.tracking.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # an unusable store is the user's to fix: one line, before training
             raise ConfigError(f"MLflow store {uri} cannot be created: {' '.join(str(exc).split())[:300]}") from None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None

@@ -5,6 +5,7 @@ traceback, and nothing new on disk (output_dir, the project's data, the tokenisa
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def bad_input_env(tmp_path_factory, project_root, demo_dir, untrained_model_dir)
     (files / "not_utf8.yaml").write_bytes(b"mixers:\n  odm: {name: odm, params: {alpha: caf\xe9}}\n")
     (files / "bad.yaml").write_text("mixers: [unclosed\n")
     (files / "delta_abc.yaml").write_text("weighters:\n  loss: {name: loss, params: {delta: abc}}\n")
+    (files / "strategy_nope.yaml").write_text("weighters:\n  loss: {name: loss, params: {strategy: nope}}\n")
+    (files / "odm_alpha.yaml").write_text("mixers:\n  odm: {name: odm, params: {alpha: 1.5}}\n")
+    (files / "share_zero.yaml").write_text(
+        "selectors:\n  cluster_less: {name: cluster_less, params: {max_cluster_share: 0}}\n"
+    )
     (files / "a_file").write_text("x")
     (files / "no_manifest").mkdir()
     (files / "broken_mod.py").write_text("def broken(:\n")
@@ -102,8 +108,10 @@ def bad_input_env(tmp_path_factory, project_root, demo_dir, untrained_model_dir)
     (data / "malformed.json").write_text('[{"instruction": "a", "output": }]')
     for name in ("bad_utf8", "loop", "malformed"):
         info[name] = {"file_name": f"{name}.json"}
-    import json
-
+    # known only after tokenising: every row's roles out of order (sharegpt)
+    turns = [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q"}]
+    (data / "bad_roles.json").write_text(json.dumps([{"conversations": turns}] * 4))
+    info["bad_roles"] = {"file_name": "bad_roles.json", "formatting": "sharegpt"}
     (data / "dataset_info.json").write_text(json.dumps(info, indent=1))
     base = {
         "model_name_or_path": str(untrained_model_dir),
@@ -120,6 +128,10 @@ def bad_input_env(tmp_path_factory, project_root, demo_dir, untrained_model_dir)
     }
     configs = root / "configs"
     configs.mkdir()
+    # The user's tracking store exists already (a refused run must not add a run to it; a new store is not "data").
+    from dataflex.tracking import prepare_store
+
+    prepare_store(f"sqlite:///{root / 'mlflow.db'}")
     return {"root": root, "project": project, "files": files, "base": base, "configs": configs}
 
 
@@ -148,6 +160,23 @@ FILES = [
         "components_cfg_file={files}/not_utf8.yaml",
         "is not valid UTF-8",
     ),
+    (
+        "train_type=dynamic_weight component_name=loss components_cfg_file={files}/strategy_nope.yaml",
+        "weighter 'loss': unknown strategy 'nope'",
+    ),
+    (
+        "train_type=dynamic_mix component_name=odm warmup_step=1 update_step=1 "
+        "components_cfg_file={files}/odm_alpha.yaml",
+        "mixer 'odm': need 0 <= alpha < 1",
+    ),
+    (
+        "train_type=dynamic_select component_name=cluster_less warmup_step=1 update_step=1 "
+        "components_cfg_file={files}/share_zero.yaml",
+        "max_cluster_share must be in (0, 1]",
+    ),
+    # refusals that can only be known after tokenising: no cache entry, no project data, no MLflow run either
+    ("cutoff_len=1", "fully masked"),
+    ("dataset=bad_roles", "dataset 'bad_roles' is empty after filtering"),
     ("num_processes=2 accelerate_config=nope.yaml", "accelerate_config file"),
     ("deepspeed={files}/nope.json", "deepspeed file"),
     ("train_type=dynamic_weight component_name=x user_modules={files}/broken_mod.py", "failed to import: SyntaxError"),

@@ -114,3 +114,43 @@ def test_empty_or_invalid_input_is_an_error(tmp_path):
         store.extract(tiny_lora(ALL), [], SGD, base_model_id="tiny", progress=False)
     with pytest.raises(DataError, match="not a gradient feature store"):
         GradientDatastore.load(tmp_path)
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed_on_the_next_start(tmp_path, monkeypatch):
+    model = tiny_lora(ALL)
+    rows = samples(6, equal=False, seed=5)
+    store = GradientDatastore(tmp_path, shard_size=4)
+    counting(monkeypatch, fail_on_call=2)
+    with pytest.raises(Killed):
+        store.extract(model, rows, SGD, base_model_id="tiny", progress=False)
+    entry = next(tmp_path.glob("*/*"))
+    # what a kill -9 between a shard's write and its rename leaves
+    (entry / ".shard-00001.safetensors.1234.tmp").write_bytes(b"half a shard")
+    counting(monkeypatch)
+    ref = store.extract(model, rows, SGD, base_model_id="tiny", progress=False)
+    assert ref["status"] == "resumed"
+    assert not list(entry.glob(".*.tmp")), "the stale temp file is gone after the resumed extraction"
+
+
+def test_a_second_extraction_of_the_same_entry_waits_for_the_first(tmp_path, monkeypatch):
+    """Two runs filling one entry: the second blocks on the entry's lock, then finds the shards done (a hit)."""
+    import threading
+
+    from dataflex.utils.lock import RunLock
+
+    model = tiny_lora(ALL)
+    rows = samples(5, equal=False, seed=6)
+    store = GradientDatastore(tmp_path, shard_size=8)
+    first = store.extract(model, rows, SGD, base_model_id="tiny", progress=False)
+    entry = first["path"]
+    holder = RunLock(entry, wait=False).acquire()  # another process mid-write holds the entry
+    result: dict = {}
+    waiter = threading.Thread(
+        target=lambda: result.update(store.extract(model, rows, SGD, base_model_id="tiny", progress=False))
+    )
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive(), "the second extraction waits while the entry is locked"
+    holder.release()
+    waiter.join(timeout=60)
+    assert result["status"] == "hit" and result["path"] == entry

@@ -162,3 +162,49 @@ def test_bad_files_are_one_line(tmp_path, untrained_model_dir):
     check_lora_target(str(untrained_model_dir), "q_proj,v_proj")
     with pytest.raises(ConfigError, match="lora_target qq_proj matches no linear layer"):
         check_lora_target(str(untrained_model_dir), "q_proj,qq_proj")
+
+
+def test_a_tracking_failure_mid_run_is_one_warning_and_never_fatal(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    import dataflex.tracking as tracking
+
+    monkeypatch.setattr(tracking, "_failed", [])
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # restored after the test
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("tracking-failure")):
+        sink = tracking.mlflow_metrics_sink()
+        sink({"loss": 1.0}, 1)
+
+        def broken(*args, **kwargs):
+            raise OSError("database is locked")
+
+        monkeypatch.setattr(mlflow, "log_metrics", broken)
+        with caplog.at_level("WARNING", logger="dataflex"):
+            sink({"loss": 0.9}, 2)
+            tracking.log_metrics({"x": 1.0})
+            tracking.log_mixture([{"step": 0, "names": ["a"], "proportions": [1.0]}])
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking failed" in r.getMessage()]
+    assert len(warnings) == 1 and "database is locked" in warnings[0]
+
+
+def test_component_value_checks_run_at_config_time():
+    """`REGISTRY.check` (config validation, before any data) runs the component's own `check_params`."""
+    from dataflex.core.registry import REGISTRY
+
+    cases = [
+        ("weighter", "loss", {"strategy": "nope"}, "unknown strategy 'nope'"),
+        ("weighter", "loss", {"r": -1.0}, "delta and r must be > 0"),
+        ("weighter", "adapt", {"tau": 0.0}, "tau and clip must be > 0"),
+        ("selector", "loss", {"quantiles": [0.7, 0.2]}, "quantiles must be two increasing"),
+        ("selector", "delta_loss", {"window_size": 2.0}, "window_size must be in"),
+        ("selector", "tsds", {"alpha": 1.5}, "alpha must be"),
+        ("selector", "cluster_less", {"n_clusters": 0}, "n_clusters must be an integer"),
+        ("selector", "nice", {"policy_model_path": "m", "mc_samples": 0}, "mc_samples must be"),
+        ("mixer", "odm", {"alpha": 1.0}, "0 <= alpha < 1"),
+        ("mixer", "doremi", {"reweight_eta": 0.0}, "reweight_eta must be > 0"),
+    ]
+    for kind, name, params, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            REGISTRY.check(kind, name, params)
+    REGISTRY.check("weighter", "loss", {"strategy": "quadratic", "delta": 0.5, "r": 2.0})  # valid: no error

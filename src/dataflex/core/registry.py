@@ -83,6 +83,10 @@ class Registry:
                 f"accepted: {', '.join(accepted) or '(none)'}"
             )
         self._check_types(kind, name, cls, cfg or {})
+        check_params = getattr(cls, "check_params", None)  # components ported from DataFlex have none
+        if callable(check_params):
+            params, _, _ = self._signature(cls)
+            check_params({**{p.name: p.default for p in params if p.default is not p.empty}, **(cfg or {})})
 
     @staticmethod
     def _check_types(kind: str, name: str, cls: type, cfg: Mapping[str, Any]) -> None:

@@ -16,6 +16,7 @@ miss: a new directory, never a silent reuse.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -46,7 +47,8 @@ from dataflex.features.gradients import (
 )
 from dataflex.features.optimizer_state import resolve_adam_state
 from dataflex.features.projectors import PROJECTORS
-from dataflex.utils.io import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
+from dataflex.utils.io import atomic_write_bytes, atomic_write_json, remove_stale_temp, sha256_file, sha256_json
+from dataflex.utils.lock import RunLock
 from dataflex.utils.logging import logger
 
 # Bump when a change to the feature code changes the numbers it produces: every stored key becomes a miss.
@@ -197,46 +199,57 @@ class GradientDatastore:
         # Launched workers (dataflex.distributed): the main process decides what is done and writes; every
         # process computes a contiguous share of each shard's missing rows, merged in row order.
         acc = current_accelerator()
-        manifest, done = broadcast_object(
-            acc, self._open(path, state_key, dataset_key, fields, name, hashes) if is_main(acc) else None
-        )
-        shard_size = manifest["shard_size"]
-        n_shards = -(-len(hashes) // shard_size)
-        todo = [s for s in range(n_shards) if s not in done]
-        computed = reused = 0
-        if todo:
-            donors = self._donors(path, state_key)
-            for s in todo:
-                lo, hi = s * shard_size, min((s + 1) * shard_size, len(hashes))
-                feats, c, r = self._compute_shard(
-                    model,
-                    dataset,
-                    hashes,
-                    lo,
-                    hi,
-                    settings,
-                    donors,
-                    optimizer_state,
-                    batch_size,
-                    progress and is_main(acc),
-                    acc,
-                )
-                computed, reused = computed + c, reused + r
-                if not is_main(acc):
-                    continue
-                file = f"shard-{s:05d}.safetensors"
-                norms = feats.float().norm(dim=1)
-                data = save(
-                    {"features": feats.contiguous(), "norms": norms, "rows": torch.arange(lo, hi, dtype=torch.int64)},
-                    metadata={"state_key": state_key, "dataset_key": dataset_key},
-                )
-                atomic_write_bytes(path / file, data)
-                manifest["shards"][str(s)] = {"file": file, "rows": [lo, hi], "sha256": sha256_file(path / file)}
-                manifest["dim"] = int(feats.shape[1])
-                manifest["complete"] = len(manifest["shards"]) == n_shards
-                atomic_write_json(path / "manifest.json", manifest)
-            barrier(acc)  # nobody reads the store before the main process finished writing it
-            manifest = broadcast_object(acc, manifest)
+        with contextlib.ExitStack() as held:
+            if is_main(acc):
+                # Two runs may fill one entry at once: the second waits, then finds the first's shards done; under
+                # the lock a temp file can only be a killed write's, so it goes.
+                held.enter_context(RunLock(path, wait=True))
+                if remove_stale_temp(path):
+                    logger.info("gradient datastore: removed the unfinished files of an interrupted write in %s", path)
+            manifest, done = broadcast_object(
+                acc, self._open(path, state_key, dataset_key, fields, name, hashes) if is_main(acc) else None
+            )
+            shard_size = manifest["shard_size"]
+            n_shards = -(-len(hashes) // shard_size)
+            todo = [s for s in range(n_shards) if s not in done]
+            computed = reused = 0
+            if todo:
+                donors = self._donors(path, state_key)
+                for s in todo:
+                    lo, hi = s * shard_size, min((s + 1) * shard_size, len(hashes))
+                    feats, c, r = self._compute_shard(
+                        model,
+                        dataset,
+                        hashes,
+                        lo,
+                        hi,
+                        settings,
+                        donors,
+                        optimizer_state,
+                        batch_size,
+                        progress and is_main(acc),
+                        acc,
+                    )
+                    computed, reused = computed + c, reused + r
+                    if not is_main(acc):
+                        continue
+                    file = f"shard-{s:05d}.safetensors"
+                    norms = feats.float().norm(dim=1)
+                    data = save(
+                        {
+                            "features": feats.contiguous(),
+                            "norms": norms,
+                            "rows": torch.arange(lo, hi, dtype=torch.int64),
+                        },
+                        metadata={"state_key": state_key, "dataset_key": dataset_key},
+                    )
+                    atomic_write_bytes(path / file, data)
+                    manifest["shards"][str(s)] = {"file": file, "rows": [lo, hi], "sha256": sha256_file(path / file)}
+                    manifest["dim"] = int(feats.shape[1])
+                    manifest["complete"] = len(manifest["shards"]) == n_shards
+                    atomic_write_json(path / "manifest.json", manifest)
+                barrier(acc)  # nobody reads the store before the main process finished writing it
+                manifest = broadcast_object(acc, manifest)
         status = "hit" if not todo else ("resumed" if done else ("reused" if computed == 0 else "computed"))
         seconds = time.perf_counter() - start
         logger.info(

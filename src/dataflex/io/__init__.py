@@ -8,11 +8,14 @@
 - `SelectionDataset`: a one-shot selection (LESS, static_select): per-target selection JSON, the selected rows as
   jsonl, the pool's score table, and the summary written last.
 - `JSONLinesDataset`: one JSON object per line (mixture histories), written atomically.
+- `ReportDataset`: a report saved by its own dataset and copied to the MLflow run (a tracking failure never
+  fails the run).
 """
 
 from dataflex.io.jsonlines import JSONLinesDataset
+from dataflex.io.report import ReportDataset
 from dataflex.io.selection import SelectionDataset
 from dataflex.io.train_state import TrainStateDataset
 from dataflex.io.trained_model import TrainedModelDataset
 
-__all__ = ["JSONLinesDataset", "SelectionDataset", "TrainStateDataset", "TrainedModelDataset"]
+__all__ = ["JSONLinesDataset", "ReportDataset", "SelectionDataset", "TrainStateDataset", "TrainedModelDataset"]

@@ -20,10 +20,14 @@ from dataflex.core.errors import ConfigError
 
 
 class RunLock:
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    """`wait=False` (a run's output_dir): a held lock is refused in one line. `wait=True` (a shared cache entry such
+    as a datastore's): wait for the holder, then carry on with what it wrote."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, wait: bool = False) -> None:
         self.output_dir = Path(output_dir).resolve()
         key = hashlib.sha256(str(self.output_dir).encode()).hexdigest()[:20]
         self.path = Path(tempfile.gettempdir()) / "dataflex-locks" / f"{key}.lock"
+        self.wait = wait
         self._fh: int | None = None
 
     def acquire(self) -> RunLock:
@@ -33,11 +37,17 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ConfigError(
-                f"output_dir {self.output_dir} is in use by another run ({holder}); wait for it to finish "
-                "or choose another output_dir"
-            ) from None
+            if self.wait:
+                from dataflex.utils.logging import logger
+
+                logger.info("waiting for %s to finish writing %s", holder, self.output_dir)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise ConfigError(
+                    f"output_dir {self.output_dir} is in use by another run ({holder}); wait for it to finish "
+                    "or choose another output_dir"
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}".encode(), 0)
         self._fh = fd

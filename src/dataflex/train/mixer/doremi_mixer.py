@@ -72,8 +72,7 @@ class DoReMiMixer(Mixer):
         k = len(mixture_manager.names)
         if k < 2:
             raise ConfigError("mixer 'doremi' needs at least two domains")
-        if reweight_eta <= 0 or not 0 <= reweight_eps <= 1:
-            raise ConfigError("mixer 'doremi': reweight_eta must be > 0 and reweight_eps in [0, 1]")
+        self.check_params(locals())
         self.accelerator = accelerator
         device = accelerator.device if accelerator is not None else "cpu"
         self.reference = load_reference(reference_model_path, device)
@@ -83,6 +82,11 @@ class DoReMiMixer(Mixer):
         self.alpha_sum = np.zeros(k)
         self.updates = 0
         self._step_sums = torch.zeros(2, k, dtype=torch.float64)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        if params["reweight_eta"] <= 0 or not 0 <= params["reweight_eps"] <= 1:
+            raise ConfigError("mixer 'doremi': reweight_eta must be > 0 and reweight_eps in [0, 1]")
 
     def loss_strategy(self) -> LossStrategy:
         return DoReMiLoss(self)

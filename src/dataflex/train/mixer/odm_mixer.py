@@ -57,11 +57,9 @@ class ODMMixer(Mixer):
         k = len(mixture_manager.names)
         if k < 2:
             raise ConfigError("mixer 'odm' needs at least two domains")
-        if not 0 <= alpha < 1 or warmup_steps < 0 or reward_scale <= 0 or not 0 <= min_exploration_rate <= 1 / k:
-            raise ConfigError(
-                "mixer 'odm': need 0 <= alpha < 1, warmup_steps >= 0, reward_scale > 0, "
-                f"0 <= min_exploration_rate <= 1/k ({1 / k:.3g})"
-            )
+        self.check_params(locals())
+        if not min_exploration_rate <= 1 / k:
+            raise ConfigError(f"mixer 'odm': min_exploration_rate must be <= 1/k ({1 / k:.3g}) for {k} domains")
         self.accelerator = accelerator
         self.alpha, self.warmup_steps = alpha, warmup_steps
         self.reward_scale, self.min_exploration_rate = reward_scale, min_exploration_rate
@@ -70,6 +68,14 @@ class ODMMixer(Mixer):
         self.rewards = np.zeros(k)
         self.eps = 1.0 / k
         self._step_sums = torch.zeros(2, k, dtype=torch.float64)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        p = params
+        if not 0 <= p["alpha"] < 1 or p["warmup_steps"] < 0 or p["reward_scale"] <= 0 or p["min_exploration_rate"] < 0:
+            raise ConfigError(
+                "mixer 'odm': need 0 <= alpha < 1, warmup_steps >= 0, reward_scale > 0, min_exploration_rate >= 0"
+            )
 
     def on_micro_batch(self, losses: Any, ctx: Any) -> None:
         if losses.domain_id is not None:

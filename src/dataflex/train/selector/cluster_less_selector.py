@@ -67,21 +67,8 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         self.embedding = EmbeddingSettings(
             encoder=encoder, layer=layer, text=text, max_length=max_length, batch_size=embedding_batch_size
         )
-        self.n_clusters = positive_int("cluster_less", "n_clusters", n_clusters)
-        self.representatives = positive_int("cluster_less", "representatives", representatives)
-        self.kmeans_max_iter = positive_int("cluster_less", "kmeans_max_iter", kmeans_max_iter)
-        if isinstance(kmeans_tol, bool) or not isinstance(kmeans_tol, int | float) or kmeans_tol < 0:
-            raise ConfigError(f"selector 'cluster_less': kmeans_tol must be a number >= 0, got {kmeans_tol!r}")
-        if (
-            isinstance(max_cluster_share, bool)
-            or not isinstance(max_cluster_share, int | float)
-            or not (0 < max_cluster_share <= 1)
-        ):
-            raise ConfigError(
-                f"selector 'cluster_less': max_cluster_share must be in (0, 1], got {max_cluster_share!r}"
-            )
-        if aggregation not in AGGREGATIONS:
-            raise ConfigError(f"selector 'cluster_less': aggregation must be one of {', '.join(AGGREGATIONS)}")
+        self.check_params(locals())
+        self.n_clusters, self.representatives, self.kmeans_max_iter = n_clusters, representatives, kmeans_max_iter
         self.kmeans_tol, self.max_cluster_share, self.aggregation = (
             float(kmeans_tol),
             float(max_cluster_share),
@@ -97,6 +84,18 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         self.target_settings = self.settings.for_targets()
         self.batch_size = positive_int("cluster_less", "batch_size", batch_size)
         self.tokenizer_path = tokenizer_path
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        for key in ("n_clusters", "representatives", "kmeans_max_iter"):
+            positive_int("cluster_less", key, params[key])
+        tol, share = params["kmeans_tol"], params["max_cluster_share"]
+        if isinstance(tol, bool) or not isinstance(tol, int | float) or tol < 0:
+            raise ConfigError(f"selector 'cluster_less': kmeans_tol must be a number >= 0, got {tol!r}")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not (0 < share <= 1):
+            raise ConfigError(f"selector 'cluster_less': max_cluster_share must be in (0, 1], got {share!r}")
+        if params["aggregation"] not in AGGREGATIONS:
+            raise ConfigError(f"selector 'cluster_less': aggregation must be one of {', '.join(AGGREGATIONS)}")
 
     @property
     def needs_model(self) -> bool:

@@ -60,10 +60,14 @@ class DeltaLossSelector(PoolLossFeatures, Selector):
         batch_size: int = 32,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
-        if not 0 < window_size <= 1:
-            raise ConfigError(f"selector 'delta_loss': window_size must be in (0, 1], got {window_size}")
+        self.check_params(locals())
         self.window_size, self.batch_size = float(window_size), int(batch_size)
         self.initial_losses: list[float] | None = None
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        if not 0 < params["window_size"] <= 1:
+            raise ConfigError(f"selector 'delta_loss': window_size must be in (0, 1], got {params['window_size']}")
 
     def select(self, model: torch.nn.Module, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)

@@ -44,8 +44,7 @@ class LessSelector(Selector):
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         if eval_dataset is None or len(eval_dataset) == 0:
             raise ConfigError("selector 'less' needs an eval_dataset (the target task's examples); set eval_dataset")
-        if aggregation not in AGGREGATIONS:
-            raise ConfigError(f"selector 'less': aggregation must be one of {', '.join(AGGREGATIONS)}")
+        self.check_params(locals())
         self.eval_dataset = eval_dataset
         # save_interval (DataFlex's projection chunk) has no meaning for batched features; accepted for its YAMLs.
         self.settings = FeatureSettings(
@@ -57,6 +56,11 @@ class LessSelector(Selector):
         )
         self.target_settings = self.settings.for_targets()
         self.aggregation, self.batch_size = aggregation, int(batch_size)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        if params["aggregation"] not in AGGREGATIONS:
+            raise ConfigError(f"selector 'less': aggregation must be one of {', '.join(AGGREGATIONS)}")
 
     def _store(self) -> GradientDatastore:
         return GradientDatastore(Path(self.cache_dir or "data/04_feature") / "datastore")

@@ -68,15 +68,19 @@ class LossSelector(PoolLossFeatures, Selector):
         batch_size: int = 32,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
-        if focus not in FOCUS:
-            raise ConfigError(f"selector 'loss': focus must be one of {', '.join(FOCUS)}, got {focus!r}")
-        q = tuple(float(x) for x in quantiles)
-        if len(q) != 2 or not 0 < q[0] < q[1] < 1:
-            raise ConfigError(f"selector 'loss': quantiles must be two increasing fractions in (0, 1), got {quantiles}")
-        if not focus_weight > 0 or not temperature > 0:
-            raise ConfigError("selector 'loss': focus_weight and temperature must be > 0")
-        self.focus, self.focus_weight, self.quantiles = focus, float(focus_weight), q
+        self.check_params(locals())
+        self.focus, self.focus_weight, self.quantiles = focus, float(focus_weight), tuple(float(x) for x in quantiles)
         self.replacement, self.temperature, self.batch_size = bool(replacement), float(temperature), int(batch_size)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        if params["focus"] not in FOCUS:
+            raise ConfigError(f"selector 'loss': focus must be one of {', '.join(FOCUS)}, got {params['focus']!r}")
+        q = params["quantiles"]
+        if len(q) != 2 or not 0 < q[0] < q[1] < 1:
+            raise ConfigError(f"selector 'loss': quantiles must be two increasing fractions in (0, 1), got {q}")
+        if not params["focus_weight"] > 0 or not params["temperature"] > 0:
+            raise ConfigError("selector 'loss': focus_weight and temperature must be > 0")
 
     def select(self, model: torch.nn.Module, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)

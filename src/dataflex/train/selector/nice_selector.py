@@ -60,18 +60,7 @@ class NiceSelector(Selector):
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("nice", eval_dataset)
-        if not policy_model_path:
-            raise ConfigError(
-                "selector 'nice' needs policy_model_path: a local causal LM with the training model's "
-                "tokenizer that generates the rollouts (e.g. the base model)"
-            )
-        if baseline not in BASELINES or nll not in NLL_REDUCTIONS or aggregation not in AGGREGATIONS:
-            raise ConfigError(
-                f"selector 'nice': baseline must be one of {', '.join(BASELINES)}, nll one of "
-                f"{', '.join(NLL_REDUCTIONS)}, aggregation one of {', '.join(AGGREGATIONS)}"
-            )
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
-            raise ConfigError(f"selector 'nice': temperature must be > 0, got {temperature!r}")
+        self.check_params(locals())
         self.policy_model_path, self.reward = str(policy_model_path), str(reward)
         self.mc_samples = positive_int("nice", "mc_samples", mc_samples)
         self.max_new_tokens = positive_int("nice", "max_new_tokens", max_new_tokens)
@@ -91,6 +80,28 @@ class NiceSelector(Selector):
         reward_function(self.reward)  # a bad reward is a config error now, not after training
 
     needs_model = True
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        if not params["policy_model_path"]:
+            raise ConfigError(
+                "selector 'nice' needs policy_model_path: a local causal LM with the training model's "
+                "tokenizer that generates the rollouts (e.g. the base model)"
+            )
+        if (
+            params["baseline"] not in BASELINES
+            or params["nll"] not in NLL_REDUCTIONS
+            or params["aggregation"] not in AGGREGATIONS
+        ):
+            raise ConfigError(
+                f"selector 'nice': baseline must be one of {', '.join(BASELINES)}, nll one of "
+                f"{', '.join(NLL_REDUCTIONS)}, aggregation one of {', '.join(AGGREGATIONS)}"
+            )
+        temperature = params["temperature"]
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
+            raise ConfigError(f"selector 'nice': temperature must be > 0, got {temperature!r}")
+        positive_int("nice", "mc_samples", params["mc_samples"])
+        positive_int("nice", "max_new_tokens", params["max_new_tokens"])
 
     def _root(self) -> Any:
         from pathlib import Path

@@ -67,13 +67,18 @@ class TsdsSelector(EmbeddingMixin, Selector):
         self.embedding = EmbeddingSettings(
             encoder=encoder, layer=layer, text=text, max_length=max_length, batch_size=batch_size
         )
-        self.alpha = _number("alpha", alpha, 0, True, 1)
-        self.C = _number("C", C, 0, True)
-        self.sigma = _number("sigma", sigma, 0, False)
-        self.max_K = positive_int("tsds", "max_K", max_K)
-        self.kde_K = positive_int("tsds", "kde_K", kde_K)
-        self.exact_threshold = positive_int("tsds", "exact_threshold", exact_threshold)
+        self.check_params(locals())
+        self.alpha, self.C, self.sigma = float(alpha), float(C), float(sigma)
+        self.max_K, self.kde_K, self.exact_threshold = max_K, kde_K, exact_threshold
         self.tokenizer_path = tokenizer_path
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        _number("alpha", params["alpha"], 0, True, 1)
+        _number("C", params["C"], 0, True)
+        _number("sigma", params["sigma"], 0, False)
+        for key in ("max_K", "kde_K", "exact_threshold"):
+            positive_int("tsds", key, params[key])
 
     def compute_features(
         self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None, **kwargs: Any

@@ -36,6 +36,12 @@ class TrainContext:
 
 
 class Callback:
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Value checks of the user's parameters (choices, ranges, combinations): `params` is the constructor's
+        defaults updated with the components file. The registry calls it when the config is validated, before any
+        data is tokenised; a component's `__init__` calls it too (`self.check_params(locals())`), so one home."""
+
     def on_micro_batch(self, losses: MicroBatchLosses, ctx: TrainContext) -> None:
         """After each micro-batch's forward pass (losses carry the graph; detach what you keep)."""
 

@@ -48,8 +48,7 @@ class AdaptWeighter(StepWeighter):
             raise ConfigError("weighter 'adapt' needs an eval_dataset (its anchor set); set eval_dataset or val_size")
         if data_collator is None:
             raise ConfigError("weighter 'adapt' needs the data_collator runtime object")
-        if not tau > 0 or refresh_interval < 1 or anchor_batch_size < 1 or (clip is not None and not clip > 0):
-            raise ConfigError("weighter 'adapt': tau and clip must be > 0, refresh_interval and anchor_batch_size >= 1")
+        self.check_params(locals())
         self.anchors = eval_dataset.select_columns(["input_ids", "labels"])
         self.collator = data_collator
         self.tau, self.refresh_interval, self.anchor_batch_size, self.clip = (
@@ -60,6 +59,17 @@ class AdaptWeighter(StepWeighter):
         )
         self.anchor_mean: torch.Tensor | None = None
         self.anchor_step: int | None = None
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        tau, clip = params["tau"], params["clip"]
+        if (
+            not tau > 0
+            or params["refresh_interval"] < 1
+            or params["anchor_batch_size"] < 1
+            or (clip is not None and not clip > 0)
+        ):
+            raise ConfigError("weighter 'adapt': tau and clip must be > 0, refresh_interval and anchor_batch_size >= 1")
 
     @torch.no_grad()
     def embed(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

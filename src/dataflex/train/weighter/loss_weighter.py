@@ -50,13 +50,17 @@ class LossWeighter(StepWeighter):
     # No **kwargs: a misspelt parameter must be an error, not silently absorbed.
     def __init__(self, strategy: str = "linupper", delta: float = 1.0, r: float = 1.0) -> None:
         super().__init__()
-        strategy = ALIASES.get(strategy, strategy)
+        self.check_params(locals())
+        self.strategy, self.delta, self.r = ALIASES.get(strategy, strategy), float(delta), float(r)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        strategy = ALIASES.get(params["strategy"], params["strategy"])
         if strategy not in STRATEGIES:
             valid = ", ".join([*STRATEGIES, *ALIASES])
             raise ConfigError(f"weighter 'loss': unknown strategy '{strategy}'; valid: {valid}")
-        if not delta > 0 or not r > 0:
-            raise ConfigError(f"weighter 'loss': delta and r must be > 0, got delta={delta}, r={r}")
-        self.strategy, self.delta, self.r = strategy, float(delta), float(r)
+        if not params["delta"] > 0 or not params["r"] > 0:
+            raise ConfigError(f"weighter 'loss': delta and r must be > 0, got delta={params['delta']}, r={params['r']}")
 
     def compute_weights(self, scores: torch.Tensor, ctx: Any) -> torch.Tensor:
         return loss_weights(scores, self.strategy, self.delta, self.r)
