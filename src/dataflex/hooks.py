@@ -62,6 +62,9 @@ class ProjectHooks:
         if _PARAMS is not None and modes:
             _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})
         if _PARAMS is not None:
+            from dataflex.data.processing import CREATED_ENTRIES
+
+            CREATED_ENTRIES.clear()  # this run's own cache writes, from here on
             # One run per output_dir: a second concurrent run is refused before it writes anything there.
             train = _PARAMS["train"]
             output_dir = train["output_dir"]
@@ -90,10 +93,13 @@ class ProjectHooks:
         # A run refused after tokenising (all rows filtered, a selection larger than the pool, ...) leaves nothing:
         # the output_dir it created goes again, unless it already holds state a resume needs, and the MLflow run
         # kedro-mlflow has just closed as FAILED is deleted (a refusal is not a run).
+        from dataflex.data.processing import remove_created_entries
+
         created = self._created
         if created is not None and not any((created / m).exists() for m in RESUMABLE):
             shutil.rmtree(created, ignore_errors=True)
             if isinstance(error, DataFlexError):
+                remove_created_entries()
                 _delete_failed_mlflow_run()
         self._release()
 

@@ -65,9 +65,13 @@ DYNAMIC = [
     ("train_type=dynamic_mix static_mix=true mixture_sample_rule=temp", "mixture_sample_rule 'temp'"),
     ("train_type=dynamic_mix static_mix=true init_mixture_proportions=[1.0]", "init_mixture_proportions has 1"),
     ("train_type=dynamic_weight component_name=loss warmup_step=9 train_step=4", "warmup_step (9) > train_step (4)"),
+    (  # known only once the pool is: its epoch is shorter than the warm-up (refused after tokenising)
+        "train_type=dynamic_mix component_name=random warmup_step=100000 update_step=1 update_times=-1 max_steps=-1",
+        "the mixer would never act",
+    ),
     (
-        "train_type=dynamic_mix component_name=random warmup_step=1 update_step=1 update_times=-1 max_steps=-1",
-        "train_step > 0",
+        "train_type=dynamic_select component_name=random warmup_step=100000 update_step=1 update_times=-1",
+        "the selector would never be called",
     ),
     ("train_type=dynamic_weight component_name=adapt eval_dataset=null", "'adapt' needs an eval_dataset"),
 ]

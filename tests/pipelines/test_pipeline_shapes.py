@@ -69,7 +69,7 @@ def test_dynamic_select_pipeline_shape():
     params = {"dataflex": {**flex, "update_times": 0, "train_step": 11}, "train": train}
     assert rounds_from_params(params, "dynamic_select") == 4
     params = {"dataflex": {**flex, "update_times": 0}, "train": train}
-    assert rounds_from_params(params, "dynamic_select") == 1  # refused by validation
+    assert rounds_from_params(params, "dynamic_select") is None  # the flex epoch is the pool: known with the data
 
 
 def test_pipeline_builders_take_their_round_count_from_the_schedule(monkeypatch):
@@ -111,9 +111,9 @@ def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root,
     }
     for name, kind in kinds.items():
         assert isinstance(catalog.get(name), kind), name
-    # kedro-mlflow's artifact wrapper subclasses the wrapped dataset
-    assert isinstance(catalog.get("less.selection"), SelectionDataset)
-    assert isinstance(catalog.get("static_select.selection"), SelectionDataset)
+    # a report is saved by its own dataset and copied to MLflow
+    assert isinstance(catalog.get("less.selection")._dataset, SelectionDataset)
+    assert isinstance(catalog.get("static_select.selection")._dataset, SelectionDataset)
     for pipeline in ("static", "dynamic_select", "dynamic_mix", "dynamic_weight", "doremi", "less", "static_select"):
         produced = pipelines[pipeline].outputs() | {o for n in pipelines[pipeline].nodes for o in n.outputs}
         for name in produced:
@@ -123,3 +123,19 @@ def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root,
                 continue  # shared inputs; run_config is in memory (parsed once per run)
             described = str(catalog.get(name)._describe())
             assert str(out) in described, f"{pipeline}: {name} is not under the run's output_dir: {described}"
+
+
+def test_update_until_the_run_ends_runs_all_rounds_in_one_node(monkeypatch):
+    """`update_times <= 0` bounded only by the epochs (DataFlex's ODM example): the round count depends on the
+    pool's size, so the pipeline runs its rounds in one node instead of unrolling a guess."""
+    import dataflex.pipelines.params as params_mod
+    from dataflex.pipelines.dynamic_mix.pipeline import create_pipeline as mix_pipeline
+    from dataflex.pipelines.dynamic_select.pipeline import create_pipeline as select_pipeline
+
+    flex = {"warmup_step": 2, "update_step": 2, "update_times": -1, "train_step": 0}
+    assert rounds_from_params({"dataflex": flex}, "dynamic_mix") is None
+    assert rounds_from_params({"dataflex": flex}, "dynamic_select") is None
+    monkeypatch.setattr(params_mod, "current_params", lambda: {"dataflex": flex})
+    for create, mode in ((mix_pipeline, "dynamic_mix"), (select_pipeline, "dynamic_select")):
+        names = {n.name for n in create().nodes}
+        assert f"{mode}.all_rounds" in names and not any("round_" in n for n in names), names

@@ -78,12 +78,8 @@ def _check_dynamic(rc: RunConfig) -> None:
         check_mix_config(flex, num_domains=len(parse_dataset_names(data.dataset)))
         if flex.static_mix:
             return
-        if flex.update_times <= 0 and flex.train_step <= 0 and rc.train.max_steps <= 0:
-            raise ConfigError(
-                "dynamic_mix with update_times <= 0 needs train_step > 0 (or max_steps > 0): the rounds are "
-                "unrolled before the data is read; or set update_times >= 1"
-            )
-        mix_schedule(flex, rc.train, None)
+        if flex.update_times >= 1 or flex.train_step > 0 or rc.train.max_steps > 0:
+            mix_schedule(flex, rc.train, None)  # else its length depends on the pool: checked when it is known
     kind = KIND_OF_TRAIN_TYPE[flex.train_type]
     name, _ = component_for(flex, kind)
     if flex.train_type == "dynamic_select":

@@ -15,8 +15,10 @@ cutoff_len blocks (the last, shorter block of each domain is kept, unlike LF, so
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -392,7 +394,21 @@ def build_dataset_cached(cache_dir: str | os.PathLike, **kwargs: Any) -> dataset
     ds = build_dataset(**kwargs)
     with atomic_dir(path) as tmp:
         ds.save_to_disk(str(tmp))
+    CREATED_ENTRIES.append(path)
     return ds
+
+
+# Cache entries this process wrote: a run refused after tokenising (its schedule never calls the component, ...)
+# removes them again, so a refusal leaves nothing behind. Unlinking is safe for a run that has one memory-mapped.
+CREATED_ENTRIES: list[Path] = []
+
+
+def remove_created_entries() -> None:
+    while CREATED_ENTRIES:
+        entry = CREATED_ENTRIES.pop()
+        shutil.rmtree(entry, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the cache folder too, if this run created it (it is empty then)
+            entry.parent.rmdir()
 
 
 # ----------------------------------------------------------------------------- validation split

@@ -17,8 +17,8 @@ from dataflex.tracking import never_fatal
 def _log_artifact(path: str, artifact_path: str | None) -> None:
     if mlflow.active_run() is None:
         return
-    if Path(path).is_dir():  # a folder artefact (a selection): its files under the folder's name
-        mlflow.log_artifacts(path, artifact_path=artifact_path or Path(path).name)
+    if Path(path).is_dir():  # a folder artefact (a selection): its files
+        mlflow.log_artifacts(path, artifact_path=artifact_path)
     else:
         mlflow.log_artifact(path, artifact_path=artifact_path)
 

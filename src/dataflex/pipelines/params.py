@@ -39,9 +39,10 @@ def run_config(parameters: dict[str, Any], train_type: str | None = None) -> Any
     return replace(cfg, dataflex=replace(cfg.dataflex, train_type=train_type)) if train_type else cfg
 
 
-def rounds(pipeline: str) -> int:
+def rounds(pipeline: str) -> int | None:
     """How many rounds to unroll for `pipeline`, from the current parameters and the one schedule module (1 when
-    there are no parameters or they are invalid: the run's validation then says why)."""
+    there are no parameters or they are invalid: the run's validation then says why; None when the count depends
+    on the pool's size: the pipeline then runs its rounds in one node)."""
     from dataflex.core.errors import DataFlexError
     from dataflex.train.schedule import num_rounds
 

@@ -140,15 +140,23 @@ def mix_schedule(flex: Any, train: Any, pool_size: int | None, *, single_segment
     return MixSchedule(total, boundaries)
 
 
-def num_rounds(cfg: Any, pipeline: str) -> int:
-    """Rounds to unroll for `pipeline` before the data is read (1 when the config cannot say: validation will)."""
+def num_rounds(cfg: Any, pipeline: str) -> int | None:
+    """Rounds to unroll for `pipeline` before the data is read: None when they depend on the pool's size
+    (`update_times <= 0` bounded by epochs, DataFlex's "update until the run ends"), 1 when the config cannot
+    say (validation will)."""
+    if pipeline == "less":
+        return int(cfg.less.warmup_epochs)
+    if pipeline not in ("dynamic_select", "dynamic_mix"):
+        return 1
+    flex = cfg.dataflex
+    if pipeline == "dynamic_mix" and flex.static_mix:
+        return 1
+    bounded = flex.train_step > 0 or (pipeline == "dynamic_mix" and cfg.train.max_steps > 0)
+    if flex.update_times <= 0 and not bounded:
+        return None
     try:
         if pipeline == "dynamic_select":
-            return select_schedule(cfg.dataflex, cfg.train, None).num_rounds
-        if pipeline == "dynamic_mix":
-            return mix_schedule(cfg.dataflex, cfg.train, None).num_rounds
-        if pipeline == "less":
-            return int(cfg.less.warmup_epochs)
+            return select_schedule(flex, cfg.train, None).num_rounds
+        return mix_schedule(flex, cfg.train, None).num_rounds
     except ConfigError:
         return 1
-    return 1

@@ -33,5 +33,13 @@ def finalize(last_state: dict, *mixtures: dict) -> tuple[dict, list]:
     return result, result["mixture_history"]
 
 
+def all_rounds(train_pool: Any, parameters: dict) -> tuple[dict, list]:
+    """Every round in one node: when the round count depends on the pool's size (`update_times <= 0` bounded by
+    the epochs), the pipeline cannot unroll them before the data is read."""
+    result = mix.run_all(_cfg(parameters), train_pool, metrics_sink=mlflow_metrics_sink())
+    log_mixture(result["mixture_history"])
+    return result, result["mixture_history"]
+
+
 def plot_mixture(train_result: dict) -> Any:
     return mixture_plot(train_result["mixture_history"], train_result["global_step"])

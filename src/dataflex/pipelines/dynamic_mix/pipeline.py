@@ -1,6 +1,7 @@
 """`dynamic_mix`: process -> round_0 (warm-up segment) -> round_k (compute_mixture -> train_segment) ... ->
 finalize -> evaluate -> report. Rounds are namespaces `dynamic_mix.round_<k>`; their count comes from the
-schedule (`dataflex.train.schedule`) of the run's parameters."""
+schedule (`dataflex.train.schedule`) of the run's parameters; when it depends on the pool's size (`update_times
+<= 0` bounded by epochs) one node runs them all."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ from dataflex.pipelines.evaluation import create_pipeline as evaluation
 from dataflex.pipelines.params import rounds
 from dataflex.pipelines.reporting import create_pipeline as reporting
 
-from .nodes import compute_mixture, finalize, first_segment, next_segment, plot_mixture
+from .nodes import all_rounds, compute_mixture, finalize, first_segment, next_segment, plot_mixture
 
 INPUTS = ["train_pool", "run_config"]
 
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds("dynamic_mix")
+    plot = Node(plot_mixture, "train_result", "mixture_plot", name="dynamic_mix.plot_mixture")
+    if n is None:  # the round count depends on the pool's size: all rounds in one node
+        run = Node(all_rounds, INPUTS, ["train_result", "mixture_history"], name="dynamic_mix.all_rounds")
+        return data_processing() + Pipeline([run, plot], tags="dynamic_mix") + evaluation() + reporting()
     first = Node(first_segment, INPUTS, "state", name="train_segment")
     round_list = [Pipeline([first], namespace="dynamic_mix.round_0", inputs={"train_pool", "run_config"})]
     for k in range(1, n):
@@ -38,7 +43,7 @@ def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     wrap_up = Pipeline(
         [
             Node(finalize, [last, *mixtures], ["train_result", "mixture_history"], name="dynamic_mix.finalize"),
-            Node(plot_mixture, "train_result", "mixture_plot", name="dynamic_mix.plot_mixture"),
+            plot,
         ]
     )
     return data_processing() + Pipeline(round_list, tags="dynamic_mix") + wrap_up + evaluation() + reporting()

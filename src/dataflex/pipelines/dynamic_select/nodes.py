@@ -37,5 +37,12 @@ def finalize(last_state: dict, *selections: dict) -> tuple[dict, list]:
     return result, result["selection_history"]
 
 
+def all_rounds(train_pool: Any, eval_sets: Any, parameters: dict) -> tuple[dict, list]:
+    """Every round in one node: when the round count depends on the pool's size (`update_times <= 0` bounded by
+    the epochs), the pipeline cannot unroll them before the data is read."""
+    result = select.run_all(_cfg(parameters), train_pool, eval_sets, metrics_sink=mlflow_metrics_sink())
+    return result, result["selection_history"]
+
+
 def plot_selection(train_result: dict) -> Any:
     return selection_rounds_plot(train_result["selection_history"], train_result["domains"])

@@ -1,6 +1,7 @@
 """`dynamic_select`: process -> round_0 (warm-up segment) -> round_k (select_round -> train_segment) ... ->
 finalize -> evaluate -> report. Rounds are namespaces `dynamic_select.round_<k>`; their count comes from the
-schedule (`dataflex.train.schedule`) of the run's parameters."""
+schedule (`dataflex.train.schedule`) of the run's parameters; when it depends on the pool's size (`update_times
+<= 0` bounded by epochs) one node runs them all."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataflex.pipelines.evaluation import create_pipeline as evaluation
 from dataflex.pipelines.params import rounds
 from dataflex.pipelines.reporting import create_pipeline as reporting
 
-from .nodes import finalize, first_segment, next_segment, plot_selection, select_round
+from .nodes import all_rounds, finalize, first_segment, next_segment, plot_selection, select_round
 
 INPUTS = ["train_pool", "eval_sets", "run_config"]
 SHARED = {"train_pool": "train_pool", "eval_sets": "eval_sets", "run_config": "run_config"}
@@ -21,6 +22,11 @@ SHARED = {"train_pool": "train_pool", "eval_sets": "eval_sets", "run_config": "r
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds("dynamic_select")
+    plot = Node(plot_selection, "train_result", "selection_plot", name="dynamic_select.plot_selection")
+    if n is None:  # the round count depends on the pool's size: all rounds in one node
+        outputs = ["train_result", "selection_history"]
+        run = Node(all_rounds, INPUTS, outputs, name="dynamic_select.all_rounds")
+        return data_processing() + Pipeline([run, plot], tags="dynamic_select") + evaluation() + reporting()
     first = Node(first_segment, INPUTS, "state", name="train_segment")
     round_list = [Pipeline([first], namespace="dynamic_select.round_0", inputs=SHARED)]
     for k in range(1, n):
@@ -40,7 +46,7 @@ def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
                 ["train_result", "selection_history"],
                 name="dynamic_select.finalize",
             ),
-            Node(plot_selection, "train_result", "selection_plot", name="dynamic_select.plot_selection"),
+            plot,
         ]
     )
     return data_processing() + Pipeline(round_list, tags="dynamic_select") + wrap_up + evaluation() + reporting()

@@ -53,12 +53,20 @@ def check_select_config(cfg: Any, has_eval: bool, pool_size: int | None = None) 
     name, params = component_for(flex, "selector")
     if name == "less" and not has_eval:
         raise ConfigError("selector 'less' needs an eval_dataset (the target task's examples); set eval_dataset")
-    if flex.update_times <= 0 and flex.train_step <= 0:
-        raise ConfigError(
-            "dynamic_select with update_times <= 0 needs train_step > 0 (the rounds are unrolled "
-            "before the data is read); or set update_times >= 1"
-        )
+    if pool_size is None and flex.update_times <= 0 and flex.train_step <= 0:
+        # The flex epoch is the pool (DataFlex's "update until the epochs end"): checked when the pool is known.
+        if flex.warmup_step < 1 or flex.update_step < 1:
+            raise ConfigError(
+                f"dynamic_select needs warmup_step >= 1 and update_step >= 1, got {flex.warmup_step} and "
+                f"{flex.update_step}"
+            )
+        return
     sched = select_schedule(flex, cfg.train, pool_size if pool_size is not None else 1 << 30)
+    if not sched.selections:
+        raise ConfigError(
+            f"the run has {sched.max_steps} steps and selects first at warmup_step={flex.warmup_step}: the selector "
+            "would never be called; lower warmup_step or train longer (train_step / num_train_epochs)"
+        )
     if pool_size is not None:
         need = sched.global_batch * flex.update_step
         if need > pool_size and not params.get("replacement", False):
