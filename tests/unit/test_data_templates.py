@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 
 from dataflex.core.errors import ConfigError
-from dataflex.data import IGNORE_INDEX, TEMPLATES, build_dataset, get_template
+from dataflex.data import IGNORE_INDEX, TEMPLATES, Template, build_dataset, get_template
 
 try:
     from tests.unit.test_data_fixtures import one_dataset, tiny_tokenizer
@@ -122,7 +123,7 @@ def test_encode_prompt_is_the_training_prompt():
         {"role": "user", "content": "Add.\n3 + 3"},
         {"role": "assistant", "content": "6"},
     ]
-    for name in ("default", "chatml", "tokenizer"):
+    for name in ("default", "chatml", "tokenizer", "llama2", "gemma", "qwen3"):
         t = get_template(name)
         pairs = t.encode_multiturn(tok, messages)
         assert t.encode_prompt(tok, messages[:-1]) == pairs[0][0] + pairs[0][1] + pairs[1][0]
@@ -166,3 +167,230 @@ def test_alpaca_history_and_openai_style_sharegpt_are_multi_turn(tmp_path):
     b = build_dataset(dataset="ds", dataset_dir=d2, tokenizer=tok, template="chatml")[0]
     assert a == b
     assert [tok.decode(a["input_ids"][s:e]) for s, e in _spans(a["labels"])] == ["4<|im_end|>", "c b a<|im_end|>"]
+
+
+# ------------------------------------------------------------------ LLaMA-Factory templates ported from LF
+TWO_TURNS = [
+    {"role": "user", "content": "Add.\n2 + 2"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "Reverse.\na b c"},
+    {"role": "assistant", "content": "c b a"},
+]
+_CHATML_P0 = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd.\n2 + 2<|im_end|>\n<|im_start|>assistant\n"
+_CHATML_P1 = "\n<|im_start|>user\nReverse.\na b c<|im_end|>\n<|im_start|>assistant\n"
+_COHERE_USER = "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{}<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+_LLAMA4_USER = "<|header_start|>user<|header_end|>\n\n{}<|eot|><|header_start|>assistant<|header_end|>\n\n"
+_THINK = "<think>\n\n</think>\n\n"
+# LF's rendering of CONV / TWO_TURNS with system "Be brief." as (prompt, response, prompt, response). As documented
+# in templates.py, text LF puts after an end-of-turn token opens the next prompt, and baichuan2 (LF efficient_eos)
+# ends each response with eos.
+RENDERED = {
+    "llama2": (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nAdd.\n2 + 2 [/INST]",
+        "4</s>",
+        "<s>[INST] Reverse.\na b c [/INST]",
+        "c b a</s>",
+    ),
+    "llama2_zh": (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nAdd.\n2 + 2 [/INST]",
+        "4</s>",
+        "<s>[INST] Reverse.\na b c [/INST]",
+        "c b a</s>",
+    ),
+    "mistral": ("<s>[INST] Be brief.\n\nAdd.\n2 + 2[/INST]", " 4</s>", "[INST] Reverse.\na b c[/INST]", " c b a</s>"),
+    "gemma": (
+        "<s><start_of_turn>user\nBe brief.\n\nAdd.\n2 + 2<end_of_turn>\n<start_of_turn>model\n",
+        "4<end_of_turn>",
+        "\n<start_of_turn>user\nReverse.\na b c<end_of_turn>\n<start_of_turn>model\n",
+        "c b a<end_of_turn>",
+    ),
+    "vicuna": ("Be brief.USER: Add.\n2 + 2 ASSISTANT:", "4</s>", "USER: Reverse.\na b c ASSISTANT:", "c b a</s>"),
+    "qwen3": (_CHATML_P0, _THINK + "4<|im_end|>", _CHATML_P1, _THINK + "c b a<|im_end|>"),
+    "deepseek": (
+        "<s>Be brief.\n\nUser: Add.\n2 + 2\n\nAssistant:",
+        "4</s>",
+        "User: Reverse.\na b c\n\nAssistant:",
+        "c b a</s>",
+    ),
+    "yi": (_CHATML_P0, "4<|im_end|>", _CHATML_P1, "c b a<|im_end|>"),
+    "phi": (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nAdd.\n2 + 2<|end|>\n<|assistant|>\n",
+        "4<|end|>",
+        "\n<|user|>\nReverse.\na b c<|end|>\n<|assistant|>\n",
+        "c b a<|end|>",
+    ),
+    "baichuan2": (
+        "Be brief.<reserved_106>Add.\n2 + 2<reserved_107>",
+        "4</s>",
+        "<reserved_106>Reverse.\na b c<reserved_107>",
+        "c b a</s>",
+    ),
+    "intern2": ("<s>" + _CHATML_P0, "4<|im_end|>", _CHATML_P1, "c b a<|im_end|>"),
+    "cohere": (
+        "<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|>" + _COHERE_USER.format("Add.\n2 + 2"),
+        "4</s>",
+        _COHERE_USER.format("Reverse.\na b c"),
+        "c b a</s>",
+    ),
+    "llama4": (
+        "<s><|header_start|>system<|header_end|>\n\nBe brief.<|eot|>" + _LLAMA4_USER.format("Add.\n2 + 2"),
+        "4<|eot|>",
+        _LLAMA4_USER.format("Reverse.\na b c"),
+        "c b a<|eot|>",
+    ),
+}
+# LF's default systems, copied from LF's template.py.
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+INTERN_SYSTEM = (
+    "You are an AI assistant whose name is InternLM (书生·浦语).\n"
+    "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI Laboratory "
+    "(上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+    "- InternLM (书生·浦语) can understand and communicate fluently in the language "
+    "chosen by the user such as English and 中文."
+)
+# The first prompt when no system is given: the default system (if any) takes the system's place.
+FIRST_PROMPT_NO_SYSTEM = {
+    "llama2": "<s>[INST] Add.\n2 + 2 [/INST]",
+    "llama2_zh": "<s>[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
+    "Add.\n2 + 2 [/INST]",
+    "mistral": "<s>[INST] Add.\n2 + 2[/INST]",
+    "gemma": "<s><start_of_turn>user\nAdd.\n2 + 2<end_of_turn>\n<start_of_turn>model\n",
+    "vicuna": VICUNA_SYSTEM + "USER: Add.\n2 + 2 ASSISTANT:",
+    "qwen3": "<|im_start|>user\nAdd.\n2 + 2<|im_end|>\n<|im_start|>assistant\n",
+    "deepseek": "<s>User: Add.\n2 + 2\n\nAssistant:",
+    "yi": "<|im_start|>user\nAdd.\n2 + 2<|im_end|>\n<|im_start|>assistant\n",
+    "phi": "<|user|>\nAdd.\n2 + 2<|end|>\n<|assistant|>\n",
+    "baichuan2": "<reserved_106>Add.\n2 + 2<reserved_107>",
+    "intern2": f"<s><|im_start|>system\n{INTERN_SYSTEM}<|im_end|>\n<|im_start|>user\nAdd.\n2 + 2<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "cohere": "<s>" + _COHERE_USER.format("Add.\n2 + 2"),
+    "llama4": "<s>" + _LLAMA4_USER.format("Add.\n2 + 2"),
+}
+# Markers real tokenizers of these models hold as single tokens (the fixture tokenizer spells them as text).
+MODEL_SPECIALS = [
+    "[INST]",
+    "[/INST]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<think>",
+    "</think>",
+    "<reserved_106>",
+    "<reserved_107>",
+    "<|START_OF_TURN_TOKEN|>",
+    "<|END_OF_TURN_TOKEN|>",
+    "<|SYSTEM_TOKEN|>",
+    "<|USER_TOKEN|>",
+    "<|CHATBOT_TOKEN|>",
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eot|>",
+    "<|eom|>",
+]
+
+
+@functools.cache
+def _tokenizer_with_model_specials():
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_tokens(MODEL_SPECIALS, special_tokens=True)
+    return tok
+
+
+def _runs(ids, labels):
+    """Maximal runs of masked / supervised positions as (supervised, ids)."""
+    runs = []
+    for tid, lab in zip(ids, labels):
+        sup = lab != IGNORE_INDEX
+        if runs and runs[-1][0] == sup:
+            runs[-1][1].append(tid)
+        else:
+            runs.append((sup, [tid]))
+    return runs
+
+
+def test_lf_template_lists_are_complete():
+    assert set(RENDERED) == set(FIRST_PROMPT_NO_SYSTEM) and set(RENDERED) <= set(TEMPLATES)
+
+
+@pytest.mark.parametrize("specials", [False, True], ids=["text-markers", "special-markers"])
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_lf_template_two_turns_render_and_mask_exactly(tmp_path, name, specials):
+    tok = _tokenizer_with_model_specials() if specials else tiny_tokenizer()
+    d = one_dataset(tmp_path, [CONV], formatting="sharegpt")
+    ex = build_dataset(dataset="ds", dataset_dir=d, tokenizer=tok, template=name)[0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert tok.decode(ids) == "".join(RENDERED[name])
+    # prompt / system / separator tokens are masked, each response (with its end token) is supervised as is
+    runs = _runs(ids, labels)
+    assert [(sup, tok.decode(run)) for sup, run in runs] == list(zip([False, True] * 2, RENDERED[name]))
+    assert all(lab == tid for tid, lab in zip(ids, labels) if lab != IGNORE_INDEX)
+    if specials:  # each response ends with one token that generation stops on
+        stops = get_template(name).stop_token_ids(tok)
+        assert runs[1][1][-1] in stops and runs[3][1][-1] in stops
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_PROMPT_NO_SYSTEM))
+def test_lf_template_default_system_fills_in_for_a_missing_system(name):
+    tok = tiny_tokenizer()
+    pairs = get_template(name).encode_multiturn(tok, TWO_TURNS)
+    assert tok.decode(pairs[0][0]) == FIRST_PROMPT_NO_SYSTEM[name]
+    # an explicit system replaces the default one
+    pairs = get_template(name).encode_multiturn(tok, TWO_TURNS, system="Be brief.")
+    assert [tok.decode(p) for pair in pairs for p in pair] == list(RENDERED[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "observation_prompt"),
+    [
+        ("mistral", '[TOOL_RESULTS] {"content": 42}[/TOOL_RESULTS]'),
+        ("gemma", "\n<start_of_turn>tool\n42<end_of_turn>\n<start_of_turn>model\n"),
+        ("qwen3", "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+        ("yi", "\n<|im_start|>user\n42<|im_end|>\n<|im_start|>assistant\n"),  # LF: observation = user format
+        ("llama4", "<|header_start|>ipython<|header_end|>\n\n42<|eot|><|header_start|>assistant<|header_end|>\n\n"),
+    ],
+)
+def test_lf_template_observation_turns(name, observation_prompt):
+    tok = tiny_tokenizer()
+    messages = [
+        {"role": "user", "content": "What is 6 * 7?"},
+        {"role": "function", "content": '{"name": "mul", "arguments": {"a": 6, "b": 7}}'},
+        {"role": "observation", "content": "42"},
+        {"role": "assistant", "content": "42"},
+    ]
+    pairs = get_template(name).encode_multiturn(tok, messages)
+    assert tok.decode(pairs[1][0]) == observation_prompt
+
+
+def test_qwen3_keeps_an_existing_thought_and_adds_an_empty_one_otherwise():
+    tok = tiny_tokenizer()
+    messages = [
+        {"role": "user", "content": "Add.\n2 + 2"},
+        {"role": "assistant", "content": "<think>\n2 and 2 make 4\n</think>\n\n4"},
+        {"role": "user", "content": "Reverse.\na b c"},
+        {"role": "assistant", "content": "c b a"},
+    ]
+    pairs = get_template("qwen3").encode_multiturn(tok, messages)
+    assert [tok.decode(r) for _, r in pairs] == [
+        "<think>\n2 and 2 make 4\n</think>\n\n4<|im_end|>",
+        "<think>\n\n</think>\n\nc b a<|im_end|>",
+    ]
+
+
+def test_system_in_user_rejects_token_markers_in_the_system_format():
+    with pytest.raises(ConfigError, match="system_in_user"):
+        Template(name="bad", format_system="{{bos_token}}{{content}}", system_in_user=True)
+
+
+def test_unknown_template_error_lists_the_lf_templates():
+    with pytest.raises(ConfigError) as err:
+        get_template("llama9")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("unknown template 'llama9'; valid templates: ")
+    assert set(message.split(": ", 1)[1].split(", ")) == set(TEMPLATES) >= set(RENDERED)

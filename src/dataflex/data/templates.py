@@ -7,7 +7,9 @@ replaced by the tokenizer's ids (never tokenized as text). Each formatted piece 
 Difference from LF: the text LF puts after the end-of-turn token (e.g. the "\\n" after `<|im_end|>`) is
 emitted as a masked separator at the start of the next turn instead, so every supervised response ends
 exactly with the end-of-turn token: the model learns to stop, and nothing after the stop is trained.
-The `empty` template also ends responses with eos for the same reason.
+The `empty` template also ends responses with eos for the same reason, and so do the templates LF marks
+`efficient_eos` (baichuan2): LF leaves eos out of the input between turns and only puts it in the labels;
+here every response ends with an eos token in the input too.
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ class Template:
     add_bos: bool = False
     stop_words: tuple[str, ...] = ()
     use_tokenizer_template: bool = False
+    # LF's Llama2Template: the formatted system text is prepended to the first user message's content
+    # (inside its `[INST]` / `<start_of_turn>` wrapper) instead of being a turn of its own.
+    system_in_user: bool = False
+    # LF's ReasoningTemplate (enable_thinking=True, LF's default): a response without a thought block
+    # gets an empty one, supervised, so the model learns the thought-block format it must emit.
+    thought_words: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.system_in_user and _MARKER.search(self.format_system):
+            # the system text is spliced into user content as plain text, so it cannot carry token ids
+            raise ConfigError(f"template '{self.name}': format_system cannot use bos/eos markers with system_in_user")
 
     # ---------------------------------------------------------------- public API
     def encode_multiturn(
@@ -105,18 +118,26 @@ class Template:
         out: list[tuple[list[Piece], list[Piece]]] = []
         for i, (user, assistant) in enumerate(turns):
             prompt: list[Piece] = []
+            content = user["content"]
             if i == 0:
                 if self.add_bos and tokenizer.bos_token_id is not None:
                     prompt.append(tokenizer.bos_token_id)
-                if system:
+                if system and self.system_in_user:
+                    content = self.format_system.replace("{{content}}", system) + content
+                elif system:
                     prompt += _fill(self.format_system, system, tokenizer)
             elif self.format_separator:
                 prompt.append(self.format_separator)
             fmt = self.format_user
             if user["role"] == "observation" and self.format_observation:
                 fmt = self.format_observation
-            prompt += _fill(fmt, user["content"], tokenizer)
-            out.append((prompt, _fill(self.format_assistant, assistant["content"], tokenizer)))
+            prompt += _fill(fmt, content, tokenizer)
+            response: list[Piece] = []
+            if self.thought_words and not _has_thought(assistant["content"], self.thought_words):
+                # a piece of its own: LF tokenizes the empty thought separately from the response
+                response.append(self.thought_words[0] + self.thought_words[1])
+            response += _fill(self.format_assistant, assistant["content"], tokenizer)
+            out.append((prompt, response))
         return out
 
     def _render_with_tokenizer(
@@ -174,6 +195,11 @@ def _fill(fmt: str, content: str, tokenizer: Any) -> list[Piece]:
         elif part:
             pieces.append(part.replace("{{content}}", content))
     return pieces
+
+
+def _has_thought(content: str, thought_words: tuple[str, str]) -> bool:
+    # LF's test: either tag (stripped of its newlines) present means the response carries its own thought
+    return thought_words[0].strip() in content or thought_words[1].strip() in content
 
 
 def _normalise_role(role: Any) -> str:
@@ -306,5 +332,132 @@ register_template(
         stop_words=("<|eot_id|>", "<|eom_id|>"),
     )
 )
+# ---------------------------------------------------------------- more LLaMA-Factory templates
+# Formats, default systems and stop words follow LF's `src/llamafactory/data/template.py` (same names);
+# only the text after an end-of-turn token moves into `format_separator` (see the module docstring).
+_LLAMA2 = register_template(
+    Template(
+        name="llama2",
+        format_user="{{bos_token}}[INST] {{content}} [/INST]",  # LF: bos before every user turn
+        format_system="<<SYS>>\n{{content}}\n<</SYS>>\n\n",
+        system_in_user=True,
+    )
+)
+register_template(
+    replace(_LLAMA2, name="llama2_zh", default_system="You are a helpful assistant. 你是一个乐于助人的助手。")
+)
+register_template(
+    Template(  # LF "mistral" (tokenizer v3); the response keeps LF's leading space
+        name="mistral",
+        format_user="[INST] {{content}}[/INST]",
+        format_assistant=" {{content}}{{eos_token}}",
+        format_system="{{content}}\n\n",
+        format_observation='[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]',
+        system_in_user=True,
+        add_bos=True,
+    )
+)
+register_template(
+    Template(
+        name="gemma",
+        format_user="<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
+        format_assistant="{{content}}<end_of_turn>",
+        format_system="{{content}}\n\n",
+        format_observation="<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",
+        format_separator="\n",
+        system_in_user=True,
+        add_bos=True,
+        stop_words=("<end_of_turn>",),
+    )
+)
+register_template(
+    Template(
+        name="vicuna",
+        format_user="USER: {{content}} ASSISTANT:",
+        default_system=(
+            "A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions."
+        ),
+    )
+)
+# LF "qwen3" is a ReasoningTemplate; this is its default (enable_thinking=True) training behaviour. Not ported:
+# enable_thinking=False / "qwen3_nothink", and LF's encode_oneturn stripping thoughts from history turns.
+register_template(
+    replace(
+        _CHATML,
+        name="qwen3",
+        format_observation=(
+            "<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        ),
+        thought_words=("<think>\n", "\n</think>\n\n"),
+    )
+)
+register_template(
+    Template(  # LF "deepseek" (DeepSeek LLM chat)
+        name="deepseek",
+        format_user="User: {{content}}\n\nAssistant:",
+        format_system="{{content}}\n\n",
+        add_bos=True,
+    )
+)
+register_template(replace(_CHATML, name="yi", format_observation=None))  # LF: observations use the user format
+register_template(
+    Template(  # LF "phi" (Phi-3)
+        name="phi",
+        format_user="<|user|>\n{{content}}<|end|>\n<|assistant|>\n",
+        format_assistant="{{content}}<|end|>",
+        format_system="<|system|>\n{{content}}<|end|>\n",
+        format_separator="\n",
+        stop_words=("<|end|>",),
+    )
+)
+register_template(
+    # LF marks it efficient_eos; here the response ends with eos in the input too (module docstring)
+    Template(name="baichuan2", format_user="<reserved_106>{{content}}<reserved_107>")
+)
+register_template(
+    replace(
+        _CHATML,
+        name="intern2",
+        format_observation=None,
+        add_bos=True,
+        default_system=(
+            "You are an AI assistant whose name is InternLM (书生·浦语).\n"
+            "- InternLM (书生·浦语) is a conversational language model that is developed by Shanghai AI Laboratory "
+            "(上海人工智能实验室). It is designed to be helpful, honest, and harmless.\n"
+            "- InternLM (书生·浦语) can understand and communicate fluently in the language "
+            "chosen by the user such as English and 中文."
+        ),
+    )
+)
+register_template(
+    Template(
+        name="cohere",
+        format_user=(
+            "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{{content}}<|END_OF_TURN_TOKEN|>"
+            "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+        ),
+        format_system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{{content}}<|END_OF_TURN_TOKEN|>",
+        add_bos=True,
+    )
+)
+register_template(
+    Template(
+        name="llama4",
+        format_user=(
+            "<|header_start|>user<|header_end|>\n\n{{content}}<|eot|><|header_start|>assistant<|header_end|>\n\n"
+        ),
+        format_assistant="{{content}}<|eot|>",
+        format_system="<|header_start|>system<|header_end|>\n\n{{content}}<|eot|>",
+        format_observation=(
+            "<|header_start|>ipython<|header_end|>\n\n{{content}}<|eot|><|header_start|>assistant<|header_end|>\n\n"
+        ),
+        add_bos=True,
+        stop_words=("<|eot|>", "<|eom|>"),
+    )
+)
+# Not ported: chatglm3 (LF addresses "[gMASK]", "sop", "<|user|>" as token names rather than text, relies on a
+# remote-code tokenizer, and ends a turn by emitting "<|user|>", which the end-of-turn rule here cannot express).
+
 register_template(Template(name="empty"))
 register_template(Template(name="tokenizer", use_tokenizer_template=True))
