@@ -41,23 +41,29 @@ def find_project_root(start: Path | None = None) -> Path:
 
 
 def build_train_params(
-    config: str, overrides: list[str], cwd: Path | None = None, pipeline: str | None = None
+    config: str,
+    overrides: list[str],
+    cwd: Path | None = None,
+    pipeline: str | None = None,
+    project: Path | None = None,
 ) -> dict[str, Any]:
-    """The flat YAML plus overrides as grouped parameters, validated (with `pipeline`'s own group, if any)."""
+    """The flat YAML plus overrides as grouped parameters, validated (with `pipeline`'s own group, if any).
+    Relative input paths resolve against the working directory, then the YAML's folder, then the project."""
     from dataflex.config import flat_to_grouped, load_yaml_config, parse_overrides, resolve_paths, validate_params
 
     flat = load_yaml_config(config)
     flat.update(parse_overrides(overrides))
     params = flat_to_grouped(flat)
     # A DataFlex YAML is not the demo: build nothing implicitly unless it points at the demo folders.
-    params = resolve_paths(params, cwd or Path.cwd())
+    search = (Path(config).resolve().parent, *((project,) if project else ()))
+    params = resolve_paths(params, cwd or Path.cwd(), search)
     validate_params(params, pipelines=(pipeline,) if pipeline else ())
     return params
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    params = build_train_params(ns.config, ns.overrides, pipeline=ns.pipeline)
     project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
+    params = build_train_params(ns.config, ns.overrides, pipeline=ns.pipeline, project=project)
     # Demo folders resolve against the project, like the Kedro defaults.
     params["demo"] = {
         **params["demo"],
@@ -202,7 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    # key=value overrides may come before or after options (`train X.yaml --pipeline less key=value`); argparse's
+    # parse_intermixed_args cannot take subcommands, so the overrides after an option are collected here.
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        if ns.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.overrides = [*ns.overrides, *extra]
     try:
         return ns.func(ns)
     except DataFlexError as exc:

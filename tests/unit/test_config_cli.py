@@ -215,6 +215,44 @@ def test_relative_paths_resolve_against_cwd(demo_dir, untrained_model_dir, tmp_p
     assert params["train"]["output_dir"] == str(tmp_path / "rel_out")
 
 
+def test_relative_inputs_resolve_against_cwd_then_the_yaml_folder_then_the_project(
+    demo_dir, untrained_model_dir, tmp_path, monkeypatch
+):
+    """A DataFlex YAML names `data` and `src/dataflex/configs/components.yaml` relative to its checkout; run from
+    elsewhere they are found next to the YAML, and the working directory wins when both have them."""
+    import shutil
+
+    from dataflex.cli import build_train_params
+
+    checkout, elsewhere, project = tmp_path / "checkout", tmp_path / "elsewhere", tmp_path / "project"
+    shutil.copytree(demo_dir, checkout / "data")
+    (checkout / "components.yaml").write_text("weighters: {}\n")
+    (project / "mods").mkdir(parents=True)
+    (project / "mods" / "my_components.py").write_text("X = 1\n")
+    elsewhere.mkdir()
+    flat = {**_flat(demo_dir, untrained_model_dir, Path("out")), "dataset_dir": "data"}
+    flat.update(components_cfg_file="components.yaml", user_modules=["mods/my_components.py"])
+    cfg = _write(checkout, flat)
+    monkeypatch.chdir(elsewhere)
+    params = build_train_params(str(cfg), [], project=project)
+    assert params["data"]["dataset_dir"] == str(checkout / "data")
+    assert params["dataflex"]["components_cfg_file"] == str(checkout / "components.yaml")
+    assert params["dataflex"]["user_modules"] == [str(project / "mods" / "my_components.py")]
+    assert params["train"]["output_dir"] == str(elsewhere / "out"), "outputs stay relative to the working dir"
+    shutil.copytree(demo_dir, elsewhere / "data")
+    assert build_train_params(str(cfg), [], project=project)["data"]["dataset_dir"] == str(elsewhere / "data")
+
+
+def test_overrides_may_follow_options(demo_dir, untrained_model_dir, tmp_path, capsys):
+    """`train X.yaml --pipeline less key=value` (the README's form): the override after the option is read."""
+    cfg = _write(tmp_path, _flat(demo_dir, untrained_model_dir, tmp_path / "out"))
+    assert main(["train", str(cfg), "--pipeline", "less", "learning_rte=1"]) == 2
+    assert "did you mean learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["version", "a=b"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: a=b" in capsys.readouterr().err
+
+
 def test_grouped_params_reject_unknown_keys():
     params = default_params()
     params["train"]["learning_rte"] = 1

@@ -177,9 +177,15 @@ def flat_to_grouped(flat: Mapping[str, Any], base: Mapping[str, Any] | None = No
     return params
 
 
-def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any]:
-    """Make the path-valued settings absolute against `base_dir` (the YAML user's working directory)."""
+def resolve_paths(params: dict[str, Any], base_dir: str | Path, search: tuple[str | Path, ...] = ()) -> dict[str, Any]:
+    """Make the path-valued settings absolute. Outputs (output_dir, caches) are relative to `base_dir`, the user's
+    working directory. Inputs (dataset_dir, components and accelerate files, the model, ...) are looked up in
+    `base_dir`, then each of `search` (the YAML's own folder, the project root) in that order: the first place
+    where the path exists wins, so a DataFlex YAML run from elsewhere still finds `data/` or
+    `src/dataflex/configs/components.yaml` next to it. A path found nowhere stays relative to `base_dir` (its error
+    then names that path)."""
     base_dir = Path(base_dir)
+    places = [base_dir, *(Path(p) for p in search)]
 
     def absolute(value: Any) -> Any:
         if not value or not isinstance(value, str):
@@ -187,27 +193,36 @@ def resolve_paths(params: dict[str, Any], base_dir: str | Path) -> dict[str, Any
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else (base_dir / path).resolve())
 
+    def find(value: Any) -> Any:
+        if not value or not isinstance(value, str) or Path(value).expanduser().is_absolute():
+            return absolute(value)
+        for place in places:
+            if (place / value).exists():
+                return str((place / value).resolve())
+        return absolute(value)
+
     data, model, train, flex = params["data"], params["model"], params["train"], params["dataflex"]
-    data["dataset_dir"] = absolute(data["dataset_dir"])
+    data["dataset_dir"] = find(data["dataset_dir"])
     data["cache_dir"] = absolute(data["cache_dir"])
     train["output_dir"] = absolute(train["output_dir"])
     for key in ("accelerate_config", "deepspeed"):
-        train[key] = absolute(train.get(key))
-    flex["components_cfg_file"] = absolute(flex["components_cfg_file"])
+        train[key] = find(train.get(key))
+    flex["components_cfg_file"] = find(flex["components_cfg_file"])
     for group, keys in (("less", ("datastore_dir", "warmup_dir")), ("static_select", ("warmup_dir", "cache_dir"))):
         values = params.get(group) or {}
         for key in keys:
             if key in values:
                 values[key] = absolute(values[key])
     # A model path is resolved only when it exists locally: otherwise it may be a hub id.
-    name = model["model_name_or_path"]
-    if isinstance(name, str) and (base_dir / name).exists() and not Path(name).is_absolute():
-        model["model_name_or_path"] = absolute(name)
+    for key in ("model_name_or_path", "adapter_name_or_path"):
+        name = model.get(key)
+        if isinstance(name, str) and not Path(name).is_absolute() and any((p / name).exists() for p in places):
+            model[key] = find(name)
     resume = train.get("resume_from_checkpoint")
     if isinstance(resume, str) and resume.lower() not in ("true", "false", "latest"):
-        train["resume_from_checkpoint"] = absolute(resume)
+        train["resume_from_checkpoint"] = find(resume)
     modules = flex.get("user_modules") or []
     if isinstance(modules, str):
         modules = [m.strip() for m in modules.split(",") if m.strip()]
-    flex["user_modules"] = [absolute(m) if m.endswith(".py") else m for m in modules]
+    flex["user_modules"] = [find(m) if m.endswith(".py") else m for m in modules]
     return params
