@@ -148,10 +148,71 @@ def cmd_make_tiny_model(ns: argparse.Namespace) -> int:
     return 0
 
 
+# LLaMA-Factory's merge YAML (`llamafactory-cli export`): what each key means here.
+EXPORT_KEYS = {"model_name_or_path", "adapter_name_or_path", "export_dir", "export_size", "export_device"}
+EXPORT_NOTICE_KEYS = {"template", "trust_remote_code", "export_legacy_format", "finetuning_type", "infer_dtype"}
+
+
+def export_args(config: str) -> dict[str, Any]:
+    """(adapter, output, base, max_shard_size) from a LLaMA-Factory merge YAML; relative paths against the working
+    directory, then the YAML's folder."""
+    import yaml
+
+    from dataflex.utils.io import read_user_text
+    from dataflex.utils.logging import logger
+
+    try:
+        cfg = yaml.safe_load(read_user_text(config, "export config", ConfigError)) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"export config {config} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"export config {config} must be a mapping of LLaMA-Factory export keys")
+    unknown = sorted(set(cfg) - EXPORT_KEYS - EXPORT_NOTICE_KEYS)
+    if unknown:
+        valid = ", ".join(sorted(EXPORT_KEYS | EXPORT_NOTICE_KEYS))
+        raise ConfigError(f"export config {config}: unknown key(s) {', '.join(unknown)}; valid: {valid}")
+    for key in ("adapter_name_or_path", "export_dir"):
+        if not cfg.get(key):
+            raise ConfigError(f"export config {config} needs {key}")
+    if cfg.get("export_legacy_format"):
+        raise ConfigError(
+            "export_legacy_format: true writes pickled .bin weights; this project writes safetensors only"
+        )
+    if str(cfg.get("export_device", "cpu")) not in ("cpu", "auto"):
+        raise ConfigError(f"export_device must be cpu or auto, got {cfg['export_device']!r}")
+    size = cfg.get("export_size", 5)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"export_size must be an integer >= 1 (GB per shard), got {size!r}")
+    ignored = sorted(k for k in EXPORT_NOTICE_KEYS & set(cfg) if k != "export_legacy_format")
+    if ignored:  # the merge runs in fp32 on CPU and copies the tokenizer as saved: these change nothing
+        logger.info("export: %s change nothing here (fp32 merge on CPU, tokenizer copied)", ", ".join(ignored))
+    places = [Path.cwd(), Path(config).resolve().parent]
+
+    def find(value: str) -> str:
+        hits = [p / value for p in places if (p / value).exists()]
+        return str(hits[0].resolve()) if hits and not Path(value).is_absolute() else value
+
+    base = cfg.get("model_name_or_path")
+    return {
+        "adapter": find(str(cfg["adapter_name_or_path"])),
+        "output": str((Path.cwd() / str(cfg["export_dir"])).resolve()),
+        "base": find(str(base)) if base else None,
+        "max_shard_size": f"{size}GB",
+    }
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from dataflex.models import merge_and_export
 
-    out = merge_and_export(ns.adapter, ns.output, base_model=ns.base)
+    if ns.config:
+        args = export_args(ns.config)
+    elif ns.adapter and ns.output:
+        args = {"adapter": ns.adapter, "output": ns.output, "base": ns.base, "max_shard_size": "5GB"}
+    else:
+        raise ConfigError("export needs a LLaMA-Factory merge YAML, or --adapter and --output")
+    out = merge_and_export(
+        args["adapter"], args["output"], base_model=args["base"], max_shard_size=args["max_shard_size"]
+    )
     print(f"merged model written to {out}")
     return 0
 
@@ -200,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model")
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("config", nargs="?", help="LLaMA-Factory merge YAML (adapter_name_or_path, export_dir, ...)")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--output", default=None)
     p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     p.set_defaults(func=cmd_export)
     return parser

@@ -191,6 +191,19 @@ def test_cli_train_static_yaml(kedro_project, demo_dir, tiny_model_dir, project_
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    # ... and from LLaMA-Factory's merge YAML, its keys unchanged (relative paths against the working dir)
+    merge_yaml = tmp_path / "merge.yaml"
+    merge_yaml.write_text(
+        f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {out / 'adapter'}\ntemplate: llama3\n"
+        "trust_remote_code: true\nexport_dir: merged_lf\nexport_size: 5\nexport_device: cpu\n"
+        "export_legacy_format: false\n"
+    )
+    assert main(["export", str(merge_yaml)]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_lf")
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), again.state_dict().values()))
+    merge_yaml.write_text(merge_yaml.read_text().replace("export_legacy_format: false", "export_legacy_format: true"))
+    assert main(["export", str(merge_yaml)]) == 2
+    assert "safetensors only" in capsys.readouterr().err
 
 
 def test_kedro_run_bad_params_is_one_line(kedro_project, project_root, tmp_path, monkeypatch):

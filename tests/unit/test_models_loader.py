@@ -115,6 +115,21 @@ def test_full_finetuning_trains_everything(base_dir):
         load_model(str(base_dir), finetuning_type="full", adapter_path=str(base_dir), device="cpu")
 
 
+def test_train_from_scratch_is_a_seeded_random_init_of_the_architecture(base_dir):
+    """LLaMA-Factory's train_from_scratch: the config's architecture, random weights from the seed, global RNG kept."""
+    rng_before = torch.get_rng_state()
+    pretrained = load_model(str(base_dir), finetuning_type="full", device="cpu").state_dict()
+    a = load_model(str(base_dir), finetuning_type="full", device="cpu", seed=3, from_scratch=True).state_dict()
+    b = load_model(str(base_dir), finetuning_type="full", device="cpu", seed=3, from_scratch=True).state_dict()
+    c = load_model(str(base_dir), finetuning_type="full", device="cpu", seed=4, from_scratch=True).state_dict()
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert a.keys() == pretrained.keys() and all(a[k].shape == pretrained[k].shape for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    weights = [k for k in a if k.endswith("proj.weight")]
+    assert all(not torch.equal(a[k], c[k]) for k in weights)
+    assert all(not torch.equal(a[k], pretrained[k]) for k in weights)
+
+
 # ------------------------------------------------------------------------------------------------ save / reload / merge
 def test_save_trained_reload_and_merge(base_dir, tmp_path, batch):
     from peft import PeftModel

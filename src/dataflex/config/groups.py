@@ -49,6 +49,9 @@ class ModelConfig(Schema):
     dtype: str = setting(
         "fp32", "weights dtype (fp16 falls back to fp32 on CPU)", choices=DTYPES, aliases=("infer_dtype",)
     )
+    train_from_scratch: bool = setting(
+        False, "build the architecture from the model's config.json with a seeded random init (its weights unused)"
+    )
 
 
 @dataclass(frozen=True)

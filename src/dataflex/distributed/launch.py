@@ -124,7 +124,15 @@ def check_launch_config(params: Mapping[str, Any]) -> None:
             kind = "accelerate config YAML" if key == "accelerate_config" else "DeepSpeed JSON"
             raise ConfigError(f"{key} file {path} does not exist; give the path of an existing {kind}")
     if params.get("deepspeed"):
-        raise ConfigError(_SHARDED.format(kind="DeepSpeed"))
+        if int(params.get("num_processes") or 1) > 1:
+            raise ConfigError(_SHARDED.format(kind="DeepSpeed"))
+        # ZeRO partitions weights, gradients and optimizer state across processes: one process has nothing to
+        # partition and takes the same optimizer steps without it (DataFlex's example YAMLs all name a ZeRO file).
+        logger.warning(
+            "deepspeed %s: ZeRO shards across processes and this run has one, so it trains without DeepSpeed "
+            "(same updates; sharded multi-process training is not supported yet)",
+            params["deepspeed"],
+        )
     path = params.get("accelerate_config")
     if path:
         import yaml

@@ -255,8 +255,10 @@ def load_model(
     adapter_path: str | None = None,
     is_trainable: bool = True,
     seed: int | None = None,
+    from_scratch: bool = False,
 ) -> nn.Module:
-    """Load a causal LM and prepare it for `finetuning_type`.
+    """Load a causal LM and prepare it for `finetuning_type`; `from_scratch` builds the architecture of its
+    config.json with a random init seeded by `seed` (LLaMA-Factory's train_from_scratch: pre-training).
 
     - "lora": wrap with a fresh LoRA adapter (alpha defaults to 2*rank, as in LLaMA-Factory), or load
       `adapter_path` (trainable when is_trainable). Only adapter weights require grad.
@@ -282,7 +284,15 @@ def load_model(
     check_model_path(name)
     dev = _default_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=is_offline())
+    if from_scratch:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(name, local_files_only=is_offline())
+        with torch.random.fork_rng(devices=[]):  # the init is a function of the seed alone; the global RNG is kept
+            torch.manual_seed(0 if seed is None else seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=is_offline())
 
     if finetuning_type == "full":
         for p in model.parameters():
@@ -345,8 +355,10 @@ def merge_and_export(
     output_dir: str | os.PathLike,
     base_model: str | None = None,
     dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> Path:
-    """Merge a LoRA adapter into its base model and save a plain HF model + tokenizer (like `llamafactory-cli export`).
+    """Merge a LoRA adapter into its base model and save a plain HF model + tokenizer (like `llamafactory-cli export`),
+    as safetensors shards of at most `max_shard_size`.
 
     The merge runs on CPU in fp32 (exact), then weights are cast to `dtype` (None/auto: the base config's dtype,
     else fp32) before saving. The base defaults to adapter_config.json's base_model_name_or_path.
@@ -379,7 +391,7 @@ def merge_and_export(
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tok_src)
     with atomic_dir(output_dir) as tmp:
-        merged.save_pretrained(tmp)
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
     logger.info("merged adapter %s into %s -> %s (%s)", adapter_dir, base, output_dir, out_dtype)
     return Path(output_dir)

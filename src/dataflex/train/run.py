@@ -52,6 +52,7 @@ def build_model(model: ModelConfig, seed: int, adapter_path: str | None = None) 
         dtype=model.dtype,
         adapter_path=adapter_path,
         seed=seed,
+        from_scratch=model.train_from_scratch and adapter_path is None,
     )
 
 
