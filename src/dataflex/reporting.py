@@ -107,6 +107,7 @@ def run_summary(
     return {
         "train_type": train_result.get("train_type"),
         "component_name": component_name,
+        "component": train_result.get("component"),  # its registered name and every parameter it received
         "global_step": train_result.get("global_step"),
         "train_samples_seen": train_result.get("train_samples_seen"),
         "final_train_loss": train_result.get("final_train_loss"),

@@ -79,6 +79,16 @@ def log_eval_metrics(eval_metrics: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 @never_fatal
+def log_component(component: Mapping[str, Any] | None) -> None:
+    """The parameters the run's component received, as MLflow params `component.<key>` (comparable across runs)."""
+    if mlflow.active_run() is None or not component:
+        return
+    params = {"component.name": component["name"], "component.kind": component["kind"]}
+    params.update({metric_key(f"component.{k}"): str(v)[:500] for k, v in component["params"].items()})
+    mlflow.log_params(params)
+
+
+@never_fatal
 def log_mixture(history: list[Mapping[str, Any]]) -> None:
     """Proportions per domain at each update step (`mixture/<domain>`)."""
     if mlflow.active_run() is None:

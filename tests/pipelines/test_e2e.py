@@ -252,6 +252,12 @@ def test_cli_dynamic_weight_with_components_file(
     summary = json.loads((tmp_path / "saves" / "weight" / "run_summary.json").read_text())
     assert summary["train_type"] == "dynamic_weight" and summary["component_name"] == "loss"
     assert summary["global_step"] == 6
+    assert summary["component"] == {
+        "kind": "weighter",
+        "key": "loss",
+        "name": "loss",
+        "params": {"strategy": "linupper", "delta": 1.0, "r": 1.0},  # the file's values over the defaults
+    }
     result = json.loads((tmp_path / "saves" / "weight" / "train_result.json").read_text())
     weighted_logs = [h for h in result["log_history"] if "weights/max" in h]
     assert [h["step"] for h in weighted_logs] == [4, 6]  # weighting starts after warmup_step=2
@@ -260,6 +266,7 @@ def test_cli_dynamic_weight_with_components_file(
     client, run = _mlflow_run(db, summary["mlflow_run_id"])
     assert len(client.get_metric_history(run.info.run_id, "train/weights/entropy")) == 2
     assert "weights.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.params["component.strategy"] == "linupper" and run.data.params["component.delta"] == "1.0"
 
     # A bad strategy is refused before training, in one line.
     rc = main(["train", "weight.yaml", "component_name=bad", "output_dir=saves/bad", *argv])

@@ -111,10 +111,15 @@ class RunResult:
         return "adapter" if self.cfg.model.finetuning_type == "lora" else "model"
 
     def to_summary(self) -> dict[str, Any]:
+        from dataflex.train.modes import KIND_OF_TRAIN_TYPE, component_record
+
         out = Path(self.cfg.train.output_dir)
+        flex = self.cfg.dataflex
+        dynamic = self.mode in KIND_OF_TRAIN_TYPE and not (self.mode == "dynamic_mix" and flex.static_mix)
         return {
             "train_type": self.mode,
-            "component_name": self.cfg.dataflex.component_name if self.mode.startswith("dynamic_") else None,
+            "component_name": flex.component_name if self.mode.startswith("dynamic_") else None,
+            "component": component_record(flex, KIND_OF_TRAIN_TYPE[self.mode]) if dynamic else None,
             "output_dir": str(out),
             "finetuning_type": self.cfg.model.finetuning_type,
             "model_name_or_path": self.cfg.model.model_name_or_path,

@@ -14,7 +14,7 @@ from dataflex.core.components_cfg import component_spec, load_components_cfg
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY, import_user_modules
 
-__all__ = ["KIND_OF_TRAIN_TYPE", "component_for", "get_mode"]
+__all__ = ["KIND_OF_TRAIN_TYPE", "component_for", "component_record", "get_mode"]
 
 KIND_OF_TRAIN_TYPE = {"dynamic_select": "selector", "dynamic_mix": "mixer", "dynamic_weight": "weighter"}
 
@@ -30,6 +30,34 @@ def component_for(flex: Any, kind: str) -> tuple[str, dict[str, Any]]:
     registered, params = component_spec(cfg, kind, name)
     REGISTRY.check(kind, registered, params)
     return registered, params
+
+
+# What the run passes to a component (never a user setting): left out of the record of its parameters.
+RUNTIME_OBJECTS = {"dataset", "eval_dataset", "accelerator", "data_collator", "mixture_manager", "output_dir"}
+
+
+def component_record(flex: Any, kind: str) -> dict[str, Any]:
+    """The component a run used and every parameter it received (the components file's values over the
+    constructor's defaults), for the run summary: what a run used is recorded, not inferred from files."""
+    import inspect
+    import json
+
+    name, params = component_for(flex, kind)
+    cls = REGISTRY.get(kind, name)
+    defaults = {
+        p.name: p.default
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if p.default is not p.empty and p.name not in RUNTIME_OBJECTS
+    }
+    effective = {**defaults, **params}
+    try:
+        json.dumps(effective)
+    except TypeError:  # a default that is not JSON (a tuple of objects, ...): its repr
+        effective = {
+            k: v if isinstance(v, str | int | float | bool | list | dict | None) else repr(v)
+            for k, v in effective.items()
+        }
+    return {"kind": kind, "key": flex.component_name, "name": name, "params": effective}
 
 
 def get_mode(name: str) -> type:
