@@ -7,7 +7,14 @@ import re
 import pytest
 
 from dataflex.core.errors import ConfigError, DataError
-from dataflex.data import DatasetAttr, load_dataset_info, parse_dataset_names, read_rows, resolve_datasets
+from dataflex.data import (
+    DatasetAttr,
+    load_dataset_info,
+    parse_dataset_names,
+    read_rows,
+    resolve_datasets,
+    sample_rows,
+)
 
 try:
     from tests.unit.test_data_fixtures import one_dataset, write_registry, write_rows
@@ -76,18 +83,119 @@ def test_defaults_follow_llama_factory(tmp_path):
     [
         (None, r"dataset_info\.json not found"),
         ('{"a": {"file_name": "a.json",}\n}', r"dataset_info\.json:1:\d+: malformed JSON"),
-        ('{"a": {"formatting": "alpaca"}}', r"dataset 'a': entry has no 'file_name'"),
-        ('{"a": {"hf_hub_url": "x/y"}}', r"no 'file_name' \(hf_hub_url entries are not supported offline\)"),
-        ('{"a": {"file_name": "a.json", "formatting": "openai"}}', r"dataset 'a': unknown formatting 'openai'"),
-        ('{"a": {"file_name": "a.json", "columns": {"answer": "x"}}}', r"unknown column role 'answer'"),
         ("[1, 2]", r"expected a JSON object"),
     ],
 )
-def test_registry_errors(tmp_path, content, match):
+def test_registry_file_errors(tmp_path, content, match):
     if content is not None:
         (tmp_path / "dataset_info.json").write_text(content)
     with pytest.raises(DataError, match=match):
         load_dataset_info(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"formatting": "alpaca"}, r"entry has no 'file_name' \(nor hf_hub_url, ms_hub_url or script_url\)"),
+        ({"file_name": "a.json", "formatting": "openai"}, r"unknown formatting 'openai'"),
+        ({"file_name": "a.json", "columns": {"answer": "x"}}, r"unknown column role 'answer'"),
+        ({"file_name": "a.json", "num_samples": 0}, r"'num_samples' must be an integer >= 1"),
+        ({"hf_hub_url": "x/y", "split": 3}, r"'split' must be a string"),
+        ({"om_hub_url": "x/y"}, r"om_hub_url \(openMind\) entries are not supported"),
+        ({"cloud_file_name": "s3://b/a.json"}, r"cloud_file_name entries are not supported"),
+        ("a.json", r"entry must be an object"),
+    ],
+)
+def test_entry_errors_name_entry_and_file_when_used(tmp_path, entry, match):
+    write_registry(tmp_path, {"a": entry, "ok": {"file_name": "ok.json"}})
+    assert [a.name for a in resolve_datasets("ok", tmp_path)] == ["ok"]  # the bad entry is never looked at
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'dataset_info.json'}: dataset 'a': ")) as err:
+        resolve_datasets("ok,a", tmp_path)
+    assert re.search(match, str(err.value)) and "\n" not in str(err.value)
+
+
+# Shaped like DataFlex's own data/dataset_info.json: local entries among hub, script and preference ones.
+REGISTRY = {
+    "alpaca_en_demo": {"file_name": "alpaca_en_demo.json"},
+    "alpaca_en": {"hf_hub_url": "llamafactory/alpaca_en", "ms_hub_url": "llamafactory/alpaca_en"},
+    "deepctrl": {"ms_hub_url": "deepctrl/deepctrl-sft-data"},
+    "belle_multiturn": {"script_url": "belle_multiturn", "formatting": "sharegpt"},
+    "adgen_eval": {
+        "hf_hub_url": "HasturOfficial/adgen",
+        "split": "validation",
+        "subset": "x",
+        "folder": "data",
+        "num_samples": 5,
+        "columns": {"prompt": "content", "response": "summary"},
+    },
+    "dpo_en_demo": {
+        "file_name": "dpo_en_demo.json",
+        "ranking": True,
+        "formatting": "sharegpt",
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+    },
+    "orca_pairs": {"hf_hub_url": "Intel/orca_dpo_pairs", "columns": {"chosen": "chosen", "rejected": "rejected"}},
+    "kto_en_demo": {"file_name": "kto_en_demo.json", "columns": {"kto_tag": "label"}},
+    "wiki_demo": {"file_name": "wiki_demo.jsonl", "columns": {"prompt": "text"}},
+    "broken": {"formatting": "alpaca"},
+}
+
+
+def test_only_named_entries_are_parsed(tmp_path):
+    write_registry(tmp_path, REGISTRY)
+    info = load_dataset_info(tmp_path)
+    assert list(info) == list(REGISTRY) and "alpaca_en" in info and "nope" not in info
+    assert [a.name for a in resolve_datasets(["wiki_demo", "alpaca_en_demo"], tmp_path)] == [
+        "wiki_demo",
+        "alpaca_en_demo",
+    ]
+    hub = info["adgen_eval"]
+    assert (hub.load_from, hub.source, hub.subset, hub.split, hub.folder, hub.num_samples, hub.prompt) == (
+        "hf_hub",
+        "HasturOfficial/adgen",
+        "x",
+        "validation",
+        "data",
+        5,
+        "content",
+    )
+    assert not hub.is_local and hub.file_name is None
+    assert hub.describe() == "hf_hub_url 'HasturOfficial/adgen' (subset 'x', folder 'data', split 'validation')"
+    with pytest.raises(DataError, match=r"dataset 'adgen_eval' is loaded from hf_hub_url .* no local file"):
+        hub.path(tmp_path)
+    assert (info["alpaca_en"].load_from, info["alpaca_en"].split) == ("hf_hub", "train")  # hf wins, LF's default
+    assert (info["deepctrl"].load_from, info["deepctrl"].source) == ("ms_hub", "deepctrl/deepctrl-sft-data")
+    script = info["belle_multiturn"]
+    assert (script.load_from, script.source, script.formatting) == ("script", "belle_multiturn", "sharegpt")
+    # unknown names still list the known ones, all of them counted, none parsed
+    with pytest.raises(
+        DataError, match=r"dataset 'nope' is not in .*; known: alpaca_en_demo, alpaca_en, .*\(10 in all\)"
+    ):
+        resolve_datasets("nope", tmp_path)
+
+
+def test_modelscope_hub_follows_llama_factory_choice(tmp_path, monkeypatch):
+    write_registry(tmp_path, REGISTRY)
+    monkeypatch.setenv("USE_MODELSCOPE_HUB", "1")
+    assert load_dataset_info(tmp_path)["alpaca_en"].load_from == "ms_hub"
+
+
+def test_local_file_name_wins_over_hub_url(tmp_path):
+    write_registry(tmp_path, {"a": {"file_name": "a.json", "hf_hub_url": "org/a"}})
+    assert load_dataset_info(tmp_path)["a"].is_local
+
+
+@pytest.mark.parametrize(
+    ("name", "stage"),
+    [("dpo_en_demo", "rm / dpo"), ("orca_pairs", "rm / dpo"), ("kto_en_demo", "kto")],
+)
+def test_preference_entries_refused_only_when_named(tmp_path, name, stage):
+    write_registry(tmp_path, REGISTRY)
+    with pytest.raises(DataError) as err:
+        resolve_datasets(["alpaca_en_demo", name], tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'dataset_info.json'}: dataset '{name}': ")
+    assert f"for LLaMA-Factory's {stage} stage" in msg and "trains sft and pt only" in msg and "\n" not in msg
 
 
 def test_parse_dataset_names():
@@ -97,8 +205,12 @@ def test_parse_dataset_names():
     for bad in (None, "", " , ", []):
         with pytest.raises(ConfigError, match="dataset is empty"):
             parse_dataset_names(bad)
-    with pytest.raises(ConfigError, match="more than once"):
+    with pytest.raises(ConfigError, match="^dataset lists a more than once; each domain must appear once$"):
         parse_dataset_names("a,b,a")
+    with pytest.raises(ConfigError, match="^eval_dataset lists b more than once; each eval set must appear once$"):
+        parse_dataset_names(["b", "b"], "eval_dataset")
+    with pytest.raises(ConfigError, match="^eval_dataset is empty"):
+        parse_dataset_names([], "eval_dataset")
     with pytest.raises(ConfigError):
         parse_dataset_names(3)  # type: ignore[arg-type]
 
@@ -162,3 +274,30 @@ def test_reader_errors_name_file_line_and_dataset(tmp_path):
         read_rows(info["notrows"], tmp_path)
     with pytest.raises(DataError, match=r"dataset 'csvx': unsupported file type 'data\.xlsx'"):
         read_rows(info["csvx"], tmp_path)
+
+
+def _lf_num_samples(n_rows: int, num_samples: int, seed: int) -> list[int]:
+    """LLaMA-Factory's `_load_single_dataset` resampling, on numpy's global state seeded as its run seeds it."""
+    import numpy as np
+
+    np.random.seed(seed)
+    indexes = np.random.permutation(n_rows)[:num_samples]
+    if num_samples - len(indexes) > 0:
+        indexes = np.concatenate((indexes, np.random.choice(n_rows, num_samples - len(indexes))))
+    return indexes.tolist()
+
+
+@pytest.mark.parametrize("num_samples", [3, 10, 25])
+def test_num_samples_follows_llama_factory(tmp_path, num_samples):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    d = one_dataset(tmp_path, rows, num_samples=num_samples)
+    attr = load_dataset_info(d)["ds"]
+    got = read_rows(attr, d, seed=7)
+    assert got == [rows[i] for i in _lf_num_samples(10, num_samples, 7)]
+    assert len(got) == num_samples
+    if num_samples <= 10:
+        assert len({r["instruction"] for r in got}) == num_samples  # no repeat until every row is used
+    else:
+        assert {r["instruction"] for r in got} == {r["instruction"] for r in rows}  # all rows, then repeats
+    assert read_rows(attr, d, seed=7) == got  # seeded: the same rows every time
+    assert sample_rows(rows, num_samples, seed=7) == got

@@ -103,6 +103,17 @@ def test_sgd_features_equal_the_batch_size_1_reference(targets, equal, batch_siz
     assert model.training
 
 
+def test_sign_features_are_the_sign_of_each_sample_gradient():
+    """LESS's `sign` gradient type: elementwise sign of the per-sample gradient, before projection."""
+    model = tiny_lora(ALL)
+    rows = samples(5, equal=False)
+    ref = reference(model, rows)
+    feats = per_sample_gradient_features(model, rows, gradient_type="sign", projector="none", batch_size=3)
+    clear = ref.abs() > 1e-6 * ref.abs().amax(dim=1, keepdim=True)  # away from 0, where fp32 order may flip it
+    assert torch.equal(feats[clear], torch.sign(ref)[clear])
+    assert set(feats.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
 @pytest.mark.parametrize("placement", ["inside", "outside"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_adam_features_equal_the_less_formula_on_the_reference(placement, batch_size):
@@ -211,7 +222,7 @@ def test_bad_settings_are_config_errors():
     model = tiny_lora(ATTN)
     rows = samples(2, equal=True)
     with pytest.raises(ConfigError, match="gradient_type"):
-        per_sample_gradient_features(model, rows, gradient_type="sign")
+        per_sample_gradient_features(model, rows, gradient_type="signum")
     with pytest.raises(ConfigError, match="needs optimizer_state"):
         per_sample_gradient_features(model, rows, gradient_type="adam")
     with pytest.raises(ConfigError, match="projector 'fjlt'"):

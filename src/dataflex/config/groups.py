@@ -67,7 +67,7 @@ class DataConfig(Schema):
     eval_dataset: Names | None = setting(None, "eval sets (one metric set each)")
     dataset_dir: str = setting("data", "folder with dataset_info.json (LLaMA-Factory format)")
     template: str = setting(
-        "default", "chat template: default, alpaca, chatml, qwen, llama3, empty, tokenizer, or a registered one"
+        "default", "chat template: a LLaMA-Factory name (default, llama3, qwen, mistral, ...: docs/data.md)"
     )
     cutoff_len: int = setting(
         1024,

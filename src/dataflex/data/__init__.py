@@ -1,7 +1,13 @@
 """Data layer: dataset_info registry, readers, chat templates, tokenisation + masking, collator, demo corpus."""
 
 from dataflex.data.collator import DataCollatorForCausalLM
-from dataflex.data.dataset_info import DatasetAttr, load_dataset_info, parse_dataset_names, resolve_datasets
+from dataflex.data.dataset_info import (
+    DatasetAttr,
+    DatasetInfo,
+    load_dataset_info,
+    parse_dataset_names,
+    resolve_datasets,
+)
 from dataflex.data.demo import demo_texts, make_demo_data
 from dataflex.data.processing import (
     DATA_CODE_VERSION,
@@ -15,7 +21,7 @@ from dataflex.data.processing import (
     split_validation,
     tokenizer_fingerprint,
 )
-from dataflex.data.readers import read_rows
+from dataflex.data.readers import read_rows, sample_rows, source_hashes
 from dataflex.data.templates import TEMPLATES, Template, get_template, register_template
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "TEMPLATES",
     "DataCollatorForCausalLM",
     "DatasetAttr",
+    "DatasetInfo",
     "Template",
     "build_dataset",
     "build_dataset_cached",
@@ -39,6 +46,8 @@ __all__ = [
     "read_rows",
     "register_template",
     "resolve_datasets",
+    "sample_rows",
+    "source_hashes",
     "split_validation",
     "tokenizer_fingerprint",
 ]

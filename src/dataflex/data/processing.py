@@ -29,9 +29,9 @@ import numpy as np
 from dataflex.core.errors import ConfigError, DataError
 from dataflex.data.converters import row_to_messages, row_to_text
 from dataflex.data.dataset_info import DatasetAttr, resolve_datasets
-from dataflex.data.readers import SUPPORTED_EXTENSIONS, read_rows
+from dataflex.data.readers import read_rows, source_hashes
 from dataflex.data.templates import InvalidConversation, Template, _tokenize_turns, get_template
-from dataflex.utils.io import atomic_dir, sha256_file, sha256_json
+from dataflex.utils.io import atomic_dir, sha256_json
 from dataflex.utils.logging import logger
 
 # Bump when a change here alters the tokens/labels produced for the same inputs: invalidates caches.
@@ -84,23 +84,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return sha256_json(parts)
 
 
-def _source_hashes(attr: DatasetAttr, dataset_dir: str | os.PathLike) -> list[list[str]]:
-    path = attr.path(dataset_dir)
-    if path.is_file():
-        return [[path.name, sha256_file(path)]]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
-        return [[p.name, sha256_file(p)] for p in files if not p.name.startswith(".")]
-    raise DataError(
-        f"dataset '{attr.name}': file {path.resolve()} not found; fix file_name in dataset_info.json or add the file"
-    )
-
-
 def _fingerprint(attrs: list[DatasetAttr], dataset_dir: str | os.PathLike, tokenizer: Any, settings: dict) -> str:
     return sha256_json(
         {
             "data_code_version": DATA_CODE_VERSION,
-            "datasets": [{"attr": a.to_dict(), "files": _source_hashes(a, dataset_dir)} for a in attrs],
+            "datasets": [{"attr": a.to_dict(), "files": source_hashes(a, dataset_dir)} for a in attrs],
             "settings": settings,
             "tokenizer": tokenizer_fingerprint(tokenizer),
         }
@@ -181,7 +169,9 @@ def _load_sources(attrs: list[DatasetAttr], dataset_dir: str | os.PathLike, max_
     for attr in attrs:
         rows = read_rows(attr, dataset_dir)
         if not rows:
-            raise DataError(f"dataset '{attr.name}': {attr.path(dataset_dir)} has no rows; add data or drop the name")
+            raise DataError(
+                f"dataset '{attr.name}': {attr.location(dataset_dir)} has no rows; add data or drop the name"
+            )
         if max_samples is not None:
             rows = rows[:max_samples]  # first rows, like LF
         sources.append(rows)

@@ -27,7 +27,7 @@ from dataflex.features.projectors import Projector
 from dataflex.features.token_losses import IGNORE_INDEX, count_supervised_tokens, per_token_losses
 from dataflex.utils.logging import logger
 
-GRADIENT_TYPES = ("sgd", "adam")
+GRADIENT_TYPES = ("sgd", "adam", "sign")  # LESS's three: raw, Adam-preconditioned, elementwise sign
 FUSED_BUFFER_BYTES = 512 * 2**20  # a batch's per-sample gradients up to this size are transformed in one go
 FEATURE_DTYPES = {
     "float32": torch.float32,
@@ -103,13 +103,16 @@ def per_sample_losses(model: torch.nn.Module, input_ids: torch.Tensor, labels: t
 
 
 class _Transform:
-    """Per-parameter gradient -> feature block (SGD: identity; Adam: LESS's transform with this parameter's m, v)."""
+    """Per-parameter gradient -> feature block (SGD: identity; sign: LESS's `torch.sign`; Adam: LESS's transform
+    with this parameter's m, v)."""
 
     def __init__(self, gradient_type: str, adam: AdamMoments | None, placement: str) -> None:
         self.gradient_type, self.adam, self.placement = gradient_type, adam, placement
         self._scaled: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        if self.gradient_type == "sign":
+            return torch.sign(g)
         if self.gradient_type == "sgd" or self.adam is None:
             return g
         key = (name, str(g.device))
@@ -124,6 +127,8 @@ class _Transform:
 
     def all(self, names: list[str], g: torch.Tensor) -> torch.Tensor:
         """The transform of every parameter's gradient at once, g = [B, Σ numel] concatenated in `names` order."""
+        if self.gradient_type == "sign":
+            return torch.sign(g)
         if self.gradient_type == "sgd" or self.adam is None:
             return g
         key = ("*", str(g.device))
