@@ -1,4 +1,4 @@
-"""dataflex-cli: `train CONFIG.yaml [key=value ...]`, `version`, `make-demo-data`, `make-tiny-model`, `export`.
+"""dataflex-cli: train, offline-select, export, make-demo-data, make-tiny-model, version.
 
 `train` takes a DataFlex / LLaMA-Factory flat YAML, maps it onto the grouped Kedro parameters, validates
 everything it can before any heavy work, and runs the pipeline of its `train_type` in a Kedro session.
@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="pre-training steps")
     p.set_defaults(func=cmd_make_tiny_model)
+
+    from dataflex.offline_select import add_parser as add_offline_select
+
+    add_offline_select(sub)  # DataFlex's offline NEAR / TSDS tools: the .npy files indices_path / probs_path read
 
     p = sub.add_parser("export", help="merge a LoRA adapter into its base model")
     p.add_argument("config", nargs="?", help="LLaMA-Factory merge YAML (adapter_name_or_path, export_dir, ...)")

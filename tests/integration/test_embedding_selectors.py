@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dataflex.core.errors import ConfigError, DataError
-from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
+from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore, hidden_state_embeddings
 
 MODEL_ENC = {"encoder": "model", "batch_size": 16}
 
@@ -120,6 +121,91 @@ def test_cluster_less_selects_spread_clusters_from_less_features(
         )
 
 
+@pytest.mark.parametrize(
+    ("method", "strategy"),
+    [
+        ("kmeans", "random"),
+        ("spherical", "nearest"),
+        ("farthest_first", "farthest"),
+        ("random_projection_lsh", "mixed"),
+        ("random_partition", "centroid"),
+    ],
+)
+def test_cluster_less_runs_every_clustering_method_and_strategy(
+    method, strategy, sft_pool, demo_dir, tokenizer, tiny_model_dir, tmp_path
+):
+    from dataflex.core.registry import REGISTRY
+
+    model = _lora(tiny_model_dir)
+    runtime = {
+        "dataset": sft_pool,
+        "eval_dataset": _dev(demo_dir, tokenizer),
+        "accelerator": None,
+        "data_collator": None,
+        "cache_dir": str(tmp_path),
+    }
+    # DataFlex's names: cluster_size 20 on 120 rows -> 6 clusters, 2 representatives each.
+    cfg = {
+        "cluster_size": 20,
+        "samples_per_cluster": 2,
+        "clustering_method": method,
+        "representative_strategy": strategy,
+        "assignment_chunk_size": 7,
+        "gradient_type": "sgd",
+        "proj_dim": 32,
+    }
+    sel = REGISTRY.build("selector", "cluster_less", runtime=runtime, cfg=cfg)
+    feats = sel.compute_features(model, 0)
+    labels = load_file(feats["clusters"]["path"])["labels"].numpy()
+    assert len(np.unique(labels)) <= 6 and len(feats["representatives"]) == 2 * len(np.unique(labels))
+    assert [labels[r] for r in feats["representatives"]] == sorted(labels[r] for r in feats["representatives"])
+    picked = sel.select(model, 0, 15, features=feats)
+    assert len(set(picked)) == 15 and sel.last_metric["clustering_method"] == method
+    if strategy == "random":  # seeded by (seed, step): the same step repeats, another step redraws
+        assert sel.compute_features(model, 0)["representatives"] == feats["representatives"]
+        assert sel.compute_features(model, 1)["representatives"] != feats["representatives"]
+
+
+def test_cluster_less_with_an_embedding_model_clusters_once_and_freezes(
+    sft_pool, demo_dir, tokenizer, tiny_model_dir, tmp_path, monkeypatch
+):
+    import dataflex.train.selector.cluster_less_selector as mod
+
+    loads = []
+    real = mod.load_embedding_model
+    monkeypatch.setattr(mod, "load_embedding_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    model = _lora(tiny_model_dir)
+
+    def build():
+        return mod.ClusterLessSelector(
+            sft_pool,
+            None,
+            None,
+            eval_dataset=_dev(demo_dir, tokenizer),
+            cache_dir=str(tmp_path),
+            embedding_model_name_or_path=str(tiny_model_dir),
+            embedding_dtype="fp32",
+            embedding_layer=2,
+            n_clusters=4,
+            gradient_type="sgd",
+            proj_dim=32,
+        )
+
+    sel = build()
+    first = sel.compute_features(model, 0)
+    assert first["pool"]["status"] == "computed" and first["clusters"]["status"] == "computed" and len(loads) == 1
+    # The frozen clustering embeds with the standalone model, not the training model's current state.
+    ref = hidden_state_embeddings(real(str(tiny_model_dir), "fp32"), sft_pool, layer=2)
+    torch.testing.assert_close(EmbeddingStore.load(first["pool"]), ref)
+    with torch.no_grad():  # training moves the model: the clusters stay (DataFlex's freeze-once)
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.1)
+    later = sel.compute_features(model, 5)
+    assert later["pool"]["key"] == first["pool"]["key"] and later["clusters"]["status"] == "hit"
+    assert not later["cache_hit"]  # the representatives' LESS features do follow the model
+    resumed = build().compute_features(model, 9)  # a new run on the same cache: not even a model load
+    assert resumed["clusters"]["path"] == first["clusters"]["path"] and len(loads) == 1
+
+
 def test_nice_features_equal_the_reward_weighted_sum_of_per_rollout_gradients(
     tiny_model_dir, demo_dir, tokenizer, tmp_path
 ):
@@ -208,6 +294,56 @@ def test_nice_selector_end_to_end_with_adam_features(sft_pool, demo_dir, tokeniz
     )
     # The Adam transform is really applied (DataFlex's NICE returned the raw gradient).
     assert sgd.compute_features(model, 0)["pool"]["state_key"] != feats["pool"]["state_key"]
+
+
+def test_nice_with_dataflex_params_and_the_test_model_as_reward_model(
+    sft_pool, demo_dir, tokenizer, tiny_model_dir, tmp_path
+):
+    from dataflex.core.registry import REGISTRY
+    from dataflex.features.rollouts import ClassifierReward
+
+    model = _lora(tiny_model_dir)
+    runtime = {
+        "dataset": sft_pool.select(range(0, len(sft_pool), 6)),
+        "eval_dataset": _dev(demo_dir, tokenizer, "sort_dev").select(range(3)),
+        "accelerator": None,
+        "data_collator": None,
+        "cache_dir": str(tmp_path),
+    }
+    template = "Task: {instruction}\nExtra: {input}\nAnswer:"
+    cfg = {
+        "policy_model_path": str(tiny_model_dir),
+        "tokenizer_path": str(tiny_model_dir),
+        "reward_model_backend": "local",
+        "reward_model_path": str(tiny_model_dir),
+        "reward_prompt_with_ref": "JUDGE {instruction} | {input} | {reference} | {prediction}",
+        "reward_prompt_without_ref": "JUDGE {instruction} | {prediction}",
+        "prompt_template": template,
+        "max_prompt_length": 12,
+        "generation_temperature": 0.9,
+        "save_interval": 16,
+        "mc_samples": 2,
+        "max_new_tokens": 4,
+        "gradient_type": "sgd",
+        "proj_dim": 32,
+    }
+    sel = REGISTRY.build("selector", "nice", runtime=runtime, cfg=cfg)
+    assert sel.temperature == 0.9 and sel.reward == str(tiny_model_dir)
+    rows = sel.rollouts(model, {})["rows"]
+    assert len(rows) == 6 and all(0.0 < r["reward"] < 1.0 for r in rows)  # a sigmoid judge: never exactly 0 or 1
+    # The policy saw the template's prompt, cut to its last max_prompt_length tokens (the answer cue kept).
+    assert all(len(r["prompt_ids"]) <= 12 for r in rows)
+    assert all(tokenizer.decode(r["prompt_ids"], skip_special_tokens=True).endswith("Answer:") for r in rows)
+    judge = ClassifierReward(
+        str(tiny_model_dir), with_ref=cfg["reward_prompt_with_ref"], without_ref="NOREF {prediction}"
+    )
+    texts = judge.texts(["sort 3 1"], ["1 3"], ["1 3"]) + judge.texts(["sort 3 1"], [""], [""])
+    assert texts == ["JUDGE sort 3 1 | No additional input. | 1 3 | 1 3", "NOREF No response."]
+    assert judge(["p"], ["c"], ["r"]) == judge(["p"], ["c"], ["r"])  # the untrained score head is seeded
+    feats = sel.compute_features(model, 0)
+    assert feats["rollouts"]["status"] == "hit" and 0 < feats["mean_reward"] < 1
+    picked = sel.select(model, 0, 5, features=feats)
+    assert len(set(picked)) == 5
 
 
 # ----------------------------------------------------------------------------- end to end on the demo corpus

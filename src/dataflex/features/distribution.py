@@ -2,6 +2,8 @@
 transport-vs-diversity probabilities and a seeded draw from a probability vector.
 
 All indices are rows of the embedded pool (its `sample_id` space); nothing here reads files or models.
+`tsds_from_neighbors` is the one TSDS computation from embeddings + neighbours, shared by the `tsds` selector and
+`dataflex-cli offline-select tsds`, so both give the same probabilities.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from dataflex.core.errors import ConfigError, DataError
+from dataflex.features.neighbors import EXACT_THRESHOLD, kde_density
 from dataflex.utils.logging import logger
 
 
@@ -93,6 +96,30 @@ def tsds_probabilities(
         "mean_radius": float(last.mean() + 1),
         "support": int((probs > 0).sum()),
     }
+
+
+def tsds_from_neighbors(
+    pool: torch.Tensor | np.ndarray,
+    dist: np.ndarray,
+    idx: np.ndarray,
+    *,
+    alpha: float = 0.6,
+    C: float = 5.0,
+    sigma: float = 0.75,
+    kde_K: int = 1000,
+    exact_threshold: int = EXACT_THRESHOLD,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """[N] TSDS probabilities of the pool rows from the pool embeddings [N, d] and each query's ascending
+    neighbours (`dist`, `idx` [M, K]): ρ (KDE, bandwidth σ, `kde_K` neighbours) is estimated on the retrieved rows
+    only, among themselves (as the original), then `tsds_probabilities`."""
+    pts = pool.detach().cpu().numpy() if isinstance(pool, torch.Tensor) else np.asarray(pool)
+    n = len(pts)
+    union = np.unique(np.asarray(idx))
+    if len(union) and (union[0] < 0 or union[-1] >= n):
+        raise DataError(f"tsds neighbour indices must be pool rows in [0, {n})")
+    density = np.ones(n)
+    density[union] = kde_density(pts[union], sigma, kde_K, exact_threshold=exact_threshold)
+    return tsds_probabilities(dist, idx, density, n, alpha=alpha, C=C)
 
 
 def seeded_draw(probs: np.ndarray | torch.Tensor, k: int, seed: int) -> list[int]:

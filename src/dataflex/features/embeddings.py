@@ -12,7 +12,8 @@ Encoders (`EmbeddingSettings.encoder`):
   * a local sentence-transformers folder (has `modules.json`) or any Hugging Face model folder (mean pooling of the
     last hidden state);
   * `model`: attention-mask-weighted mean of the training model's hidden states at `layer` (-1 = last), straight
-    from the token ids (ClusterLESS's default).
+    from the token ids (ClusterLESS's default); or, with `model_id` + `model_loader`, of a frozen standalone causal
+    LM with the training vocabulary (ClusterLESS's `embedding_model_name_or_path`), loaded only on a cache miss.
 Embeddings are L2-normalised float32. The store keeps one safetensors file + manifest per key; key = encoder
 identity (weights' content hash, or the training model's state fingerprint) + per-sample content hashes + every
 setting + code version. Both files are written to a temp file and renamed.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,16 @@ FORMAT = "dataflex-embeddings"
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 MODEL_ENCODER = "model"
 TEXT_MODES = ("full", "prompt")
+# `embedding_model_dtype` values (DataFlex's spellings and torch's) -> from_pretrained's dtype.
+MODEL_DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,25 @@ def hidden_state_embeddings(
     return _normalize(out) if out is not None else torch.zeros(0, 1)
 
 
+def load_embedding_model(path: str | Path, dtype: str = "auto") -> torch.nn.Module:
+    """A local causal LM folder as a frozen embedding model (eval mode, no gradients; on the GPU when there is one)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in MODEL_DTYPES:
+        raise ConfigError(f"embedding model dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"embedding model {str(path)!r} is not a local model folder (embeddings never download); point it at a "
+            "Hugging Face causal LM directory with the training model's tokenizer"
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=MODEL_DTYPES[dtype], local_files_only=True)
+    model.eval().requires_grad_(False)
+    if torch.cuda.is_available():
+        model.cuda()
+    return model
+
+
 class EmbeddingStore:
     """Embeds a dataset once per (encoder identity, samples, settings) and serves it afterwards."""
 
@@ -216,10 +246,13 @@ class EmbeddingStore:
         model: torch.nn.Module | None,
         base_model_id: str | None,
         tokenizer_id: str | None,
+        model_id: str | None = None,
     ) -> dict[str, Any]:
         from dataflex.models import model_fingerprint
 
-        if settings.encoder == MODEL_ENCODER:
+        if settings.encoder == MODEL_ENCODER and model_id is not None:
+            encoder: dict[str, Any] = {"frozen_model": model_id}  # a standalone model: its identity, not its state
+        elif settings.encoder == MODEL_ENCODER:
             if model is None:
                 raise ConfigError("embedding encoder 'model' needs the training model")
             encoder = {"model_state": model_state_fingerprint(model, base_model_id)}
@@ -243,14 +276,23 @@ class EmbeddingStore:
         tokenizer_id: str | None = None,
         name: str | None = None,
         progress: bool = False,
+        model_id: str | None = None,
+        model_loader: Callable[[], torch.nn.Module] | None = None,
     ) -> dict[str, Any]:
-        """Embeddings of every row of `dataset`, computed or reused; returns a JSON-able reference."""
+        """Embeddings of every row of `dataset`, computed or reused; returns a JSON-able reference.
+
+        `model_id` + `model_loader` (encoder `model` only): a frozen standalone model keyed by `model_id` and loaded
+        by `model_loader` only when the embeddings are not stored yet."""
         start = time.perf_counter()
         if len(dataset) == 0:
             raise DataError(f"embeddings: dataset {name or ''} is empty".replace("  ", " "))
         if settings.encoder != MODEL_ENCODER and tokenizer is None:
             raise ConfigError("text encoders need the training tokenizer to turn token ids back into text")
-        fields = self.key_fields(dataset, settings, model=model, base_model_id=base_model_id, tokenizer_id=tokenizer_id)
+        if (model_id is None) != (model_loader is None):
+            raise ConfigError("a standalone embedding model needs both model_id and model_loader")
+        fields = self.key_fields(
+            dataset, settings, model=model, base_model_id=base_model_id, tokenizer_id=tokenizer_id, model_id=model_id
+        )
         key = sha256_json(fields)
         path = self.root / f"{key[:32]}.safetensors"
         manifest_path = path.with_suffix(".json")
@@ -265,7 +307,7 @@ class EmbeddingStore:
             rows = dataset.select(list(rank_block(len(dataset), share))) if share is not None else dataset
             if settings.encoder == MODEL_ENCODER:
                 emb = hidden_state_embeddings(
-                    model,
+                    model_loader() if model_loader is not None else model,
                     rows,
                     layer=settings.layer,
                     batch_size=settings.batch_size,

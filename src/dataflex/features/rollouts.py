@@ -12,6 +12,12 @@ reference = the supervised tokens), never from an empty template (DataFlex's tok
 had lost their text, so every prompt was the empty one). The policy must share the training model's vocabulary
 (checked, not assumed). The table is JSON, keyed by the policy's content hash, the
 prompts, the reward's identity and every setting.
+
+DataFlex's prompt settings: `prompt_template` rewraps each prompt as text ({instruction} = the row's decoded prompt,
+{input} = "No additional input.", as DataFlex fills an empty input) before the policy sees it;
+`max_prompt_length` keeps the last that many prompt tokens (the response cue survives; DataFlex's tokenizer kept the
+first) and bounds the reward model's input; a reward model reads `reward_prompt_with_ref` (or, for an empty
+reference, `reward_prompt_without_ref`) filled with {instruction}, {input}, {reference} and {prediction}.
 """
 
 from __future__ import annotations
@@ -36,10 +42,38 @@ from dataflex.features.token_losses import IGNORE_INDEX
 from dataflex.utils.io import atomic_write_json, sha256_json
 from dataflex.utils.logging import logger
 
-ROLLOUT_CODE_VERSION = "1"
+ROLLOUT_CODE_VERSION = "2"
 METRIC_REWARDS = ("exact_match", "token_f1")
 BASELINES = ("none", "mean")
 NLL_REDUCTIONS = ("sum", "mean")
+PROMPT_FIELDS = ("instruction", "input")
+REWARD_FIELDS = ("instruction", "input", "reference", "prediction")
+NO_INPUT = "No additional input."  # DataFlex's filler for an empty field
+NO_RESPONSE = "No response."
+DEFAULT_REWARD_PROMPT_WITH_REF = (
+    "Rate the candidate answer to the task below against the reference answer, from 0.0 (wrong or unhelpful) "
+    "to 1.0 (correct, helpful and consistent with the reference).\n\n"
+    "### Instruction:\n{instruction}\n### Input:\n{input}\n### Reference:\n{reference}\n"
+    "### Candidate:\n{prediction}\nScore:"
+)
+DEFAULT_REWARD_PROMPT_WITHOUT_REF = (
+    "Rate the candidate answer to the task below from 0.0 (wrong, unhelpful or unsafe) to 1.0 (correct, helpful "
+    "and safe).\n\n"
+    "### Instruction:\n{instruction}\n### Input:\n{input}\n### Candidate:\n{prediction}\nScore:"
+)
+
+
+def template_problem(template: Any, fields: Sequence[str]) -> str | None:
+    """Why `template` cannot be filled with `fields` (str.format placeholders), or None when it can."""
+    if not isinstance(template, str):
+        return f"must be a string, got {type(template).__name__}"
+    try:
+        template.format(**{f: "" for f in fields})
+    except KeyError as exc:
+        return f"uses {{{exc.args[0]}}}; the fields are {', '.join('{' + f + '}' for f in fields)}"
+    except (IndexError, ValueError) as exc:
+        return f"is not a valid format string ({exc}); write fields as {{name}} and literal braces as {{{{ }}}}"
+    return None
 
 
 def split_prompts(dataset: Any) -> list[tuple[list[int], list[int]]]:
@@ -76,27 +110,57 @@ def token_f1(candidate: str, reference: str) -> float:
 
 class ClassifierReward:
     """A local `AutoModelForSequenceClassification` judge: sigmoid of a single logit, else the last class's
-    softmax probability, on a text that holds the prompt, the reference and the candidate."""
+    softmax probability, on the reward prompt filled with the prompt, the reference and the candidate."""
 
-    def __init__(self, path: str | Path, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int = 16,
+        *,
+        with_ref: str = DEFAULT_REWARD_PROMPT_WITH_REF,
+        without_ref: str = DEFAULT_REWARD_PROMPT_WITHOUT_REF,
+        max_length: int = 512,
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = str(path)
+        self.with_ref, self.without_ref = with_ref, without_ref
         self.tok = AutoTokenizer.from_pretrained(self.path)
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
+        self.tok.truncation_side = "left"  # the candidate comes last: cut the head of a long text, never it
+        # A causal-LM folder has no score head: seed its initialisation so a reward is the same on every load.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_length = min(max_length, positions) if positions else max_length
         self.batch_size = batch_size
+
+    def texts(self, prompts: Sequence[str], candidates: Sequence[str], references: Sequence[str]) -> list[str]:
+        """The reward prompts: with the reference when there is one, else the reference-free template."""
+        out = []
+        for p, c, r in zip(prompts, candidates, references):
+            fields = {"instruction": p.strip(), "input": NO_INPUT, "prediction": c.strip() or NO_RESPONSE}
+            if r.strip():
+                out.append(self.with_ref.format(reference=r.strip(), **fields))
+            else:
+                out.append(self.without_ref.format(**fields))
+        return out
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], candidates: Sequence[str], references: Sequence[str]) -> list[float]:
-        texts = [f"Prompt: {p}\nReference: {r}\nResponse: {c}" for p, c, r in zip(prompts, candidates, references)]
+        texts = self.texts(prompts, candidates, references)
         out: list[float] = []
         for s in range(0, len(texts), self.batch_size):
             enc = self.tok(
-                texts[s : s + self.batch_size], padding=True, truncation=True, max_length=512, return_tensors="pt"
+                texts[s : s + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             logits = self.model(**enc).logits.float()
             vals = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else logits.softmax(-1)[:, -1]
@@ -104,19 +168,64 @@ class ClassifierReward:
         return out
 
 
-def reward_function(reward: str) -> tuple[Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]], Any]:
-    """(scorer(prompts, candidates, references) -> rewards in [0, 1], identity for cache keys)."""
-    if reward in METRIC_REWARDS:
-        metric = exact_match if reward == "exact_match" else token_f1
-        return (lambda p, c, r: [metric(x, y) for x, y in zip(c, r)]), reward
-    if not Path(reward).expanduser().is_dir():
+def check_reward(reward: str) -> None:
+    """A metric name or a local model folder, else one ConfigError line (no model is loaded)."""
+    if reward not in METRIC_REWARDS and not Path(reward).expanduser().is_dir():
         raise ConfigError(
             f"nice reward must be one of {', '.join(METRIC_REWARDS)} or a local sequence-"
             f"classification model folder, got {reward!r}"
         )
+
+
+def reward_function(
+    reward: str,
+    *,
+    reward_prompts: tuple[str, str] | None = None,
+    max_length: int = 512,
+    batch_size: int = 16,
+) -> tuple[Callable[[Sequence[str], Sequence[str], Sequence[str]], list[float]], Any]:
+    """(scorer(prompts, candidates, references) -> rewards in [0, 1], identity for cache keys). `reward_prompts`
+    (with reference, without) and `max_length` apply to a reward model only."""
+    check_reward(reward)
+    if reward in METRIC_REWARDS:
+        metric = exact_match if reward == "exact_match" else token_f1
+        return (lambda p, c, r: [metric(x, y) for x, y in zip(c, r)]), reward
     from dataflex.models import model_fingerprint
 
-    return ClassifierReward(Path(reward).expanduser()), {"classifier": model_fingerprint(str(reward))}
+    with_ref, without_ref = reward_prompts or (DEFAULT_REWARD_PROMPT_WITH_REF, DEFAULT_REWARD_PROMPT_WITHOUT_REF)
+    scorer = ClassifierReward(
+        Path(reward).expanduser(),
+        batch_size,
+        with_ref=with_ref,
+        without_ref=without_ref,
+        max_length=max_length,
+    )
+    identity = {
+        "classifier": model_fingerprint(str(reward)),
+        "prompts": [with_ref, without_ref],
+        "max_length": scorer.max_length,
+    }
+    return scorer, identity
+
+
+def policy_prompts(
+    pairs: Sequence[tuple[list[int], list[int]]],
+    tokenizer: Any,
+    *,
+    prompt_template: str | None = None,
+    max_prompt_length: int | None = None,
+) -> list[list[int]]:
+    """The token ids each prompt is generated from: the row's own prompt, or `prompt_template` filled with its
+    decoded text and tokenised again; then its last `max_prompt_length` tokens."""
+    out = []
+    for prompt, _ in pairs:
+        if prompt_template is not None:
+            text = tokenizer.decode(prompt, skip_special_tokens=True).strip()
+            prompt = tokenizer(prompt_template.format(instruction=text, input=NO_INPUT))["input_ids"]
+        if max_prompt_length is not None and len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:]
+        out.append(list(prompt))
+    return out
 
 
 def _strip_response(seq: list[int], eos: int | None, pad: int | None) -> list[int]:
@@ -181,6 +290,10 @@ def rollout_table(
     temperature: float = 0.7,
     vocab_size: int | None = None,
     progress: bool = False,
+    prompt_template: str | None = None,
+    max_prompt_length: int | None = None,
+    reward_prompts: tuple[str, str] | None = None,
+    reward_batch_size: int = 16,
 ) -> dict[str, Any]:
     """Rollouts and rewards of every target prompt: computed once, then read from `<cache_dir>/<key>.json`.
 
@@ -191,12 +304,22 @@ def rollout_table(
         raise ConfigError(f"nice mc_samples must be an integer >= 1, got {mc_samples!r}")
     if not temperature > 0:
         raise ConfigError(f"nice temperature must be > 0, got {temperature!r}")
-    scorer, reward_id = reward_function(reward)
+    if prompt_template is not None and (why := template_problem(prompt_template, PROMPT_FIELDS)):
+        raise ConfigError(f"nice prompt_template {why}")
+    scorer, reward_id = reward_function(
+        reward,
+        reward_prompts=reward_prompts,
+        max_length=max_prompt_length or 512,
+        batch_size=reward_batch_size,
+    )
     pairs = split_prompts(target)
+    prompts = policy_prompts(pairs, tokenizer, prompt_template=prompt_template, max_prompt_length=max_prompt_length)
     key = sha256_json(
         {
             "policy": model_fingerprint(policy_path),
             "prompts": sha256_json(sample_hashes(target)),
+            "prompt_template": prompt_template,
+            "max_prompt_length": max_prompt_length,
             "reward": reward_id,
             "mc_samples": mc_samples,
             "seed": seed,
@@ -227,7 +350,7 @@ def rollout_table(
         policy.cuda()
     responses = generate_rollouts(
         policy,
-        [p for p, _ in pairs],
+        prompts,
         mc_samples=mc_samples,
         seed=seed,
         max_new_tokens=max_new_tokens,
@@ -238,17 +361,17 @@ def rollout_table(
     )
     del policy
     rows = []
-    for i, ((prompt, ref), resp) in enumerate(zip(pairs, responses)):
+    for i, ((own, ref), prompt, resp) in enumerate(zip(pairs, prompts, responses)):
         for m, r in enumerate(resp):
             rows.append(
                 {
                     "eval_id": i,
                     "m": m,
-                    "prompt_ids": prompt,
+                    "prompt_ids": prompt,  # what the policy saw, so the likelihood gradient is of the same text
                     "response_ids": r,
                     "response": tokenizer.decode(r, skip_special_tokens=True).strip(),
                     "reference": tokenizer.decode(ref, skip_special_tokens=True).strip(),
-                    "prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(),
+                    "prompt": tokenizer.decode(own, skip_special_tokens=True).strip(),  # the task, for the judge
                 }
             )
     rewards = scorer([r["prompt"] for r in rows], [r["response"] for r in rows], [r["reference"] for r in rows])

@@ -1,8 +1,11 @@
-"""Shared plumbing of the embedding selectors (`near`, `tsds`, `cluster_less`): settings, the tokenizer that turns
-the processed rows back into text, the cached embedding / neighbour artefacts, and a rank-0 broadcast."""
+"""Shared plumbing of the embedding selectors (`near`, `tsds`, `cluster_less`, `nice`): settings, the tokenizer that
+turns the processed rows back into text, the cached embedding / neighbour artefacts, DataFlex's precomputed `.npy`
+files, and DataFlex parameter names that are aliases of ours or meaningless here."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from dataflex.core.errors import ConfigError
+from dataflex.core.errors import ConfigError, DataError
 from dataflex.distributed.collectives import cached_for_all, main_process_writes
 from dataflex.features.embeddings import MODEL_ENCODER, EmbeddingSettings, EmbeddingStore
 from dataflex.features.neighbors import EXACT_THRESHOLD, knn
@@ -24,6 +27,99 @@ def positive_int(selector: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"selector '{selector}': {key} must be an integer >= 1, got {value!r}")
     return value
+
+
+def signature_default(cls: type, name: str) -> Any:
+    """The constructor default of `name`: the one home of a default that a DataFlex alias shares."""
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+def alias(cls: type, selector: str, params: Mapping[str, Any], ours: str, theirs: str) -> Any:
+    """The value of a setting with our name and DataFlex's (`theirs`, default None): DataFlex's when given, else
+    ours; both given with different values is an error."""
+    default = signature_default(cls, ours)
+    mine, other = params.get(ours, default), params.get(theirs)
+    if other is None:
+        return mine
+    if mine != default and mine != other:
+        raise ConfigError(
+            f"selector '{selector}': {theirs} (DataFlex's name) and {ours} are one setting; set one of them, "
+            f"got {ours}={mine!r} and {theirs}={other!r}"
+        )
+    return other
+
+
+def notice_unused(selector: str, key: str, value: Any, why: str) -> None:
+    """One logged line for a DataFlex parameter that is accepted but has no effect here."""
+    if value is not None:
+        logger.info("selector '%s': %s=%r is accepted and ignored: %s", selector, key, value, why)
+
+
+SAVE_INTERVAL_WHY = "DataFlex's gradient chunk size; features here are computed in batches and stored by the datastore"
+
+
+def check_file(selector: str, key: str, path: Any) -> None:
+    """A path parameter that must name an existing file (checked at config time)."""
+    if path is None:
+        return
+    if not isinstance(path, str | Path) or not str(path):
+        raise ConfigError(f"selector '{selector}': {key} must be a file path, got {path!r}")
+    if not Path(path).expanduser().is_file():
+        raise ConfigError(f"selector '{selector}': {key} {str(path)!r} does not exist (or is not a file)")
+
+
+def load_npy(selector: str, key: str, path: str | Path) -> np.ndarray:
+    """A plain `.npy` array (DataFlex's offline files); anything else is one DataError line."""
+    try:
+        arr = np.load(Path(path).expanduser(), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"selector '{selector}': {key} {str(path)!r} is not a readable .npy array ({reason})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise DataError(f"selector '{selector}': {key} {str(path)!r} is an .npz archive, not one .npy array")
+    return arr
+
+
+def load_top_indices(path: str | Path, pool_size: int) -> np.ndarray:
+    """DataFlex's `top_indices.npy` ([queries, K] integer pool rows, each query's neighbours nearest first),
+    checked against the pool."""
+    arr = load_npy("near", "indices_path", path)
+    if arr.ndim != 2 or arr.size == 0:
+        raise DataError(
+            f"selector 'near': indices_path {str(path)!r} must hold a non-empty [queries, K] matrix "
+            f"(DataFlex's top_indices.npy), got shape {arr.shape}"
+        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"selector 'near': indices_path {str(path)!r} must hold integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= pool_size:
+        raise DataError(
+            f"selector 'near': indices_path {str(path)!r} holds rows {lo}..{hi} but the pool has {pool_size} rows "
+            f"(0..{pool_size - 1}); compute it for this pool (dataflex-cli offline-select near)"
+        )
+    return arr.astype(np.int64)
+
+
+def load_probs(path: str | Path, pool_size: int) -> np.ndarray:
+    """DataFlex's `tsds_probs.npy` ([pool size] sampling probabilities), checked against the pool."""
+    arr = load_npy("tsds", "probs_path", path)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise DataError(
+            f"selector 'tsds': probs_path {str(path)!r} must hold a 1-D numeric vector (DataFlex's tsds_probs.npy), "
+            f"got shape {arr.shape} dtype {arr.dtype}"
+        )
+    if len(arr) != pool_size:
+        raise DataError(
+            f"selector 'tsds': probs_path {str(path)!r} has {len(arr)} probabilities but the pool has {pool_size} "
+            "rows; compute it for this pool (dataflex-cli offline-select tsds)"
+        )
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all() or (arr < 0).any() or arr.sum() <= 0:
+        raise DataError(
+            f"selector 'tsds': probs_path {str(path)!r} must hold finite, non-negative probabilities with a "
+            "positive sum"
+        )
+    return arr
 
 
 def needs_target(selector: str, eval_dataset: Any) -> Any:

@@ -21,6 +21,7 @@ from dataflex.features import FeatureSettings, GradientDatastore, less_scores, t
 from dataflex.features.matching import AGGREGATIONS
 
 from .base_selector import Selector
+from .embedding_common import SAVE_INTERVAL_WHY, notice_unused
 
 
 @register_selector("less")
@@ -46,7 +47,7 @@ class LessSelector(Selector):
             raise ConfigError("selector 'less' needs an eval_dataset (the target task's examples); set eval_dataset")
         self.check_params(locals())
         self.eval_dataset = eval_dataset
-        # save_interval (DataFlex's projection chunk) has no meaning for batched features; accepted for its YAMLs.
+        notice_unused("less", "save_interval", save_interval, SAVE_INTERVAL_WHY)  # accepted for DataFlex's YAMLs
         self.settings = FeatureSettings(
             gradient_type=gradient_type,
             projector=projector,

@@ -7,11 +7,19 @@ Offline, once (content-cached table): `mc_samples` rollouts per target prompt fr
 both through the gradient datastore; the target feature of a prompt is the reward-weighted sum of its rollouts'
 likelihood gradients, G(x) = (1/mc) Σ_m (r_m − b) ∇ Σ_t NLL(y_m) (`baseline: mean` sets b to the prompt's mean
 reward; `nll: mean` uses the token mean instead of the sum). Scores and top-k as `less`.
+
+DataFlex's parameters: `reward_model_path` (a local sequence-classification judge = `reward: <folder>`),
+`generation_temperature` (= `temperature`), `prompt_template`, `reward_prompt_with_ref` /
+`reward_prompt_without_ref` (the judge's input), `max_prompt_length` (see `dataflex.features.rollouts`),
+`reward_model_backend` (`local` only: `local_vllm` and `api` need vLLM / the network and are refused) with
+`reward_backend_params` (its `local` section: `hf_model_name_or_path`, `batch_size`; other backends' sections are
+ignored with a notice), and `save_interval` (accepted, ignored).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -22,10 +30,36 @@ from dataflex.core.registry import register_selector
 from dataflex.distributed.collectives import broadcast_object
 from dataflex.features import FeatureSettings, GradientDatastore, less_scores, top_k
 from dataflex.features.matching import AGGREGATIONS
-from dataflex.features.rollouts import BASELINES, NLL_REDUCTIONS, rollout_dataset, rollout_table, rollout_weights
+from dataflex.features.rollouts import (
+    BASELINES,
+    DEFAULT_REWARD_PROMPT_WITH_REF,
+    DEFAULT_REWARD_PROMPT_WITHOUT_REF,
+    METRIC_REWARDS,
+    NLL_REDUCTIONS,
+    PROMPT_FIELDS,
+    REWARD_FIELDS,
+    check_reward,
+    rollout_dataset,
+    rollout_table,
+    rollout_weights,
+    template_problem,
+)
+from dataflex.utils.logging import logger
 
 from .base_selector import Selector
-from .embedding_common import fill_to, needs_target, positive_int, resolve_tokenizer
+from .embedding_common import (
+    SAVE_INTERVAL_WHY,
+    alias,
+    fill_to,
+    needs_target,
+    notice_unused,
+    positive_int,
+    resolve_tokenizer,
+    signature_default,
+)
+
+REWARD_BACKENDS = ("local", "local_vllm", "api")
+LOCAL_BACKEND_KEYS = ("hf_model_name_or_path", "batch_size")
 
 
 def nice_target_features(rollout_features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -57,14 +91,44 @@ class NiceSelector(Selector):
         aggregation: str = "mean",
         batch_size: int = 16,
         tokenizer_path: str | None = None,
+        max_prompt_length: int = 4096,
+        prompt_template: str | None = None,
+        reward_prompt_with_ref: str | None = None,
+        reward_prompt_without_ref: str | None = None,
+        reward_model_path: str | None = None,
+        generation_temperature: float | None = None,
+        reward_model_backend: str | None = None,
+        reward_backend_params: dict[str, Any] | None = None,
+        save_interval: int | None = None,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("nice", eval_dataset)
         self.check_params(locals())
-        self.policy_model_path, self.reward = str(policy_model_path), str(reward)
+        p = self.resolved(locals())
+        self.policy_model_path, self.reward = str(policy_model_path), str(p["reward"])
         self.mc_samples = positive_int("nice", "mc_samples", mc_samples)
         self.max_new_tokens = positive_int("nice", "max_new_tokens", max_new_tokens)
-        self.temperature, self.baseline, self.nll, self.aggregation = float(temperature), baseline, nll, aggregation
+        self.temperature, self.baseline, self.nll, self.aggregation = (
+            float(p["temperature"]),
+            baseline,
+            nll,
+            aggregation,
+        )
+        self.max_prompt_length, self.prompt_template = max_prompt_length, prompt_template
+        self.reward_batch_size = p["reward_batch_size"]
+        self.reward_prompts: tuple[str, str] | None = None
+        if self.reward not in METRIC_REWARDS:
+            self.reward_prompts = (
+                reward_prompt_with_ref or DEFAULT_REWARD_PROMPT_WITH_REF,
+                reward_prompt_without_ref or DEFAULT_REWARD_PROMPT_WITHOUT_REF,
+            )
+        else:
+            why = f"the reward is the metric {self.reward!r}; only a reward model reads a prompt"
+            notice_unused("nice", "reward_prompt_with_ref", reward_prompt_with_ref, why)
+            notice_unused("nice", "reward_prompt_without_ref", reward_prompt_without_ref, why)
+        notice_unused("nice", "save_interval", save_interval, SAVE_INTERVAL_WHY)
+        for section in p["ignored_sections"]:
+            logger.info("selector 'nice': reward_backend_params.%s is ignored (the reward backend is local)", section)
         self.settings = FeatureSettings(
             gradient_type=gradient_type,
             projector=projector,
@@ -75,14 +139,85 @@ class NiceSelector(Selector):
         self.target_settings = self.settings.for_targets()
         self.batch_size = positive_int("nice", "batch_size", batch_size)
         self.tokenizer_path = tokenizer_path
-        from dataflex.features.rollouts import reward_function
-
-        reward_function(self.reward)  # a bad reward is a config error now, not after training
+        check_reward(self.reward)  # a bad reward is a config error now, not after training
 
     needs_model = True
 
     @classmethod
+    def resolved(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Our settings with DataFlex's names folded in: the reward (a metric, `reward_model_path` or the local
+        backend's `hf_model_name_or_path`), the temperature, the reward batch size and the ignored sections."""
+        backend = str(params.get("reward_model_backend") or "local").lower()
+        if backend not in REWARD_BACKENDS:
+            raise ConfigError(
+                f"selector 'nice': reward_model_backend must be local (or DataFlex's local_vllm / api, which are not "
+                f"supported here), got {params.get('reward_model_backend')!r}"
+            )
+        if backend != "local":
+            raise ConfigError(
+                f"selector 'nice': reward_model_backend {backend} is not supported: vLLM and API reward backends "
+                "need vLLM or network access; use reward_model_backend: local with reward_model_path (a local "
+                "sequence-classification model) or reward: token_f1"
+            )
+        raw = params.get("reward_backend_params") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"selector 'nice': reward_backend_params must be a mapping, got {raw!r}")
+        sectioned = any(k in REWARD_BACKENDS for k in raw)
+        section = (raw.get("local") or {}) if sectioned else raw  # DataFlex nests params per backend
+        if not isinstance(section, dict):
+            raise ConfigError(f"selector 'nice': reward_backend_params.local must be a mapping, got {section!r}")
+        unknown = sorted(set(section) - set(LOCAL_BACKEND_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"selector 'nice': reward_backend_params for the local backend does not take {', '.join(unknown)}; "
+                f"accepted: {', '.join(LOCAL_BACKEND_KEYS)}"
+            )
+        paths = {
+            k: v
+            for k, v in (
+                ("reward_model_path", params.get("reward_model_path")),
+                ("reward_backend_params.hf_model_name_or_path", section.get("hf_model_name_or_path")),
+            )
+            if v is not None
+        }
+        if len(set(map(str, paths.values()))) > 1:
+            raise ConfigError(f"selector 'nice': {' and '.join(paths)} name different reward models; set one")
+        reward = params.get("reward", signature_default(cls, "reward"))
+        if paths:
+            path = str(next(iter(paths.values())))
+            if reward not in (signature_default(cls, "reward"), path):
+                raise ConfigError(
+                    f"selector 'nice': reward ({reward!r}) and {next(iter(paths))} ({path!r}) are one setting; "
+                    "set one of them"
+                )
+            reward = path
+        batch = section.get("batch_size")
+        return {
+            "reward": reward,
+            "reward_from": next(iter(paths), "reward"),
+            "temperature": alias(cls, "nice", params, "temperature", "generation_temperature"),
+            "reward_batch_size": batch,
+            "ignored_sections": sorted(k for k in raw if k != "local") if sectioned else [],
+        }
+
+    @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
+        p = cls.resolved(params)
+        if p["reward_from"] != "reward" and not Path(str(p["reward"])).expanduser().is_dir():
+            raise ConfigError(
+                f"selector 'nice': {p['reward_from']} {p['reward']!r} is not a local sequence-classification model "
+                "folder (rewards never download)"
+            )
+        if p["reward_batch_size"] is not None:
+            positive_int("nice", "reward_backend_params.batch_size", p["reward_batch_size"])
+        positive_int("nice", "max_prompt_length", params["max_prompt_length"])
+        for key, fields in (
+            ("prompt_template", PROMPT_FIELDS),
+            ("reward_prompt_with_ref", REWARD_FIELDS),
+            ("reward_prompt_without_ref", REWARD_FIELDS),
+        ):
+            if params.get(key) is not None and (why := template_problem(params[key], fields)):
+                raise ConfigError(f"selector 'nice': {key} {why}")
         if not params["policy_model_path"]:
             raise ConfigError(
                 "selector 'nice' needs policy_model_path: a local causal LM with the training model's "
@@ -97,15 +232,13 @@ class NiceSelector(Selector):
                 f"selector 'nice': baseline must be one of {', '.join(BASELINES)}, nll one of "
                 f"{', '.join(NLL_REDUCTIONS)}, aggregation one of {', '.join(AGGREGATIONS)}"
             )
-        temperature = params["temperature"]
+        temperature = p["temperature"]
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature <= 0:
             raise ConfigError(f"selector 'nice': temperature must be > 0, got {temperature!r}")
         positive_int("nice", "mc_samples", params["mc_samples"])
         positive_int("nice", "max_new_tokens", params["max_new_tokens"])
 
-    def _root(self) -> Any:
-        from pathlib import Path
-
+    def _root(self) -> Path:
         return Path(self.cache_dir or "data/04_feature")
 
     def rollouts(self, model: torch.nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +255,10 @@ class NiceSelector(Selector):
             temperature=self.temperature,
             vocab_size=model.get_input_embeddings().num_embeddings,
             progress=True,
+            prompt_template=self.prompt_template,
+            max_prompt_length=self.max_prompt_length,
+            reward_prompts=self.reward_prompts,
+            **({"reward_batch_size": self.reward_batch_size} if self.reward_batch_size else {}),
         )
 
     def compute_features(

@@ -5,10 +5,15 @@ nearest pool rows, the KDE density ρ over the retrieved rows (σ = `sigma`, `kd
 included), and the probabilities (α = `alpha`, C = `C`), stored as safetensors. `select` draws `num_samples`
 distinct rows with a private generator seeded by (`seed`, step), identical on every rank and broadcast from rank 0;
 if fewer rows have mass than requested, all of them are taken and the rest drawn again (DataFlex crashed).
+
+`probs_path` (DataFlex's parameter): a precomputed `tsds_probs.npy` ([pool size] probabilities, as written by
+DataFlex's offline tool or `dataflex-cli offline-select tsds`) is drawn from instead, with no embedding and no
+target needed; its length, finiteness and signs are checked against the pool when the selector is built.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,14 +23,14 @@ from safetensors.torch import load_file, save
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_selector
 from dataflex.distributed.collectives import broadcast_object, cached_for_all, main_process_writes
-from dataflex.features.distribution import seeded_draw, tsds_probabilities
+from dataflex.features.distribution import seeded_draw, tsds_from_neighbors
 from dataflex.features.embeddings import EmbeddingSettings, EmbeddingStore
-from dataflex.features.neighbors import EXACT_THRESHOLD, kde_density
-from dataflex.utils.io import atomic_write_bytes, sha256_json
+from dataflex.features.neighbors import EXACT_THRESHOLD
+from dataflex.utils.io import atomic_write_bytes, sha256_file, sha256_json
 from dataflex.utils.logging import logger
 
 from .base_selector import Selector
-from .embedding_common import EmbeddingMixin, cached_neighbors, needs_target, positive_int
+from .embedding_common import EmbeddingMixin, cached_neighbors, check_file, load_probs, needs_target, positive_int
 
 TSDS_CODE_VERSION = "1"
 
@@ -61,13 +66,27 @@ class TsdsSelector(EmbeddingMixin, Selector):
         kde_K: int = 1000,
         exact_threshold: int = EXACT_THRESHOLD,
         tokenizer_path: str | None = None,
+        probs_path: str | None = None,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
-        self.eval_dataset = needs_target("tsds", eval_dataset)
+        self.check_params(locals())
+        self.probs_path = probs_path
+        self.probs: np.ndarray | None = None
+        if probs_path is not None:
+            self.probs = load_probs(probs_path, len(dataset))
+            self.file_sha256 = sha256_file(Path(probs_path).expanduser())
+            self.eval_dataset = eval_dataset  # the queries are baked into the file
+            logger.info(
+                "tsds: probabilities from %s (support %d of %d rows); embedding settings are not used",
+                probs_path,
+                int((self.probs > 0).sum()),
+                len(self.probs),
+            )
+        else:
+            self.eval_dataset = needs_target("tsds", eval_dataset)
         self.embedding = EmbeddingSettings(
             encoder=encoder, layer=layer, text=text, max_length=max_length, batch_size=batch_size
         )
-        self.check_params(locals())
         self.alpha, self.C, self.sigma = float(alpha), float(C), float(sigma)
         self.max_K, self.kde_K, self.exact_threshold = max_K, kde_K, exact_threshold
         self.tokenizer_path = tokenizer_path
@@ -79,10 +98,21 @@ class TsdsSelector(EmbeddingMixin, Selector):
         _number("sigma", params["sigma"], 0, False)
         for key in ("max_K", "kde_K", "exact_threshold"):
             positive_int("tsds", key, params[key])
+        check_file("tsds", "probs_path", params.get("probs_path"))
+
+    @property
+    def needs_model(self) -> bool:
+        return self.probs is None and super().needs_model
+
+    def state_dict(self) -> dict[str, Any]:
+        # The file's content joins the run's selection key: a regenerated file at the same path is not reused.
+        return {"probs_sha256": self.file_sha256} if self.probs is not None else {}
 
     def compute_features(
         self, model: torch.nn.Module | None, step_id: int, *, base_model_id: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
+        if self.probs is not None:
+            return {"probs_path": str(self.probs_path), "sha256": self.file_sha256, "cache_hit": True}
         pool, target = self.embed_pool_and_target(model, step_id, base_model_id, kwargs)
         nref, dist, idx = cached_neighbors(self._root(), pool, target, self.max_K, self.exact_threshold)
         key = sha256_json(
@@ -100,11 +130,16 @@ class TsdsSelector(EmbeddingMixin, Selector):
         if not cached_for_all(path):
             status = "computed"
             n = len(self.dataset)
-            union = np.unique(idx)  # ρ is needed (and estimated) only on the retrieved rows
-            density = np.ones(n)
-            emb = EmbeddingStore.load(pool)[torch.from_numpy(union)]
-            density[union] = kde_density(emb, self.sigma, self.kde_K, exact_threshold=self.exact_threshold)
-            probs, info = tsds_probabilities(dist, idx, density, n, alpha=self.alpha, C=self.C)
+            probs, info = tsds_from_neighbors(
+                EmbeddingStore.load(pool),
+                dist,
+                idx,
+                alpha=self.alpha,
+                C=self.C,
+                sigma=self.sigma,
+                kde_K=self.kde_K,
+                exact_threshold=self.exact_threshold,
+            )
             logger.info(
                 "tsds: support %d of %d rows, level %.3g, mean radius %.1f neighbours",
                 info["support"],
@@ -130,8 +165,11 @@ class TsdsSelector(EmbeddingMixin, Selector):
         }
 
     def select(self, model: torch.nn.Module | None, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
-        feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
-        probs = load_file(feats["probs"]["path"])["probs"].numpy()
+        if self.probs is not None:
+            probs = self.probs
+        else:
+            feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
+            probs = load_file(feats["probs"]["path"])["probs"].numpy()
         if len(probs) != len(self.dataset):
             raise ConfigError(f"tsds probabilities cover {len(probs)} rows but the pool has {len(self.dataset)}")
         picked = seeded_draw(probs, num_samples, seed=self.seed * 1_000_003 + int(step_id))
