@@ -3,6 +3,10 @@
 `REGISTRY.build` passes component params (from the components config) plus runtime objects
 (dataset, accelerator, mixture_manager, ...) by constructor signature. Unlike DataFlex it never
 drops a key silently: a config key the constructor does not take is an error naming the accepted ones.
+
+A name is registered once. A user component may take a built-in's name (DataFlex's own components register
+`random`, `odm`, `loss`, ... and must run unchanged): it replaces the built-in, with a one-line notice. Two user
+classes under one name are an error (which one a run would get is not knowable).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dataflex.core.errors import ConfigError
+from dataflex.utils.logging import logger
 
 KINDS = ("selector", "mixer", "weighter")
 # Section names used by DataFlex's components.yaml for each kind.
@@ -34,15 +39,20 @@ class Registry:
         def deco(cls: type) -> type:
             known = self._store[kind].get(name)
             # Re-importing the same module (reload, notebooks) re-registers the same class: allow that.
-            if (
-                known is not None
-                and f"{known.__module__}.{known.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}"
-            ):
-                raise ConfigError(
-                    f"{kind} name '{name}' is already registered by {known.__module__}.{known.__qualname__}; "
-                    f"pick another name for {cls.__module__}.{cls.__qualname__}"
+            if known is None or _qualname(known) == _qualname(cls):
+                self._store[kind][name] = cls
+            elif _builtin(known) and not _builtin(cls):
+                logger.warning(
+                    "%s '%s': user class %s replaces the built-in %s", kind, name, _qualname(cls), _qualname(known)
                 )
-            self._store[kind][name] = cls
+                self._store[kind][name] = cls
+            elif _builtin(cls) and not _builtin(known):
+                pass  # a built-in imported after the user's class that overrides it: the user's stays
+            else:
+                raise ConfigError(
+                    f"{kind} name '{name}' is already registered by {_qualname(known)}; "
+                    f"pick another name for {_qualname(cls)}"
+                )
             return cls
 
         return deco
@@ -134,6 +144,15 @@ class Registry:
             raise ConfigError(f"unknown component kind '{kind}'; valid: {', '.join(KINDS)}")
 
 
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _builtin(cls: type) -> bool:
+    """A component of this package (user modules loaded from a path are `dataflex_user_<stem>`)."""
+    return cls.__module__.split(".")[0] == "dataflex"
+
+
 REGISTRY = Registry()
 
 
@@ -169,6 +188,9 @@ def import_user_modules(modules: Iterable[str] | str | None) -> list[str]:
             mod_name = f"dataflex_user_{path.stem}"
             loader_spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(loader_spec)
+            package = _dataflex_package_for(path)
+            if package:  # a file copied out of DataFlex's package: its `from .base_mixer import Mixer` resolves here
+                module.__package__ = package
             sys.modules[mod_name] = module
             try:
                 loader_spec.loader.exec_module(module)
@@ -189,6 +211,28 @@ def import_user_modules(modules: Iterable[str] | str | None) -> list[str]:
                 raise ConfigError(f"user module {spec} failed to import: {_one_line(exc)}") from None
             imported.append(spec)
     return imported
+
+
+# Where DataFlex's component files live, in DataFlex's package and in ours (same layout, same module names).
+_COMPONENT_PACKAGES = ("dataflex.train.mixer", "dataflex.train.selector", "dataflex.train.weighter")
+
+
+def _dataflex_package_for(path: Path) -> str | None:
+    """The package whose sibling modules a file's relative imports (`from .base_mixer import ...`) name, when the
+    file is one of DataFlex's component files copied out of its package; None for a file without them."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):  # the import itself reports it, in one line
+        return None
+    relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+    if not relative:
+        return None
+    for package in _COMPONENT_PACKAGES:
+        if all(importlib.util.find_spec(f"{package}.{name}") is not None for name in relative):
+            return package
+    return None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -7,14 +7,22 @@ n x steps x p, and no domain systematically absorbs the rounding (DataFlex gave 
 domain rows are drawn without replacement, epoch by epoch, each epoch a fresh permutation seeded by
 (seed, domain, epoch); the step's rows are then shuffled together, so batches are mixtures. Everything
 is a function of the seed and the per-domain draw counts, so the state is a few integers.
+
+DataFlex's interface is here too: `names`, `k`, `sources` (name -> that domain's rows), `sizes` (name -> row
+count), `probs` (the current proportions; assigning it sets them), `sample_rule`, `initial_proportions`,
+`set_proportions()` and `rebuild()`, which returns a `MixedSnapshot`. DataFlex rebuilt the training set from the
+proportions after each mix; here the sampler draws every step from the current proportions, so `rebuild()` only
+returns a snapshot to inspect. `snapshot()` is the rows drawn since `start_window()` (the data of the window that
+just ended: what DataFlex passed to `mix()` as `dataset`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset as TorchDataset
 
 from dataflex.core.errors import ConfigError
 
@@ -53,35 +61,95 @@ def apportion(n: int, p: np.ndarray, rng: np.random.Generator, carry: np.ndarray
     return counts
 
 
+class MixedSnapshot(TorchDataset):
+    """DataFlex's `_MixedSnapshot`: rows of several domains as one dataset; item i is `sources[name][row]` of
+    `index_table[i] = (domain, row)`, with its `domain_id`."""
+
+    def __init__(
+        self, names: Sequence[str], sources: Mapping[str, Any] | None, index_table: Sequence[tuple[int, int]]
+    ) -> None:
+        self.names = list(names)
+        self.sources = sources
+        self.index_table = [(int(d), int(r)) for d, r in index_table]
+
+    def __len__(self) -> int:
+        return len(self.index_table)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        if self.sources is None:
+            raise ConfigError("this mixture manager was built without source datasets; give it sources=")
+        d, row = self.index_table[idx]
+        return {**self.sources[self.names[d]][row], "domain_id": d}
+
+
 class MixedProportionManager:
     def __init__(
         self,
         names: Sequence[str],
-        sizes: Sequence[int],
+        sizes: Sequence[int] | Mapping[str, int],
         *,
         rule: str = "mixture",
         init_proportions: Sequence[float] | None = None,
         seed: int = 0,
+        sources: Mapping[str, Any] | None = None,
     ) -> None:
         if rule not in RULES:
             raise ConfigError(f"mixture_sample_rule '{rule}' is not valid; use one of {', '.join(RULES)}")
         self.names = list(names)
-        self.sizes = [int(s) for s in sizes]
-        empty = [n for n, s in zip(self.names, self.sizes) if s < 1]
+        counts = [sizes[n] for n in self.names] if isinstance(sizes, Mapping) else list(sizes)
+        self._counts = [int(s) for s in counts]  # by domain index, what the sampler uses
+        if len(self._counts) != len(self.names):
+            raise ConfigError(f"{len(self.names)} domain names but {len(self._counts)} sizes")
+        empty = [n for n, s in zip(self.names, self._counts) if s < 1]
         if empty:
             raise ConfigError(f"domain(s) {', '.join(empty)} have no samples; remove them from dataset")
+        if sources is not None and [len(sources[n]) for n in self.names] != self._counts:
+            raise ConfigError("the source datasets' lengths differ from the domain sizes")
+        self.sources = dict(sources) if sources is not None else None
         self.rule = rule
         self.seed = seed
         k = len(self.names)
+        self.initial_proportions = (
+            check_proportions(init_proportions, k, "init_mixture_proportions") if init_proportions is not None else None
+        )
         if rule == "stratified":
-            self.proportions = np.asarray(self.sizes, dtype=np.float64) / sum(self.sizes)
-        elif rule == "uniform" or init_proportions is None:
+            self.proportions = np.asarray(self._counts, dtype=np.float64) / sum(self._counts)
+        elif rule == "uniform" or self.initial_proportions is None:
             self.proportions = np.full(k, 1.0 / k)
         else:
-            self.proportions = check_proportions(init_proportions, k, "init_mixture_proportions")
+            self.proportions = self.initial_proportions.copy()
         self.drawn = [0] * k  # rows drawn so far per domain
         self.carry = np.zeros(k)  # rounding carried between steps
+        self.window_start = [0] * k  # `drawn` when the current window began (see `snapshot`)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    # -- DataFlex's names ------------------------------------------------------------------------------
+
+    @property
+    def k(self) -> int:
+        return len(self.names)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Rows per domain, by name (DataFlex's `sizes`)."""
+        return dict(zip(self.names, self._counts))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self._counts)
+
+    @property
+    def sample_rule(self) -> str:
+        return self.rule
+
+    @property
+    def probs(self) -> np.ndarray:
+        """The current proportions (DataFlex's name); assigning sets them, as `set_proportions` does."""
+        return self.proportions
+
+    @probs.setter
+    def probs(self, p: Any) -> None:
+        self.set_proportions(p)
 
     @property
     def fixed(self) -> bool:
@@ -95,14 +163,40 @@ class MixedProportionManager:
         self.proportions = check_proportions(p, len(self.names))
         return self.proportions
 
+    def rebuild(self, num_samples: int | None = None, seed: int | None = None) -> MixedSnapshot:
+        """`num_samples` rows (default: the pool's size) apportioned at the current proportions, drawn with a
+        generator seeded by `seed` (default: the manager's). The training sampler is not advanced: it already
+        follows the current proportions at every step."""
+        n = self.num_rows if num_samples is None else int(num_samples)
+        rng = np.random.default_rng([self.seed if seed is None else int(seed), 2_000_003, n])
+        counts = apportion(n, self.proportions, rng)
+        table = []
+        for d, c in enumerate(counts.tolist()):
+            size = self._counts[d]
+            rows = rng.permutation(size)[:c] if c <= size else rng.integers(0, size, c)
+            table.extend((d, int(r)) for r in rows)
+        return MixedSnapshot(self.names, self.sources, [table[i] for i in rng.permutation(len(table))])
+
+    def start_window(self) -> None:
+        """Begin a new window here (a mixing round starts): `snapshot()` covers the draws from now on."""
+        self.window_start = list(self.drawn)
+
+    def snapshot(self) -> MixedSnapshot:
+        """The rows drawn since `start_window()`, shuffled: the data of the window that just ended."""
+        table = [(d, self._row(d, j)) for d in range(self.k) for j in range(self.window_start[d], self.drawn[d])]
+        order = np.random.default_rng([self.seed, 3_000_017, *self.drawn]).permutation(len(table))
+        return MixedSnapshot(self.names, self.sources, [table[i] for i in order])
+
+    # -- sampling --------------------------------------------------------------------------------------
+
     def _row(self, domain: int, k: int) -> int:
-        epoch, pos = divmod(k, self.sizes[domain])
+        epoch, pos = divmod(k, self._counts[domain])
         key = (domain, epoch)
         if key not in self._perms:
-            if len(self._perms) > 4 * len(self.sizes):
+            if len(self._perms) > 4 * len(self._counts):
                 self._perms.clear()
             rng = np.random.default_rng([self.seed, domain, epoch])
-            self._perms[key] = rng.permutation(self.sizes[domain])
+            self._perms[key] = rng.permutation(self._counts[domain])
         return int(self._perms[key][pos])
 
     def draw(self, n: int, step: int) -> list[tuple[int, int]]:
@@ -121,6 +215,7 @@ class MixedProportionManager:
             "proportions": self.proportions.tolist(),
             "drawn": list(self.drawn),
             "carry": self.carry.tolist(),
+            "window_start": list(self.window_start),
             "rule": self.rule,
             "seed": self.seed,
             "names": self.names,
@@ -136,3 +231,5 @@ class MixedProportionManager:
         self.proportions = np.asarray(state["proportions"], dtype=np.float64)
         self.drawn = [int(x) for x in state["drawn"]]
         self.carry = np.asarray(state["carry"], dtype=np.float64)
+        # Checkpoints written before windows existed: the window is the whole run so far.
+        self.window_start = [int(x) for x in state.get("window_start", [0] * len(self.names))]

@@ -9,6 +9,10 @@ tokens, p being the sampling proportions (so alpha = p gives the standard loss).
 average of alpha over all updates (`average_weights`), which DoReMi step 3 trains on. Sampling itself stays
 at the configured proportions: `mix()` returns them unchanged. DataFlex never applied the weighted loss and
 updated alpha from one micro-batch every update_step steps.
+
+DataFlex's files are written to the run's output_dir in its formats: `doremi_weights.jsonl`, a line per update
+(`step`, `timestamp`, `domain_names`, `domain_weights` = alpha, `perdomain_scores` = excess), and at the end of the
+proxy run `doremi_average_weights.json` and `doremi_step3_proportions.txt` (`save_average_weights`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataflex.compat import StepLog, doremi_weights_entry, write_doremi_average_weights
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_mixer
 from dataflex.train.trainer.losses import IGNORE_INDEX, LossStrategy, per_token_losses
@@ -67,6 +72,7 @@ class DoReMiMixer(Mixer):
         reference_model_path: str | None = None,
         reweight_eta: float = 1.0,
         reweight_eps: float = 1e-3,
+        output_dir: str | None = None,
     ) -> None:
         super().__init__(mixture_manager)
         k = len(mixture_manager.names)
@@ -82,6 +88,7 @@ class DoReMiMixer(Mixer):
         self.alpha_sum = np.zeros(k)
         self.updates = 0
         self._step_sums = torch.zeros(2, k, dtype=torch.float64)
+        self.weights_log = StepLog(Path(output_dir) / "doremi_weights.jsonl") if output_dir else None
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
@@ -114,10 +121,21 @@ class DoReMiMixer(Mixer):
         self.alpha = doremi_update(self.alpha, self.excess, self.eta, self.eps)
         self.alpha_sum += self.alpha
         self.updates += 1
+        if self.weights_log is not None and (ctx.accelerator is None or ctx.accelerator.is_main_process):
+            names = self.mixture_manager.names
+            self.weights_log.append(doremi_weights_entry(ctx.global_step, names, self.alpha, self.excess))
 
     @property
     def average_weights(self) -> np.ndarray:
         return self.alpha_sum / self.alpha_sum.sum() if self.updates else self.alpha.copy()
+
+    def get_current_doremi_weights(self) -> np.ndarray:
+        """The current alpha (DataFlex's name)."""
+        return self.alpha.copy()
+
+    def save_average_weights(self, output_dir: str) -> None:
+        """DataFlex's end-of-proxy files: the averaged weights as JSON and as step-3 proportions."""
+        write_doremi_average_weights(output_dir, self.mixture_manager.names, self.average_weights, self.updates)
 
     def mix(self, model: torch.nn.Module, step_id: int, **kwargs: Any) -> np.ndarray:
         return self.mixture_manager.proportions.copy()

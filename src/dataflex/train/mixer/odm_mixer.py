@@ -9,17 +9,22 @@ observed; DataFlex credited the whole micro-batch loss to the first sample's dom
 The policy is applied to the sampler at once (every step, as in the paper); `mix()` returns the current policy.
 Because every domain's loss is observed each step, the reward needs no 1/pi importance weight (the EXP3 estimator
 for bandit feedback); this follows the original repository's mixed-minibatch `SmoothedMeanWeightUpdater`.
+
+Each update is also a line of DataFlex's `odm_weights.jsonl` in the run's output_dir (`step`, `timestamp`,
+`domain_names`, `domain_weights`, `estimated_rewards`, `exploration_rate`, `alpha`); DataFlex wrote one per mix.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dataflex.compat import StepLog, odm_weights_entry
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_mixer
 from dataflex.train.dataset.mixed_proportion_manager import check_proportions
@@ -52,6 +57,7 @@ class ODMMixer(Mixer):
         reward_scale: float = 15.0,
         min_exploration_rate: float = 0.03,
         initial_proportions: Sequence[float] | None = None,
+        output_dir: str | None = None,
     ) -> None:
         super().__init__(mixture_manager)
         k = len(mixture_manager.names)
@@ -68,6 +74,7 @@ class ODMMixer(Mixer):
         self.rewards = np.zeros(k)
         self.eps = 1.0 / k
         self._step_sums = torch.zeros(2, k, dtype=torch.float64)
+        self.weights_log = StepLog(Path(output_dir) / "odm_weights.jsonl") if output_dir else None
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
@@ -93,7 +100,11 @@ class ODMMixer(Mixer):
         self.rewards = np.where(seen.numpy(), self.alpha * self.rewards + (1 - self.alpha) * reward, self.rewards)
         eps_prev = self.eps
         self.eps = exploration_rate(ctx.global_step - self.warmup_steps, len(self.rewards), self.min_exploration_rate)
-        self.mixture_manager.set_proportions(odm_policy(self.rewards, eps_prev, self.eps))
+        policy = self.mixture_manager.set_proportions(odm_policy(self.rewards, eps_prev, self.eps))
+        if self.weights_log is not None and (ctx.accelerator is None or ctx.accelerator.is_main_process):
+            names = self.mixture_manager.names
+            entry = odm_weights_entry(ctx.global_step, names, policy, self.rewards, self.eps, self.alpha)
+            self.weights_log.append(entry)
 
     def mix(self, model: torch.nn.Module, step_id: int, **kwargs: Any) -> np.ndarray:
         return self.mixture_manager.proportions.copy()

@@ -5,6 +5,11 @@ Round 0 trains `warmup_step` steps at the initial proportions; round r ≥ 1 ask
 one's TrainState, so the chain equals one run (one LR schedule, one sampler state). With `static_mix: true` there
 is one segment at the initial proportions and no mixer; DoReMi's proxy is one segment whose mixer acts inside the
 loop (its own loss strategy). Kedro unrolls the rounds as `dynamic_mix.round_<k>`; `run_all` runs them without it.
+
+Mixers get what DataFlex's MixTrainer gave them (`dataflex.compat`): `output_dir` at construction, `mix(model,
+step_id, batch=, domain_ids=, data_collator=, dataset=)` with the last training micro-batch and the rows drawn in the
+round that just ended, and their optional hooks (`update_batch_info` each micro-batch, `get_current_doremi_weights`
+for the loss, `save_average_weights` when the run ends).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+from dataflex import compat
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import REGISTRY
 from dataflex.data import domain_names
@@ -59,7 +65,8 @@ def check_mix_config(flex: Any, num_domains: int | None = None) -> None:
 
 
 def build_manager(pool: Any, flex: Any, seed: int) -> tuple[MixedProportionManager, list[int]]:
-    """The proportion manager over the pool's domains, and where each domain's rows start in the pool."""
+    """The proportion manager over the pool's domains (each domain's rows are its `sources` entry), and where each
+    domain's rows start in the pool (the pool is built domain by domain)."""
     names = domain_names(pool)
     sizes = [0] * len(names)
     for d in pool["domain_id"]:
@@ -68,8 +75,9 @@ def build_manager(pool: Any, flex: Any, seed: int) -> tuple[MixedProportionManag
     init = flex.init_mixture_proportions
     if init is not None:
         check_proportions(init, len(names), "init_mixture_proportions")
+    sources = {n: pool.select(range(o, o + s)) for n, o, s in zip(names, offsets, sizes)}
     manager = MixedProportionManager(
-        names, sizes, rule=flex.mixture_sample_rule or "mixture", init_proportions=init, seed=seed
+        names, sizes, rule=flex.mixture_sample_rule or "mixture", init_proportions=init, seed=seed, sources=sources
     )
     return manager, offsets
 
@@ -81,15 +89,17 @@ class MixMode(Mode):
         super().__init__(cfg, pool_size)
         self.schedule = mix_schedule(cfg.dataflex, cfg.train, pool_size, single_segment=single_segment)
         self.mixer: Any = None
+        self.inputs: compat.MixerInputs | None = None
 
     def components(self, run: Run) -> dict[str, Callback]:
         self.manager, self.offsets = build_manager(run.pool, self.cfg.dataflex, run.args.seed)
         if self.cfg.dataflex.static_mix:
             return {}
         self.component, params = component_for(self.cfg.dataflex, "mixer")
-        runtime = run.runtime(mixture_manager=self.manager)
+        runtime = run.runtime(mixture_manager=self.manager, output_dir=run.args.output_dir)
         self.mixer = REGISTRY.build("mixer", self.component, runtime=runtime, cfg=params)
-        return {"mixer": self.mixer}
+        self.inputs = compat.MixerInputs(self.mixer)
+        return {"mixer": self.mixer, "mixer_inputs": self.inputs}
 
     def plan(self, run: Run) -> MixturePlan:
         args = run.args
@@ -102,7 +112,9 @@ class MixMode(Mode):
         )
 
     def loss(self, run: Run) -> LossStrategy | None:
-        return self.mixer.loss_strategy() if self.mixer is not None else None
+        if self.mixer is None:
+            return None
+        return self.mixer.loss_strategy() or compat.mixer_loss(self.mixer)
 
 
 @distributable
@@ -126,6 +138,7 @@ def train_segment(
         if mode.mixer is not None:
             mode.mixer.load_state_dict(mixture.get("mixer_state") or {})
         mode.manager.set_proportions(mixture["proportions"])
+    mode.manager.start_window()  # the next mix sees this round's rows as its `dataset`
     result = run.train(until_step=end)
     state = {
         "round": round_k,
@@ -136,6 +149,8 @@ def train_segment(
         "last_train_loss": result.final_train_loss,
     }
     if end >= mode.schedule.max_steps:
+        if mode.mixer is not None:
+            compat.finish_mixer(mode.mixer, run.args.output_dir, run.accelerator)
         extra = {"last_checkpoint": state["checkpoint"], **_doremi_result(mode)}
         if cfg.dataflex.static_mix:
             extra["component_name"] = None
@@ -153,10 +168,22 @@ def _doremi_result(mode: MixMode) -> dict[str, Any]:
 
 
 def compute_mixture(cfg: Any, pool: Any, previous: dict[str, Any]) -> dict[str, Any]:
-    """The mixer's next proportions, with the model and mixer state at the end of the previous round."""
+    """The mixer's next proportions, with the model and mixer state at the end of the previous round. `mix` gets the
+    keywords it accepts of DataFlex's: the last training micro-batch (`batch`, its `domain_ids`), the collator, and
+    the rows drawn in the previous round (`dataset`)."""
     mode = MixMode(cfg, len(pool))
     run = Run(cfg, pool, mode, resume=previous["checkpoint"])
-    probs = mode.mixer.mix(run.model, run.global_step, dataset=pool, data_collator=run.collator)
+    last = mode.inputs.last_batch  # empty only for a checkpoint written before it was recorded
+    batch = compat.batch_of(pool, last, run.collator, run.accelerator.device) if last else None
+    probs = compat.call_with_accepted(
+        mode.mixer.mix,
+        run.model,
+        run.global_step,
+        batch=batch,
+        domain_ids=batch.get("domain_id") if batch else None,
+        data_collator=run.collator,
+        dataset=mode.manager.snapshot(),
+    )
     where = f"mixer '{mode.component}' output at step {run.global_step}"
     probs = check_proportions(probs, len(mode.manager.names), where)
     stats = mode.mixer.stats()

@@ -8,6 +8,10 @@ Optional: `compute_features(model, step_id, **kwargs) -> dict` computes what `se
 gradient features) as its own pipeline node; its result reaches `select` as the `features` keyword. A selector
 without it computes everything inside `select`, as on the seed page. A selector is a `Callback`: its
 `state_dict()` is carried in every TrainState.
+
+As in DataFlex, `data_collator` keeps the integer fields a selector adds to the rows (DataFlex's selectors collate
+`{"idx": i, **dataset[i]}` and read `batch["idx"]`), and `dataflex.utils.selector_io` caches a selection as
+`step_<g>.json` under `cache_dir` (which defaults to OUTPUT_DIR/selector_cache).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dataflex.compat import KeepAddedFields
 from dataflex.train.trainer.callbacks import Callback
 from dataflex.utils.logging import logger
 
@@ -29,7 +34,7 @@ class Selector(Callback, ABC):
     ) -> None:
         self.dataset = dataset
         self.accelerator = accelerator
-        self.data_collator = data_collator
+        self.data_collator = KeepAddedFields(data_collator) if data_collator is not None else None
         self.cache_dir = cache_dir
         self.seed = seed
         self.flex_epoch = 0

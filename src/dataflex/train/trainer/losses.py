@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from dataflex.core.errors import DataFlexError
 from dataflex.distributed.collectives import gather_varlen
 from dataflex.features.token_losses import IGNORE_INDEX, count_supervised_tokens, per_token_losses
 from dataflex.train.trainer.callbacks import TrainContext
+
+if TYPE_CHECKING:
+    from dataflex.compat import TrainerState
 
 __all__ = [
     "IGNORE_INDEX",
@@ -128,8 +131,13 @@ class TokenMeanLoss(LossStrategy):
 
 @dataclass
 class WeightingContext(TrainContext):
-    """A TrainContext with what a weighter needs: the micro-batch's losses and every sample's score in the step."""
+    """A TrainContext with what a weighter needs: the micro-batch's losses and every sample's score in the step.
 
+    As in DataFlex, where the weighter's ctx is the HF Trainer, `args` has the HF `TrainingArguments` names
+    (`local_rank`, `world_size`, ... over the run's arguments) and `state` the `TrainerState` ones (`global_step`, ...):
+    see `dataflex.compat.trainer_fields`."""
+
+    state: TrainerState | None = None
     warmup_step: int = 0
     batch_losses: MicroBatchLosses | None = None  # this micro-batch's losses (token sums, counts, domain ids)
     step_scores: torch.Tensor | None = None  # every sample's score in the optimizer step, all processes
@@ -151,7 +159,10 @@ class WeightedLoss(LossStrategy):
     micro-batch) gives a micro-batch mean, which the step averages."""
 
     def __init__(self, weighter: Any, warmup_step: int = 0, name: str = "weighter") -> None:
+        from dataflex.compat import trainer_fields  # here: compat builds on this module
+
         self.weighter, self.warmup_step, self.name = weighter, warmup_step, name
+        self._trainer_fields = trainer_fields
         self.step_wide = bool(getattr(weighter, "needs_step_scores", False))
         self._active = False
 
@@ -210,8 +221,9 @@ class WeightedLoss(LossStrategy):
             return losses.standard_loss()
         if self._scores is None:  # one micro-batch: the training forward's losses are the scores
             self._scores = self._gather([losses.per_sample_loss.detach()], [losses.domain_id])
+        fields = {k: getattr(ctx, k) for k in ctx.__dataclass_fields__}
         wctx = WeightingContext(
-            **{k: getattr(ctx, k) for k in ctx.__dataclass_fields__},
+            **{**fields, **self._trainer_fields(ctx)},
             warmup_step=self.warmup_step,
             batch_losses=losses,
             step_scores=self._scores[0],

@@ -146,7 +146,7 @@ class MixturePlan:
         return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
 
     def epoch_at(self, step: int) -> float:
-        return step * self.batch_size * self.grad_accum / max(sum(self.manager.sizes), 1)
+        return step * self.batch_size * self.grad_accum / max(self.manager.num_rows, 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "mixture", "next": self._next, "manager": self.manager.state_dict()}

@@ -4,6 +4,8 @@
 inputs) -> scalar` for one micro-batch. The loop's `WeightedLoss` strategy calls it with per-sample losses
 computed once in fp32 by the training forward; such a weighter's loss is a micro-batch quantity, averaged over
 the accumulation window as DataFlex does. A weighter is a `Callback`: its state is in every TrainState.
+Its `ctx` also has what DataFlex's weighters read from the HF Trainer they were given: `ctx.state.global_step`,
+`ctx.args.local_rank`, `ctx.args.world_size`, ... (`dataflex.compat.trainer_fields`).
 
 `StepWeighter` is what the built-in weighters use. It fixes two DataFlex problems:
 weights are computed over the whole optimizer step (every micro-batch, every process) rather than per
@@ -44,6 +46,21 @@ class Weighter(Callback, ABC):
         inputs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Weighted scalar loss from this micro-batch's per-sample losses (B,)."""
+
+    def _per_sample_loss_from_logits(
+        self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+    ) -> torch.Tensor:
+        """Token-mean loss of each row (B,) from logits and unshifted labels (DataFlex's helper, same result)."""
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_labels = labels[..., 1:].contiguous()
+        num_active = (shift_labels != ignore_index).sum(dim=1)
+        tok = torch.nn.functional.cross_entropy(
+            shift_logits.view(-1, shift_logits.size(-1)),
+            shift_labels.view(-1).long(),
+            ignore_index=ignore_index,
+            reduction="none",
+        )
+        return tok.view(shift_logits.size(0), -1).sum(dim=1) / num_active.clamp(min=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
