@@ -53,12 +53,6 @@ IGNORED_KEYS = frozenset(
         "do_predict",
         "trust_remote_code",
         "save_only_model",
-        "eval_strategy",
-        "evaluation_strategy",
-        "eval_steps",
-        "metric_for_best_model",
-        "greater_is_better",
-        "load_best_model_at_end",
         "logging_dir",
         "run_name",
         "flash_attn",
@@ -70,8 +64,6 @@ IGNORED_KEYS = frozenset(
         "enable_liger_kernel",
         "dataloader_pin_memory",
         "bf16_full_eval",
-        "early_stopping_steps",
-        "early_stopping_min_delta",
         "save_safetensors",
     }
 )
@@ -87,7 +79,6 @@ UNSUPPORTED_KEYS = frozenset(
         "interleave_probs",
         "tokenized_path",
         "upcast_layernorm",
-        "freeze_gate",
         "resize_vocab",
         "optim",
     }

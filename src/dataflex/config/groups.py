@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from dataflex.core.errors import ConfigError
 from dataflex.core.schema import Schema, setting
 from dataflex.train.dataset.mixed_proportion_manager import RULES as MIXTURE_SAMPLE_RULES
+from dataflex.train.doremi_config import DoremiConfig
 from dataflex.train.less_config import LessConfig
 from dataflex.train.static_select_config import StaticSelectConfig
 from dataflex.train.trainer.args import TrainingArguments
@@ -48,6 +49,9 @@ class ModelConfig(Schema):
     lora_dropout: float = setting(0.0, "LoRA dropout", ge=0, lt=1)
     dtype: str = setting(
         "fp32", "weights dtype (fp16 falls back to fp32 on CPU)", choices=DTYPES, aliases=("infer_dtype",)
+    )
+    freeze_gate: bool = setting(
+        False, "MoE models: router / gate weights stay frozen (full and LoRA fine-tuning); error without a gate"
     )
     train_from_scratch: bool = setting(
         False, "build the architecture from the model's config.json with a seeded random init (its weights unused)"
@@ -171,6 +175,7 @@ class RunConfig:
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
     less: LessConfig = dataclasses.field(default_factory=LessConfig)
     static_select: StaticSelectConfig = dataclasses.field(default_factory=StaticSelectConfig)
+    doremi: DoremiConfig = dataclasses.field(default_factory=DoremiConfig)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RunConfig:

@@ -11,6 +11,7 @@ from dataflex.core.schema import Schema, setting
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
 def _max_steps(value: int) -> str | None:
@@ -61,6 +62,26 @@ class TrainingArguments(Schema):
     mixed_precision: str = setting(
         "no", "autocast for training (fp16 needs a GPU); flat YAML: bf16: true / fp16: true", choices=MIXED_PRECISION
     )
+    # Evaluation during training (HF / LLaMA-Factory names) and early stopping on it (DataFlex's keys).
+    eval_strategy: str = setting(
+        "no",
+        "evaluate the eval sets' loss during training: no, steps (every eval_steps), epoch",
+        choices=EVAL_STRATEGIES,
+        aliases=("evaluation_strategy",),
+    )
+    eval_steps: int | None = setting(None, "with eval_strategy: steps, every N steps (null: logging_steps)", ge=1)
+    early_stopping_steps: int | None = setting(
+        None, "stop when the eval loss has not improved for N evaluations (patience; null: never)", ge=1
+    )
+    early_stopping_min_delta: float = setting(0.0, "an improvement is a drop of more than this", ge=0)
+    metric_for_best_model: str = setting(
+        "eval_loss",
+        "what the best checkpoint and early stopping follow: eval_loss (mean over the eval sets) or eval_<set>_loss",
+    )
+    greater_is_better: bool = setting(False, "whether a larger metric_for_best_model is better")
+    load_best_model_at_end: bool = setting(
+        False, "the saved model is the best evaluated checkpoint (output_dir/best), not the last step"
+    )
     disable_shuffling: bool = setting(False, "keep the pool order")
     progress_bar: bool = setting(True, "show a tqdm progress bar")
     # Scale-out (dataflex.distributed): processes per training / feature node, an optional accelerate config file
@@ -71,10 +92,25 @@ class TrainingArguments(Schema):
     accelerate_config: str | None = setting(
         None, "an accelerate config YAML for the workers (DDP, multi-node); its num_processes must match"
     )
-    deepspeed: str | None = setting(None, "a DeepSpeed JSON (LLaMA-Factory's key): recognised, refused for now")
+    deepspeed: str | None = setting(
+        None, "a DeepSpeed JSON (LLaMA-Factory's key): one process trains without it (a notice); several: refused"
+    )
 
     def validate(self) -> None:
         """Checks across fields of this group (each field's own check ran on construction)."""
+        if self.eval_strategy == "no" and (self.early_stopping_steps or self.load_best_model_at_end):
+            raise ConfigError(
+                "early_stopping_steps and load_best_model_at_end need evaluations during training: set "
+                "eval_strategy: steps (with eval_steps) or epoch"
+            )
+        if not (
+            self.metric_for_best_model == "eval_loss"
+            or (self.metric_for_best_model.startswith("eval_") and self.metric_for_best_model.endswith("_loss"))
+        ):
+            raise ConfigError(
+                f"metric_for_best_model {self.metric_for_best_model!r} is not computed during training; use "
+                "eval_loss (the mean over the eval sets) or eval_<set>_loss"
+            )
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ConfigError(
                 f"train.num_train_epochs must be > 0 (or set max_steps > 0), got {self.num_train_epochs!r}"
