@@ -39,6 +39,11 @@ def validate(run_config: RunConfig, *, check_paths: bool = True, pipelines: Coll
     from dataflex.data.templates import get_template
 
     get_template(rc.data.template)
+    if rc.train.eval_strategy != "no" and not _has_eval(rc.data):
+        raise ConfigError(
+            f"eval_strategy: {rc.train.eval_strategy} evaluates the eval sets during training; set eval_dataset or "
+            "val_size, or eval_strategy: no"
+        )
     if check_paths:
         _check_paths(rc)
         from dataflex.distributed.launch import check_launch_config

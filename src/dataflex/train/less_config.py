@@ -12,7 +12,7 @@ from dataflex.core.schema import Schema, setting
 # The implementations' own names (dataflex.features: AGGREGATIONS, GRADIENT_TYPES, PROJECTORS, FEATURE_DTYPES) are
 # repeated here so the config layer need not import torch; tests/unit/test_config_schema.py keeps them equal.
 AGGREGATIONS = ("max", "mean")
-GRADIENT_TYPES = ("adam", "sgd")
+GRADIENT_TYPES = ("adam", "sgd", "sign")
 PROJECTORS = ("sjlt", "rademacher", "none")
 EPS_PLACEMENTS = ("inside", "outside")
 FEATURE_DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
@@ -42,7 +42,7 @@ class LessConfig(Schema):
         choices=AGGREGATIONS,
     )
     gradient_type: str = setting(
-        "adam", "pool features: LESS's Adam transform with the checkpoint's moments, or sgd", choices=GRADIENT_TYPES
+        "adam", "pool features: LESS's Adam transform (the checkpoint's moments), sgd or sign", choices=GRADIENT_TYPES
     )
     projector: str = setting(
         "sjlt", "sjlt (sparse JL), rademacher (dense +-1/sqrt(k)), none (raw gradients)", choices=PROJECTORS

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from dataflex.core.errors import ConfigError
 from dataflex.data import DataCollatorForCausalLM, domain_names
 from dataflex.distributed.launch import MetricsSink, distributable
 from dataflex.models import load_model, load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.trainer import Callback, LossStrategy, Trainer, TrainingArguments, TrainResult, make_accelerator
+from dataflex.train.trainer.evaluator import Evaluator
 from dataflex.train.trainer.plan import DataPlan
 from dataflex.train.trainer.state import check_compatible, read_manifest
 
@@ -59,13 +61,18 @@ def build_model(model: ModelConfig, seed: int, adapter_path: str | None = None) 
 def load_checkpoint_model(model: ModelConfig, checkpoint: str | Path, seed: int) -> torch.nn.Module:
     """The base model with a TrainState's trainable weights (e.g. the LESS warm-up adapter at one epoch)."""
     net = build_model(model, seed=seed)
+    load_trainable(net, checkpoint)
+    return net
+
+
+def load_trainable(net: torch.nn.Module, checkpoint: str | Path) -> None:
+    """A TrainState's trainable weights into `net` (checked to be the same model first)."""
     check_compatible(read_manifest(checkpoint), net, checkpoint)
     weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
     params = dict(net.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor.to(params[name].dtype))
-    return net
 
 
 class Mode:
@@ -153,6 +160,9 @@ class Run:
         self.base_id = model_fingerprint(cfg.model.model_name_or_path)
         self.domains = domain_names(pool)
         self.callbacks = self.mode.components(self)
+        self.evaluator = self._evaluator()
+        if self.evaluator is not None:
+            self.callbacks = {**self.callbacks, "evaluator": self.evaluator}
         self.trainer = Trainer(
             build_model(cfg.model, seed=self.args.seed),
             pool,
@@ -168,6 +178,14 @@ class Run:
         )
         self.mode.ready(self)
         self.trainer.restore()
+
+    def _evaluator(self) -> Evaluator | None:
+        """Evaluation during training (eval_strategy), on the run's eval sets."""
+        if self.args.eval_strategy == "no":
+            return None
+        if not self.eval_sets:
+            raise ConfigError(f"eval_strategy: {self.args.eval_strategy} needs eval sets; set eval_dataset or val_size")
+        return Evaluator(self.eval_sets, self.collator, self.args)
 
     def runtime(self, **extra: Any) -> dict[str, Any]:
         """The runtime objects components receive by constructor signature (the seed page's names)."""
@@ -189,6 +207,11 @@ class Run:
 
     def finish(self, result: TrainResult | None = None, **extra: Any) -> RunResult:
         """Save the trained adapter (LoRA) or model (full) under output_dir; the run's result."""
+        if self.evaluator is not None:
+            extra = {**self.evaluator.summary(), **extra}
+            best = self.evaluator.best_checkpoint
+            if self.args.load_best_model_at_end and best is not None:
+                load_trainable(self.model, best)  # HF's load_best_model_at_end: the saved model is the best one
         finished = RunResult(self.mode.name, self.cfg, result or self.trainer.result(), self.domains, dict(extra))
         if self.accelerator.is_main_process:
             save_trained(self.model, Path(self.args.output_dir) / finished.kind, tokenizer=self.tokenizer)

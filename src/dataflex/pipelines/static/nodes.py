@@ -9,6 +9,6 @@ from dataflex.tracking import mlflow_metrics_sink
 from dataflex.train import run
 
 
-def train(train_pool: Any, parameters: dict) -> dict[str, Any]:
+def train(train_pool: Any, eval_sets: Any, parameters: dict) -> dict[str, Any]:
     cfg = run_config(parameters, "static")
-    return run.train(cfg, train_pool, "static", metrics_sink=mlflow_metrics_sink())
+    return run.train(cfg, train_pool, "static", eval_sets=eval_sets, metrics_sink=mlflow_metrics_sink())

@@ -10,7 +10,7 @@ from .nodes import train
 def create_pipeline(**kwargs) -> Pipeline:  # noqa: ANN003
     """The whole static job: process -> train -> evaluate -> report."""
     training = Pipeline(
-        [Node(train, ["train_pool", "run_config"], "train_result", name="train_static")],
+        [Node(train, ["train_pool", "eval_sets", "run_config"], "train_result", name="train_static")],
         tags="static",
     )
     return data_processing() + training + evaluation() + reporting()

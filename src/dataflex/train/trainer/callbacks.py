@@ -8,7 +8,9 @@ loop never probes for attributes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,6 +35,11 @@ class TrainContext:
     args: TrainingArguments
     domain_names: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+    model: Any = None  # the (wrapped) model being trained
+    # The loop's services: `record(metrics)` adds metrics to this step's history and the MLflow sink;
+    # `save_state(path)` writes a TrainState there (every process calls it; the main one writes).
+    record: Callable[[dict[str, float]], None] | None = None
+    save_state: Callable[[Path], Any] | None = None
 
 
 class Callback:
@@ -47,6 +54,10 @@ class Callback:
 
     def on_step_end(self, ctx: TrainContext, logs: dict[str, float]) -> None:
         """After each optimizer step; `logs` is the step's log line, empty between logging steps."""
+
+    def should_stop(self) -> bool:
+        """True ends the run after this step (early stopping), as cleanly as reaching its last step."""
+        return False
 
     def metrics(self) -> dict[str, float]:
         """Metrics for the next log line (called at logging steps only)."""

@@ -294,17 +294,22 @@ class Trainer:
         self._interval.start = time.perf_counter()
         last_checkpoint = None
         first = self.global_step
-        while self.global_step < stop:
+        while self.global_step < stop and not self.stopping():
             logs = self._optimizer_step(max_steps)
             if self.global_step == first + 1:
                 self._notice_long_run(max_steps, time.perf_counter() - start)
             bar.update(1)
             if logs:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['learning_rate']:.2e}")
-            if args.save_steps and (self.global_step % args.save_steps == 0 or self.global_step == max_steps):
+            end = self.global_step == max_steps or self.stopping()
+            if args.save_steps and (self.global_step % args.save_steps == 0 or end):
                 last_checkpoint = str(self.save_checkpoint())
         bar.close()
         return self.result(runtime_s=time.perf_counter() - start, last_checkpoint=last_checkpoint)
+
+    def stopping(self) -> bool:
+        """A callback ended the run early (early stopping); a resumed stopped run stays stopped."""
+        return any(callback.should_stop() for callback in self.callbacks.values())
 
     def result(self, runtime_s: float = 0.0, last_checkpoint: str | None = None) -> TrainResult:
         """The run's result so far (after `train`, or of a restored checkpoint)."""
@@ -363,8 +368,24 @@ class Trainer:
     def _context(self, micro_step: int, num_micro: int, max_steps: int) -> TrainContext:
         epoch = self.plan.epoch_at(self.global_step)
         return TrainContext(
-            self.global_step, max_steps, epoch, micro_step, num_micro, self.accelerator, self.args, self.domain_names
+            self.global_step,
+            max_steps,
+            epoch,
+            micro_step,
+            num_micro,
+            self.accelerator,
+            self.args,
+            self.domain_names,
+            model=self.model,
+            record=self.record,
+            save_state=self.save_checkpoint,
         )
+
+    def record(self, metrics: dict[str, float]) -> None:
+        """Metrics of this step outside the log line (evaluations): into the history and the sink."""
+        self.log_history.append({"step": self.global_step, **metrics})
+        if self.metrics_sink is not None and self.accelerator.is_main_process:
+            self.metrics_sink(metrics, self.global_step)
 
     def _accumulate(self, micro: list[list[int]], max_steps: int, ghost: bool = False) -> tuple[Any, Any, int]:
         """Forward and backward every micro-batch of one optimizer step; returns (standard loss, loss used, count).
