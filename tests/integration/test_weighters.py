@@ -205,3 +205,33 @@ def test_bad_weighter_output_names_weighter_and_step(mode, match, tmp_path, tiny
             data_collator=DataCollatorForCausalLM(tokenizer),
             **_weighting(Broken(mode), 1, "broken"),
         ).train()
+
+
+@pytest.mark.parametrize("normalize", ["none", "mean_one"])
+def test_adapt_normalize_absolute_or_relative_weights(normalize, tmp_path, tiny_model_dir, sft_pool, tokenizer):
+    """ADAPT's first step by hand: w = sigmoid(<phi(x), A> / tau). `none` (DataFlex's absolute weights): loss =
+    mean_b w_b * mean-loss_b; `mean_one`: m = w / mean(w) on each row's token-sum loss over the step's tokens."""
+    from dataflex.features.token_losses import count_supervised_tokens, per_token_losses
+
+    collate = DataCollatorForCausalLM(tokenizer)
+    anchors = sft_pool.select(range(20, 28))
+    cfg = {"tau": 0.5, "anchor_batch_size": 4, "normalize": normalize}
+    w = REGISTRY.build("weighter", "adapt", runtime={"eval_dataset": anchors, "data_collator": collate}, cfg=cfg)
+    model = _lora(tiny_model_dir)
+    batch = collate([{k: sft_pool[i][k] for k in ("input_ids", "labels")} for i in range(4)])
+    with torch.no_grad():  # the expected value, from the untrained model (the step's pre-pass sees it)
+        rows = anchors.select_columns(["input_ids", "labels"])
+        anchor = torch.cat([w.embed(model, collate([rows[i] for i in range(s, s + 4)])) for s in (0, 4)]).mean(0)
+        weights = torch.sigmoid(w.embed(model, batch) @ anchor / 0.5)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tok = per_token_losses(logits, batch["labels"])
+        counts = count_supervised_tokens(batch["labels"]).float()
+    if normalize == "none":
+        expected = (weights * tok.sum(1) / counts).mean()
+    else:
+        expected = (weights / weights.mean() * tok.sum(1)).sum() / counts.sum()
+    args = _args(tmp_path, max_steps=1, logging_steps=1, disable_shuffling=True)
+    result = Trainer(model, sft_pool, args, data_collator=collate, **_weighting(w)).train()
+    assert result.log_history[0]["weighted_loss"] == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ConfigError, match="normalize must be one of"):
+        REGISTRY.check("weighter", "adapt", {"normalize": "sum"})

@@ -4,8 +4,9 @@ phi(x) = normalize(sum_t w_t h_t), w_t = t * mask_t / sum_s s * mask_s: a positi
 hidden states (later tokens count more). The anchor set is `eval_dataset`; the mean anchor embedding A is
 refreshed with the current model every `refresh_interval` optimizer steps (once per step, not once per
 micro-batch as in DataFlex). score(x) = <phi(x), A> (the mean cosine to the anchors), raw weight
-sigmoid(score / tau), optionally min(., clip); the weights are then normalised over the whole optimizer step
-(mean 1), where DataFlex used an unnormalised sum whose scale depends on the batch size.
+sigmoid(score / tau), optionally min(., clip). `normalize: mean_one` (the default) rescales them to mean 1 over
+the optimizer step (relative weights); `normalize: none` keeps DataFlex's absolute weights, a per-sample learning
+rate on each sample's mean loss (see `StepWeighter`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_weighter
 
-from .base_weighter import StepWeighter
+from .base_weighter import NORMALIZATIONS, StepWeighter
 
 
 def position_weighted_embedding(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,8 @@ class AdaptWeighter(StepWeighter):
         refresh_interval: int = 50,
         anchor_batch_size: int = 8,
         clip: float | None = None,
+        normalize: str = "mean_one",
+        eps: float = 1e-8,
     ) -> None:
         super().__init__()
         if eval_dataset is None or len(eval_dataset) == 0:
@@ -52,11 +55,12 @@ class AdaptWeighter(StepWeighter):
         self.anchors = eval_dataset.select_columns(["input_ids", "labels"])
         self.collator = data_collator
         self.tau, self.refresh_interval, self.anchor_batch_size, self.clip = (
-            tau,
+            max(tau, eps),  # DataFlex's eps: a floor under the temperature
             refresh_interval,
             anchor_batch_size,
             clip,
         )
+        self.normalize = normalize
         self.anchor_mean: torch.Tensor | None = None
         self.anchor_step: int | None = None
 
@@ -70,6 +74,10 @@ class AdaptWeighter(StepWeighter):
             or (clip is not None and not clip > 0)
         ):
             raise ConfigError("weighter 'adapt': tau and clip must be > 0, refresh_interval and anchor_batch_size >= 1")
+        if params["normalize"] not in NORMALIZATIONS:
+            raise ConfigError(
+                f"weighter 'adapt': normalize must be one of {', '.join(NORMALIZATIONS)}, got {params['normalize']!r}"
+            )
 
     @torch.no_grad()
     def embed(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

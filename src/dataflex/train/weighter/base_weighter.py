@@ -25,7 +25,7 @@ from torch import nn
 from dataflex.train.trainer.callbacks import Callback
 from dataflex.train.trainer.losses import WeighterError, forward_losses
 
-__all__ = ["StepWeighter", "Weighter"]
+__all__ = ["NORMALIZATIONS", "StepWeighter", "Weighter"]
 
 
 class Weighter(Callback, ABC):
@@ -69,12 +69,22 @@ class Weighter(Callback, ABC):
         return None
 
 
+NORMALIZATIONS = ("mean_one", "none")
+
+
 class StepWeighter(Weighter):
-    """Weights normalised over the whole optimizer step; subclasses implement `compute_weights`."""
+    """Weights over the whole optimizer step; subclasses implement `compute_weights`.
+
+    `normalize` says how they reach the loss. `mean_one` (the default): relative weights, rescaled to mean 1 over
+    the step, on each sample's token-sum loss over the step's token count (uniform weights = the standard loss).
+    `none`: absolute weights on each sample's token-mean loss, averaged over the step's samples — a per-sample
+    learning rate, as DataFlex's ADAPT applies them (DataFlex summed over each micro-batch instead, so its scale
+    also grew with the batch size)."""
 
     needs_step_scores = True
     # The score of a sample is its loss, so with one micro-batch the training forward provides it.
     scores_from_losses = True
+    normalize = "mean_one"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -99,7 +109,7 @@ class StepWeighter(Weighter):
                     f"weighter '{type(self).__name__}' at step {ctx.global_step} gave invalid weights "
                     f"(need {tuple(ctx.step_scores.shape)} finite, >= 0, not all 0): {raw.tolist()[:8]}"
                 )
-            self._weights = raw * (raw.numel() / raw.sum())
+            self._weights = raw if self.normalize == "none" else raw * (raw.numel() / raw.sum())
             self._weights_step = ctx.global_step
             self._record(self._weights, ctx.step_domains, ctx.domain_names)
         return self._weights
@@ -112,8 +122,12 @@ class StepWeighter(Weighter):
         model: nn.Module | None = None,
         inputs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        m = self.step_weights(ctx)[ctx.sample_offset : ctx.sample_offset + losses.numel()].to(losses.device)
+        weights = self.step_weights(ctx)
+        m = weights[ctx.sample_offset : ctx.sample_offset + losses.numel()].to(losses.device)
         batch = ctx.batch_losses
+        if self.normalize == "none":
+            # sum_b w_b * (token-mean loss of b) / samples in the step (all micro-batches, all processes)
+            return (m * losses).sum() * batch.num_processes / weights.numel()
         # sum_b m_b * (token-sum loss of b) / window tokens: the standard loss when every m_b = 1
         return (m * losses * batch.token_count).sum() * batch.num_processes / max(batch.window_tokens, 1)
 
@@ -128,6 +142,7 @@ class StepWeighter(Weighter):
         entropy = float(-(p * p.clamp_min(1e-30).log()).sum()) / math.log(max(w.numel(), 2))
         st = self._stats
         st["steps"] += 1
+        st["mean"] = st.get("mean", 0.0) + float(w.mean())
         st["min"] += float(w.min())
         st["max"] += float(w.max())
         st["std"] += float(w.std()) if w.numel() > 1 else 0.0
@@ -141,14 +156,14 @@ class StepWeighter(Weighter):
                 acc[1] += sel.numel()
 
     def metrics(self) -> dict[str, float]:
-        """Weight statistics since the last log line: relative weights have mean 1 by construction;
-        `entropy` is normalised to [0, 1] (1 = uniform)."""
+        """Weight statistics since the last log line (relative weights have mean 1 by construction); `entropy` is
+        normalised to [0, 1] (1 = uniform)."""
         st = self._stats
         if not st["steps"]:
             return {}
         n = st["steps"]
         out = {
-            "weights/mean": 1.0,
+            "weights/mean": st.get("mean", float(n)) / n,
             "weights/min": st["min"] / n,
             "weights/max": st["max"] / n,
             "weights/std": st["std"] / n,
