@@ -9,7 +9,7 @@ import torch
 from test_features import ALL, moments, samples, tiny_lora
 
 import dataflex.features.datastore as ds_mod
-from dataflex.core.errors import DataError
+from dataflex.core.errors import ConfigError, DataError
 from dataflex.features import FeatureSettings, GradientDatastore, per_sample_gradient_features
 
 SGD = FeatureSettings(gradient_type="sgd", projector="sjlt", proj_dim=32, seed=1)
@@ -154,3 +154,38 @@ def test_a_second_extraction_of_the_same_entry_waits_for_the_first(tmp_path, mon
     holder.release()
     waiter.join(timeout=60)
     assert result["status"] == "hit" and result["path"] == entry
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mean"])
+def test_streamed_matching_equals_in_memory_matching(tmp_path, aggregation):
+    """LESS matching streamed shard by shard (bounded memory) equals matching the loaded matrices, to 1e-6."""
+    from dataflex.features import less_scores, streamed_less_scores
+
+    rows = samples(11, equal=False, seed=7)
+    stores, pools = [], []
+    for c in range(2):  # two checkpoints: two adapters
+        model = tiny_lora(ALL)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.01 * (c + 1))
+        ref = GradientDatastore(tmp_path / f"c{c}", shard_size=3).extract(model, rows, SGD, progress=False)
+        stores.append(ref)
+        pools.append(GradientDatastore.load(ref).features)
+    gen = torch.Generator().manual_seed(0)
+    targets = {
+        "a": ([torch.randn(5, 32, generator=gen) for _ in range(2)], [0, 0, 1, 1, 1]),
+        "b": ([torch.randn(2, 32, generator=gen) for _ in range(2)], [0, 0]),
+    }
+    lrs = [2e-4, 1e-4]
+    streamed = streamed_less_scores(stores, targets, lrs, aggregation)
+    for name, (feats, subtasks) in targets.items():
+        expected = less_scores(pools, feats, lrs, subtasks, aggregation)
+        assert (streamed[name] - expected).abs().max() <= 1e-6, name
+
+
+def test_a_dense_projector_too_large_for_memory_is_one_line():
+    from dataflex.features.projectors import Projector
+
+    with pytest.raises(ConfigError, match="use projector: sjlt"):
+        Projector("rademacher", [("w", 500_000_000)], proj_dim=8192)

@@ -13,7 +13,14 @@ from dataflex.features.datastore import (
     sample_hashes,
 )
 from dataflex.features.gradients import per_sample_gradient_features, per_sample_losses
-from dataflex.features.matching import aggregate, checkpoint_weights, influence, less_scores, top_k
+from dataflex.features.matching import (
+    aggregate,
+    checkpoint_weights,
+    influence,
+    less_scores,
+    streamed_less_scores,
+    top_k,
+)
 from dataflex.features.optimizer_state import AdamMoments, adam_transform, resolve_adam_state
 from dataflex.features.projectors import PROJECTORS, Projector
 
@@ -30,6 +37,7 @@ __all__ = [
     "checkpoint_weights",
     "influence",
     "less_scores",
+    "streamed_less_scores",
     "model_state_fingerprint",
     "per_sample_gradient_features",
     "per_sample_losses",

@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -233,21 +233,7 @@ class GradientDatastore:
                     computed, reused = computed + c, reused + r
                     if not is_main(acc):
                         continue
-                    file = f"shard-{s:05d}.safetensors"
-                    norms = feats.float().norm(dim=1)
-                    data = save(
-                        {
-                            "features": feats.contiguous(),
-                            "norms": norms,
-                            "rows": torch.arange(lo, hi, dtype=torch.int64),
-                        },
-                        metadata={"state_key": state_key, "dataset_key": dataset_key},
-                    )
-                    atomic_write_bytes(path / file, data)
-                    manifest["shards"][str(s)] = {"file": file, "rows": [lo, hi], "sha256": sha256_file(path / file)}
-                    manifest["dim"] = int(feats.shape[1])
-                    manifest["complete"] = len(manifest["shards"]) == n_shards
-                    atomic_write_json(path / "manifest.json", manifest)
+                    write_shard(path, manifest, s, lo, feats, n_shards)
                 barrier(acc)  # nobody reads the store before the main process finished writing it
                 manifest = broadcast_object(acc, manifest)
         status = "hit" if not todo else ("resumed" if done else ("reused" if computed == 0 else "computed"))
@@ -370,17 +356,51 @@ class GradientDatastore:
     def load(ref: str | Path | dict[str, Any]) -> FeatureSet:
         """All features of a complete store (a path or an `extract` reference), rows in dataset order."""
         path = Path(ref["path"] if isinstance(ref, dict) else ref)
-        manifest = _read_json(path / "manifest.json")
-        if not manifest or manifest.get("format") != FORMAT:
-            raise DataError(f"'{path}' is not a gradient feature store (no valid manifest.json); re-run the extraction")
-        if not manifest.get("complete"):
-            raise DataError(f"feature store '{path}' is incomplete (an extraction was interrupted); re-run to finish")
-        feats, norms = [], []
-        for s in sorted(manifest["shards"], key=int):
-            with safe_open(str(path / manifest["shards"][s]["file"]), framework="pt") as f:
-                feats.append(f.get_tensor("features"))
-                norms.append(f.get_tensor("norms"))
-        return FeatureSet(torch.cat(feats), torch.cat(norms), manifest, path)
+        manifest = store_manifest(path)
+        parts = list(iter_shards(path))
+        return FeatureSet(torch.cat([f for _, f, _ in parts]), torch.cat([n for _, _, n in parts]), manifest, path)
+
+
+def write_shard(path: Path, manifest: dict[str, Any], s: int, lo: int, feats: torch.Tensor, n_shards: int) -> None:
+    """Shard `s` (rows lo.. of the dataset) and then the manifest that lists it, each atomically: a kill between
+    the two leaves a shard the manifest does not trust yet (recomputed on resume)."""
+    file = f"shard-{s:05d}.safetensors"
+    hi = lo + feats.shape[0]
+    data = save(
+        {
+            "features": feats.contiguous(),
+            "norms": feats.float().norm(dim=1),
+            "rows": torch.arange(lo, hi, dtype=torch.int64),
+        },
+        metadata={"state_key": manifest["state_key"], "dataset_key": manifest["dataset_key"]},
+    )
+    atomic_write_bytes(path / file, data)
+    manifest["shards"][str(s)] = {"file": file, "rows": [lo, hi], "sha256": sha256_file(path / file)}
+    manifest["dim"] = int(feats.shape[1])
+    manifest["complete"] = len(manifest["shards"]) == n_shards
+    atomic_write_json(path / "manifest.json", manifest)
+
+
+def iter_shards(ref: str | Path | dict[str, Any]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first row, features, norms) of each shard of a complete store, in row order, one shard in memory at a time:
+    what bounded-memory matching streams."""
+    path = Path(ref["path"] if isinstance(ref, dict) else ref)
+    manifest = store_manifest(path)
+    for s in sorted(manifest["shards"], key=int):
+        entry = manifest["shards"][s]
+        with safe_open(str(path / entry["file"]), framework="pt") as f:
+            yield int(entry["rows"][0]), f.get_tensor("features"), f.get_tensor("norms")
+
+
+def store_manifest(ref: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a complete store (a path or an `extract` reference); one line if it is not one."""
+    path = Path(ref["path"] if isinstance(ref, dict) else ref)
+    manifest = _read_json(path / "manifest.json")
+    if not manifest or manifest.get("format") != FORMAT:
+        raise DataError(f"'{path}' is not a gradient feature store (no valid manifest.json); re-run the extraction")
+    if not manifest.get("complete"):
+        raise DataError(f"feature store '{path}' is incomplete (an extraction was interrupted); re-run to finish")
+    return manifest
 
 
 def _read_rows(locations: Sequence[tuple[Path, int]]) -> list[torch.Tensor]:

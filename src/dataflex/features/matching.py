@@ -10,7 +10,7 @@ checkpoints' average learning rates normalised to sum to 1 (LESS `matching.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -74,6 +74,75 @@ def less_scores(
 ) -> torch.Tensor:
     """[N] LESS scores of the pool for one target."""
     return aggregate(influence(train, target, checkpoint_weights(lrs)), subtasks, aggregation)
+
+
+def target_directions(target: torch.Tensor, subtasks: Sequence[int] | None, how: str) -> torch.Tensor:
+    """[dim, S]: the mean unit target feature of each subtask (`max`), or of the whole target (`mean`; S = 1).
+
+    mean_v cos(x, g_v) = unit(x) · mean_v unit(g_v): a pool row's score is a dot product with these columns, so
+    the pool can be streamed shard by shard (`streamed_less_scores`)."""
+    if how not in AGGREGATIONS:
+        raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
+    unit = normalize_rows(target)
+    if how == "mean" or subtasks is None:
+        return unit.mean(dim=0, keepdim=True).T
+    ids = torch.as_tensor(list(subtasks), dtype=torch.long)
+    if ids.numel() != unit.shape[0]:
+        raise DataError(f"{ids.numel()} subtask ids for {unit.shape[0]} target examples")
+    return torch.stack([unit[ids == s].mean(dim=0) for s in ids.unique(sorted=True).tolist()], dim=1)
+
+
+def streamed_less_scores(
+    train_stores: Sequence[object],
+    targets: Mapping[str, tuple[Sequence[torch.Tensor], Sequence[int] | None]],
+    lrs: Sequence[float],
+    aggregation: str = "max",
+) -> dict[str, torch.Tensor]:
+    """`less_scores` for every target at once, reading each checkpoint's pool features one datastore shard at a
+    time: peak memory O(shard x dim + N x subtasks), never O(N x dim x checkpoints).
+
+    `train_stores`: one complete datastore (path or reference) per checkpoint; `targets`: name -> (its feature
+    matrix per checkpoint, subtask ids). Equal to `less_scores` up to fp32 summation order."""
+    from dataflex.features.datastore import iter_shards
+
+    weights = checkpoint_weights(lrs)
+    if not (len(train_stores) == len(weights)) or not train_stores:
+        raise ConfigError(f"matching needs one pool store and one weight per checkpoint; got {len(train_stores)}")
+    names = list(targets)
+    columns: list[list[torch.Tensor]] = [[] for _ in train_stores]  # per checkpoint: each target's [dim, S_t]
+    for name in names:
+        feats, subtasks = targets[name]
+        if len(feats) != len(train_stores):
+            raise ConfigError(f"target {name}: {len(feats)} feature sets for {len(train_stores)} checkpoints")
+        for c, f in enumerate(feats):
+            columns[c].append(target_directions(f, subtasks, aggregation))
+    widths = [m.shape[1] for m in columns[0]]
+    scores: torch.Tensor | None = None
+    for c, (store, w) in enumerate(zip(train_stores, weights)):
+        directions = torch.cat(columns[c], dim=1)  # [dim, Σ S_t]
+        for lo, feats, norms in iter_shards(store):  # type: ignore[arg-type]
+            if feats.shape[1] != directions.shape[0]:
+                raise DataError(
+                    f"train features have dim {feats.shape[1]} but target features {directions.shape[0]}: they "
+                    "must come from the same projector"
+                )
+            if scores is None:
+                total = _store_rows(store)
+                scores = torch.zeros(total, directions.shape[1], dtype=torch.float32)
+            unit = feats.float() / norms.float().clamp(min=1e-12).unsqueeze(1)
+            scores[lo : lo + feats.shape[0]] += w * (unit @ directions)
+    assert scores is not None
+    out, start = {}, 0
+    for name, width in zip(names, widths):
+        out[name] = scores[:, start : start + width].max(dim=1).values
+        start += width
+    return out
+
+
+def _store_rows(store: object) -> int:
+    from dataflex.features.datastore import store_manifest
+
+    return int(store_manifest(store)["num_samples"])  # type: ignore[arg-type]
 
 
 def top_k(scores: torch.Tensor, *, percentage: float | None = None, max_samples: int | None = None) -> list[int]:

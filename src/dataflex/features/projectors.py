@@ -20,6 +20,7 @@ import torch
 from dataflex.core.errors import ConfigError
 
 PROJECTORS = ("sjlt", "rademacher", "none")
+DENSE_LIMIT_BYTES = 4 << 30  # the largest dense projection matrix held in memory (fp32)
 
 
 def block_seed(seed: int, name: str) -> int:
@@ -53,6 +54,14 @@ class Projector:
             offset += numel
         self.total = offset
         self.out_dim = offset if kind == "none" else proj_dim
+        dense_bytes = 4 * self.total * self.out_dim
+        if kind == "rademacher" and dense_bytes > DENSE_LIMIT_BYTES:
+            # The dense matrix is cached per block: at LoRA sizes a few GB, for full fine-tuning far beyond memory.
+            raise ConfigError(
+                f"projector 'rademacher' needs a dense {self.total:,} x {self.out_dim} matrix "
+                f"({dense_bytes / 2**30:.1f} GiB) for these {self.total:,} trainable parameters; use projector: sjlt "
+                "(same guarantee, no matrix) or a smaller proj_dim"
+            )
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
 
     def describe(self) -> dict[str, object]:

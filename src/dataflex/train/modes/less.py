@@ -32,7 +32,7 @@ from dataflex.data.dataset_info import resolve_datasets
 from dataflex.data.pools import build_named
 from dataflex.data.readers import read_rows
 from dataflex.distributed.launch import MetricsSink, distributable
-from dataflex.features import FeatureSettings, GradientDatastore, less_scores, top_k
+from dataflex.features import FeatureSettings, GradientDatastore, streamed_less_scores, top_k
 from dataflex.models import model_fingerprint
 from dataflex.train.less_config import LessConfig, target_list, target_names
 from dataflex.train.run import Run, load_checkpoint_model, train
@@ -207,7 +207,12 @@ def select(
     (`files`: per-target selection JSON, selected rows as jsonl, the pool's score table) for the catalog to write
     (`data`: the data group)."""
     lrs = [c["avg_lr"] for c in warmup_result["checkpoints"]]
-    train_feats = [GradientDatastore.load(r).features for r in train_refs]
+    # Targets are small and loaded whole; the pool is streamed shard by shard, per checkpoint (bounded memory).
+    target_inputs = {
+        t: ([GradientDatastore.load(refs[t]).features for refs in target_refs], list(targets[t]["domain_id"]))
+        for t in targets
+    }
+    all_scores = streamed_less_scores(train_refs, target_inputs, lrs, less.aggregation)
     files: dict[str, Any] = {}
     sample_ids = list(train_pool["sample_id"])
     pool_domains = list(train_pool["domain_id"])
@@ -222,10 +227,7 @@ def select(
     }
     table: dict[str, torch.Tensor] = {}
     for target in targets:
-        target_set = targets[target]
-        feats = [GradientDatastore.load(refs[target]).features for refs in target_refs]
-        subtasks = list(target_set["domain_id"])
-        scores = less_scores(train_feats, feats, lrs, subtasks, less.aggregation)
+        scores = all_scores[target]
         picked = top_k(scores, percentage=less.percentage, max_samples=less.max_samples)
         table[target] = scores
         counts = [0] * len(names)
