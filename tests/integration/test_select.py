@@ -164,3 +164,27 @@ def test_online_less_picks_the_target_domain_and_beats_random_on_it(
         net = load_checkpoint_model(cfg.model, result["last_checkpoint"], cfg.train.seed)
         losses[name] = eval_loss(net, held_out, DataCollatorForCausalLM(tokenizer), 8)["loss"]
     assert losses["less"] < losses["random"] - 0.02, losses
+
+
+def test_less_exclude_selected_never_repeats_in_a_flex_epoch_and_resumes_exactly(
+    demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer
+):
+    """Issue #16: with exclude_selected the two selections of a flex epoch are disjoint; the memory rides in the
+    TrainState, so a run resumed from a checkpoint between them selects what the uninterrupted run selected."""
+    params = {"proj_dim": 256, "batch_size": 16, "exclude_selected": True, "cache_dir": str(tmp_path / "cache")}
+    evals, cfg = _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, "less", params)
+    cfg = _with(cfg, train={"save_steps": 3})
+    result = select.run_all(cfg, sft_pool, evals)
+    assert [h["step"] for h in result["selection_history"]] == [2, 4]
+    first, second = (json.loads((tmp_path / "out" / "selections" / f"step_{s}.json").read_text()) for s in (2, 4))
+    assert not set(first["indices"]) & set(second["indices"])
+    assert second["selector_state"] == {
+        "selected_flex_epoch": 0,
+        "selected_rows": sorted(first["indices"] + second["indices"]),
+    }
+
+    mid = {"round": 0, "checkpoint": str(tmp_path / "out" / "checkpoints" / "checkpoint-3")}
+    cfg2 = _with(cfg, train={"output_dir": str(tmp_path / "resumed")})
+    s1 = select.train_segment(cfg2, sft_pool, evals, 1, previous=mid, selection=first)
+    _, resumed = select.select_round(cfg2, sft_pool, evals, s1)
+    assert resumed["indices"] == second["indices"] and resumed["selector_state"] == second["selector_state"]

@@ -1,10 +1,16 @@
 """`dynamic_select`: the run is cut into segments at the selector's events (`dataflex.train.schedule`).
 
-Round 0 trains from step 0 to the first selection on the selector's warm-up draw; round k ≥ 1 computes what the
-selector needs (`select_round`: features, e.g. losses or gradient features, then the selection) and trains up to
-the next selection (`train_segment`). Each segment resumes the previous one's TrainState (weights, optimizer,
+Round 0 trains from step 0 to the first selection on the selector's warm-up draw (every flex epoch draws afresh,
+seeded by the run seed and the flex epoch only: the mode sets the selector's `run_seed` and `flex_epoch` before
+`warmup`, and `flex_epoch` before `select`); round k ≥ 1 computes what the selector needs (`select_round`:
+features, e.g. losses or gradient features, then the selection) and trains up to the next selection
+(`train_segment`). Each segment resumes the previous one's TrainState (weights, optimizer,
 plan with every segment's indices, selector state), so the chain equals one uninterrupted run. Kedro unrolls
 the rounds as `dynamic_select.round_<k>`; `run_all` runs them without Kedro.
+
+The target handed to the selector is the eval sets concatenated (`domain_id` = which eval set); a selector
+parameter `subtask_column` (less, cluster_less, nice) adds that column of each target row's raw row, read back
+from its dev file through the row's `source_row`, to split the eval sets further into LESS's subtasks.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import datasets
 
-from dataflex.core.errors import ConfigError, DataFlexError
+from dataflex.core.errors import ConfigError, DataError, DataFlexError
 from dataflex.core.registry import REGISTRY
 from dataflex.data import dataset_fingerprint, domain_names
 from dataflex.distributed.launch import MetricsSink, distributable
@@ -36,6 +42,7 @@ __all__ = [
     "check_indices",
     "check_select_config",
     "finalize",
+    "raw_column",
     "run_all",
     "select_round",
     "target_dataset",
@@ -74,17 +81,74 @@ def check_select_config(cfg: Any, has_eval: bool, pool_size: int | None = None) 
                 f"each selection takes G x update_step = {need} samples but the pool has {pool_size}; "
                 "lower update_step or the batch size, or use a selector with replacement"
             )
+        if params.get("exclude_selected") is True:
+            _check_exclusion(sched, pool_size)
 
 
-def target_dataset(eval_sets: Mapping[str, Any] | None) -> Any:
-    """The eval sets as one target dataset; `domain_id` = which eval set (the subtasks of LESS's max)."""
+def _check_exclusion(sched: Any, pool_size: int) -> None:
+    """exclude_selected picks a row at most once per flex epoch: each flex epoch's selections must fit the pool."""
+    per_epoch: Counter[int] = Counter()
+    for e in sched.selections:
+        per_epoch[e.flex_epoch] += sched.global_batch * (e.end - e.step)
+    epoch, rows = max(per_epoch.items(), key=lambda kv: kv[1])
+    if rows > pool_size:
+        raise ConfigError(
+            f"exclude_selected picks a row at most once per flex epoch, but flex epoch {epoch} selects {rows} rows "
+            f"and the pool has {pool_size}; lower update_step, update_times or the batch size, or set "
+            "exclude_selected: false"
+        )
+
+
+def target_dataset(
+    eval_sets: Mapping[str, Any] | None, subtask_column: str | None = None, dataset_dir: str | None = None
+) -> Any:
+    """The eval sets as one target dataset; `domain_id` = which eval set (the subtasks of LESS's max), plus the raw
+    rows' `subtask_column` (strings) when given, which splits each eval set further into subtasks."""
     if not eval_sets:
         return None
     parts = []
     for k, name in enumerate(eval_sets):
         ds = eval_sets[name].select_columns(["input_ids", "labels"])
-        parts.append(ds.add_column("domain_id", [k] * len(ds)))
+        ds = ds.add_column("domain_id", [k] * len(ds))
+        if subtask_column is not None:
+            ds = ds.add_column(subtask_column, subtask_values(eval_sets[name], subtask_column, dataset_dir))
+        parts.append(ds)
     return datasets.concatenate_datasets(parts)
+
+
+def subtask_values(ds: Any, column: str, dataset_dir: str | None) -> list[str]:
+    """`column` of each row of a processed dataset, as strings: its own column if it has one, else its raw rows'."""
+    if column in ds.column_names:
+        return [str(v) for v in ds[column]]
+    if dataset_dir is None:
+        raise ConfigError(f"subtask_column {column!r}: the target rows have no such column and no dataset_dir is known")
+    return raw_column(ds, column, dataset_dir)
+
+
+def raw_column(ds: Any, column: str, dataset_dir: str) -> list[str]:
+    """`column` of the raw row behind each row of a processed dataset (its dataset by `domain_id` and the metadata's
+    domain names, its row by `source_row`, read as the processing read it), as strings."""
+    from dataflex.data.dataset_info import resolve_datasets
+    from dataflex.data.readers import read_rows
+
+    names = domain_names(ds)
+    attrs = {a.name: a for a in resolve_datasets(names, dataset_dir)}
+    raw: dict[str, list[dict[str, Any]]] = {}
+    out = []
+    for dom, src in zip(ds["domain_id"], ds["source_row"]):
+        name = names[dom]
+        if src < 0:
+            raise ConfigError(
+                f"subtask_column {column!r}: dataset '{name}' has packed pt blocks, which span several raw rows; "
+                "set packing: false"
+            )
+        if name not in raw:
+            raw[name] = read_rows(attrs[name], dataset_dir)  # seed 0, as processing reads them
+        value = raw[name][src].get(column)
+        if value is None:
+            raise DataError(f"subtask_column {column!r}: row {src} of dataset '{name}' has no {column!r} value")
+        out.append(str(value))
+    return out
 
 
 def check_indices(indices: Any, expected: int, pool_size: int, where: str) -> list[int]:
@@ -113,7 +177,8 @@ class SelectMode(Mode):
     def components(self, run: Run) -> dict[str, Callback]:
         check_select_config(self.cfg, bool(run.eval_sets), self.pool_size)  # pool-size checks, before training
         self.component, self.params = component_for(self.cfg.dataflex, "selector")
-        runtime = run.runtime(eval_dataset=target_dataset(run.eval_sets))
+        target = target_dataset(run.eval_sets, self.params.get("subtask_column"), run.cfg.data.dataset_dir)
+        runtime = run.runtime(eval_dataset=target)
         if "cache_dir" not in self.params:  # the user's cache_dir wins over the run's default
             runtime["cache_dir"] = str(Path(run.args.output_dir) / "selector_cache")
         return {"selector": REGISTRY.build("selector", self.component, runtime=runtime, cfg=self.params)}
@@ -131,11 +196,12 @@ class SelectMode(Mode):
     # -- between segments ------------------------------------------------------------------------------
 
     def add_warmups(self, run: Run, start: int, end: int) -> None:
-        """Warm-up segments of the flex epochs that begin in [start, end), drawn by the selector's `warmup`."""
+        """Warm-up segments of the flex epochs that begin in [start, end), drawn by the selector's `warmup`, seeded
+        by (run seed, flex epoch) only (never by the selector's own `seed`)."""
         selector, n = run.callbacks["selector"], len(run.pool)
         for e in self.schedule.events:
             if e.kind == "warmup" and start <= e.step < end:
-                selector.flex_epoch = e.flex_epoch
+                selector.run_seed, selector.flex_epoch = int(run.args.seed), e.flex_epoch
                 count = self.schedule.global_batch * (e.end - e.step)
                 indices = selector.warmup(count, replacement=count > n)
                 check_indices(indices, count, n, f"selector '{self.component}' warmup at step {e.step}")
@@ -170,7 +236,9 @@ def _eval_fingerprint(selector: Any) -> Any:
         return None
     from dataflex.features import sample_hashes
 
-    return sha256_json(sample_hashes(ev))
+    if getattr(selector, "subtask_column", None) is None:
+        return sha256_json(sample_hashes(ev))
+    return sha256_json({"samples": sample_hashes(ev), "subtasks": selector.subtasks})  # the split changes the max
 
 
 @distributable
@@ -261,6 +329,8 @@ def _selection(mode: SelectMode, run: Run, previous: Mapping[str, Any], features
         logger.info("selection at step %d: cache hit %s", event.step, path)
         return {**cached, "cache": "hit"}
     selector.last_metric = {}
+    # The flex epoch of this selection (a selector's exclude_selected memory is per flex epoch).
+    selector.run_seed, selector.flex_epoch = int(run.args.seed), event.flex_epoch
     indices = selector.select(
         run.model,
         event.step,

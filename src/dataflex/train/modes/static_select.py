@@ -9,6 +9,11 @@ final training; the selector runs exactly as inside `dynamic_select` (`compute_f
 features), so NEAR, TSDS, ClusterLESS and NICE compute their offline artefacts (embeddings, neighbours, KDE
 probabilities, clusters, rollouts) as this pipeline's feature node. Indices are pool rows; the selection file
 stores `sample_id`s, which equal the rows of the processed pool.
+
+Seeds as in `dynamic_select`: the selector's `seed` is its own parameter (its default unless `static_select.params`
+sets it; it drives the selector's draws, LESS's projector, clustering and rollouts) and the run seed reaches it as
+`run_seed` (what a warm-up draw would use), so one selector config gives the same selection in both modes. A
+target's subtasks are its datasets, split further by the raw rows' `subtask_column` when the selector sets it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataflex.distributed.launch import MetricsSink
 from dataflex.models import load_tokenizer, model_fingerprint
 from dataflex.train.less_config import target_names
 from dataflex.train.modes import less as less_lib
+from dataflex.train.modes.select import subtask_values
 from dataflex.train.run import build_model, load_checkpoint_model
 from dataflex.utils.logging import logger
 
@@ -34,32 +40,41 @@ if TYPE_CHECKING:
     from dataflex.train.static_select_config import StaticSelectConfig
 
 
-def target_union(targets: Mapping[str, Any]) -> datasets.Dataset:
-    """All targets' rows as the selector's eval set; `domain_id` numbers every (target, subtask) pair."""
+def target_union(
+    targets: Mapping[str, Any], subtask_column: str | None = None, dataset_dir: str | None = None
+) -> datasets.Dataset:
+    """All targets' rows as the selector's eval set; `domain_id` numbers every (target, dataset) pair, and the raw
+    rows' `subtask_column` (strings), when given, splits those further into subtasks."""
     parts, offset = [], 0
     for name in targets:
         ds = targets[name].select_columns(["input_ids", "labels", "domain_id"])
         ids = [d + offset for d in ds["domain_id"]]
-        parts.append(ds.remove_columns("domain_id").add_column("domain_id", ids))
+        ds = ds.remove_columns("domain_id").add_column("domain_id", ids)
+        if subtask_column is not None:
+            ds = ds.add_column(subtask_column, subtask_values(targets[name], subtask_column, dataset_dir))
+        parts.append(ds)
         offset = max(ids) + 1
     return datasets.concatenate_datasets(parts)
 
 
-def build_selector(ss: StaticSelectConfig, pool: Any, targets: Mapping[str, Any], seed: int) -> Any:
+def build_selector(
+    ss: StaticSelectConfig, pool: Any, targets: Mapping[str, Any], seed: int, dataset_dir: str | None = None
+) -> Any:
+    """The selector with `static_select.params`; `seed` (the run seed) becomes its `run_seed`, never its `seed`."""
     import dataflex.train.selector  # noqa: F401  (registers the built-in selectors)
 
     params = dict(ss.params or {})
     runtime: dict[str, Any] = {
         "dataset": pool,
-        "eval_dataset": target_union(targets),
+        "eval_dataset": target_union(targets, params.get("subtask_column"), dataset_dir),
         "accelerator": None,
         "data_collator": None,
     }
     if "cache_dir" not in params:
         runtime["cache_dir"] = str(ss.cache_dir)
-    if "seed" not in params:
-        runtime["seed"] = seed
-    return REGISTRY.build("selector", ss.selector, runtime=runtime, cfg=params)
+    selector = REGISTRY.build("selector", ss.selector, runtime=runtime, cfg=params)
+    selector.run_seed = int(seed)
+    return selector
 
 
 def warmup(cfg: RunConfig, pool: Any, metrics_sink: MetricsSink | None = None) -> dict[str, Any]:
@@ -91,7 +106,7 @@ def compute_features(
     """The selector's offline artefacts (content-cached by the selector itself)."""
     ss = cfg.static_select
     start = time.perf_counter()
-    selector = build_selector(ss, pool, targets, cfg.train.seed)
+    selector = build_selector(ss, pool, targets, cfg.train.seed, cfg.data.dataset_dir)
     if not hasattr(selector, "compute_features"):
         return {"selector": ss.selector, "features": None, "seconds": 0.0}
     ckpts = warmup_result.get("checkpoints") or []
@@ -122,7 +137,7 @@ def select(
     `files` for the catalog to write."""
     ss = cfg.static_select
     start = time.perf_counter()
-    selector = build_selector(ss, pool, targets, cfg.train.seed)
+    selector = build_selector(ss, pool, targets, cfg.train.seed, cfg.data.dataset_dir)
     k = budget(ss, len(pool))
     model = None if features.get("features") else _model(selector, cfg, warmup_result)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)

@@ -2,7 +2,11 @@
 
 `Selector(dataset, accelerator, data_collator, cache_dir)`; `select(model, step_id, num_samples, **kwargs)`
 returns pool indices; `warmup(num_samples, replacement)` picks the warmup data (random by default, drawn
-fresh for every flex epoch: the loop sets `flex_epoch` before calling it).
+fresh for every flex epoch and seeded by the run seed and the flex epoch only: the select mode sets `run_seed`
+and `flex_epoch` before calling it, and `flex_epoch` before every `select`). The selector's own `seed` parameter
+keeps its other uses (its selection draws, LESS's projector, clustering, rollouts), so changing it never changes
+the warm-up data, and two runs with different run seeds warm up on different data (DataFlex seeded the warm-up by
+the selector's `seed`, the same draw in every flex epoch and run).
 
 Optional: `compute_features(model, step_id, **kwargs) -> dict` computes what `select` needs (per-sample losses,
 gradient features) as its own pipeline node; its result reaches `select` as the `features` keyword. A selector
@@ -25,10 +29,23 @@ from dataflex.compat import KeepAddedFields
 from dataflex.train.trainer.callbacks import Callback
 from dataflex.utils.logging import logger
 
-__all__ = ["Selector", "logger"]
+__all__ = ["DEFAULT_RUN_SEED", "Selector", "logger", "warmup_seed"]
+
+
+# The run seed a selector assumes outside a run (TrainingArguments' default); the select mode sets the real one.
+DEFAULT_RUN_SEED = 42
+
+
+def warmup_seed(run_seed: int, flex_epoch: int) -> int:
+    """The warm-up generator's seed: a function of (run seed, flex epoch) only."""
+    return int(run_seed) * 100_003 + int(flex_epoch)
 
 
 class Selector(Callback, ABC):
+    # Class-level defaults so a DataFlex-written selector that skips `super().__init__` still has them.
+    run_seed: int = DEFAULT_RUN_SEED
+    flex_epoch: int = 0
+
     def __init__(
         self, dataset: Any, accelerator: Any, data_collator: Any, cache_dir: str | None = None, seed: int = 42
     ) -> None:
@@ -37,12 +54,14 @@ class Selector(Callback, ABC):
         self.data_collator = KeepAddedFields(data_collator) if data_collator is not None else None
         self.cache_dir = cache_dir
         self.seed = seed
+        self.run_seed = DEFAULT_RUN_SEED
         self.flex_epoch = 0
 
     def warmup(self, num_samples: int, replacement: bool = False) -> list[int]:
-        """Random warmup indices seeded by (seed, flex epoch): fresh per flex epoch, no global RNG touched."""
+        """Random warmup indices seeded by (run seed, flex epoch), not by the selector's `seed`: fresh per flex epoch
+        and per run, no global RNG touched."""
         n = len(self.dataset)
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.flex_epoch)
+        gen = torch.Generator().manual_seed(warmup_seed(self.run_seed, self.flex_epoch))
         if replacement:
             return torch.randint(0, n, (num_samples,), generator=gen).tolist()
         if num_samples > n:

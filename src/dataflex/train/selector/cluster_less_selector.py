@@ -9,7 +9,10 @@ centroid by default; `random` is seeded by (`seed`, step)), and LESS features (A
 for the target) through the gradient datastore. `select`: cluster vector = normalised mean of its representatives'
 normalised features, cluster score = its cosine with the target aggregated like `less`; clusters in score order
 give at most ceil(`max_cluster_share` · budget) rows each per pass, most central first, so one huge cluster cannot
-take the whole budget (DataFlex filled whole clusters, the last one in arbitrary order).
+take the whole budget (DataFlex filled whole clusters, the last one in arbitrary order). `gradient_type` is LESS's
+`adam` (default), `sgd` or `sign` (no optimizer state for the last two); `aggregation`, `subtask_column` (a raw-data
+column splitting the target rows into LESS's subtasks) and `exclude_selected` (false, DataFlex's: its top-k repeats
+the same clusters every update; true: no row twice in a flex epoch, the memory in `state_dict`) work as in `less`.
 
 DataFlex's parameters: `cluster_size` (rows per cluster: K = ceil(N / cluster_size)), `num_clusters` (= our
 `n_clusters`), `samples_per_cluster` (= `representatives`), `clustering_batch_size` (= `embedding_batch_size`),
@@ -57,13 +60,16 @@ from dataflex.utils.logging import logger
 from .base_selector import Selector
 from .embedding_common import (
     SAVE_INTERVAL_WHY,
+    SUBTASK_COLUMN_WHY,
     EmbeddingMixin,
+    SelectionMemory,
     alias,
-    fill_to,
+    check_target_params,
     needs_target,
     notice_unused,
     positive_int,
     signature_default,
+    target_subtasks,
 )
 
 CLUSTER_CODE_VERSION = "2"
@@ -79,7 +85,7 @@ ALIASES = (
 
 
 @register_selector("cluster_less")
-class ClusterLessSelector(EmbeddingMixin, Selector):
+class ClusterLessSelector(EmbeddingMixin, SelectionMemory, Selector):
     def __init__(
         self,
         dataset: Any,
@@ -119,11 +125,17 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         embedding_layer: int | None = None,
         embedding_dtype: str | None = None,
         save_interval: int | None = None,
+        exclude_selected: bool = False,
+        subtask_column: str | None = None,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.check_params(locals())
         p = self.resolved(locals())
         self.eval_dataset = needs_target("cluster_less", eval_dataset)
+        self.exclude_selected, self.subtask_column = exclude_selected, subtask_column
+        self.subtasks = target_subtasks("cluster_less", self.eval_dataset, subtask_column)
+        if aggregation == "mean":
+            notice_unused("cluster_less", "subtask_column", subtask_column, SUBTASK_COLUMN_WHY)
         self.embedding_model_path = embedding_model_name_or_path
         self.embedding_model_dtype = p["embedding_model_dtype"]
         self.embedding = EmbeddingSettings(
@@ -195,6 +207,7 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
             raise ConfigError(f"selector '{name}': max_cluster_share must be in (0, 1], got {share!r}")
         if params["aggregation"] not in AGGREGATIONS:
             raise ConfigError(f"selector '{name}': aggregation must be one of {', '.join(AGGREGATIONS)}")
+        check_target_params(name, params)
         if p["embedding_model_dtype"] not in MODEL_DTYPES:
             raise ConfigError(
                 f"selector '{name}': embedding_model_dtype must be one of {', '.join(MODEL_DTYPES)}, "
@@ -329,7 +342,7 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         if self.settings.gradient_type == "adam" and moments is None:
             raise ConfigError(
                 "selector 'cluster_less' with gradient_type adam needs the run's optimizer state "
-                "(or set gradient_type: sgd)"
+                "(or set gradient_type: sgd or sign)"
             )
         pool = self.pool_embeddings(model, step_id, base_model_id, kwargs)
         cref, labels, centroids = self.clusters(pool)
@@ -376,9 +389,7 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         vec = torch.zeros(n_clusters, rep.shape[1])
         vec.index_add_(0, rep_labels, rep)
         target = normalize_rows(GradientDatastore.load(feats["target"]).features)
-        cols = self.eval_dataset.column_names if hasattr(self.eval_dataset, "column_names") else []
-        subtasks = list(self.eval_dataset["domain_id"]) if "domain_id" in cols else None
-        return aggregate(normalize_rows(vec) @ target.T, subtasks, self.aggregation)
+        return aggregate(normalize_rows(vec) @ target.T, self.subtasks, self.aggregation)
 
     def select(self, model: torch.nn.Module, step_id: int, num_samples: int, **kwargs: Any) -> list[int]:
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
@@ -387,7 +398,12 @@ class ClusterLessSelector(EmbeddingMixin, Selector):
         scores = self.cluster_scores(feats, labels, len(centroids))
         order = torch.sort(-scores.double(), stable=True).indices.tolist()  # best first, ties to the lower id
         members = ranked_members(EmbeddingStore.load(feats["pool"]), labels, centroids)
-        picked = fill_to(spread_budget(order, members, num_samples, self.max_cluster_share), num_samples)
+        excluded = self.excluded()
+        if excluded:  # rows picked earlier in this flex epoch leave their clusters
+            members = [[i for i in m if i not in excluded] for m in members]
+        picked = self.take(
+            "cluster_less", spread_budget(order, members, num_samples, self.max_cluster_share), num_samples
+        )
         chosen = np.bincount(labels[np.asarray(picked)], minlength=len(centroids))
         self.last_metric = {
             "clusters": len(centroids),

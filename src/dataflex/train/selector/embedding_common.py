@@ -1,11 +1,13 @@
 """Shared plumbing of the embedding selectors (`near`, `tsds`, `cluster_less`, `nice`): settings, the tokenizer that
 turns the processed rows back into text, the cached embedding / neighbour artefacts, DataFlex's precomputed `.npy`
-files, and DataFlex parameter names that are aliases of ours or meaningless here."""
+files, and DataFlex parameter names that are aliases of ours or meaningless here. Also what the target-matching
+selectors (`less`, `cluster_less`, `nice`) share: their common parameter checks, LESS's subtasks of the target rows
+(`subtask_column`) and the memory of `exclude_selected`."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from safetensors.torch import load_file, save
 from dataflex.core.errors import ConfigError, DataError
 from dataflex.distributed.collectives import cached_for_all, main_process_writes
 from dataflex.features.embeddings import MODEL_ENCODER, EmbeddingSettings, EmbeddingStore
+from dataflex.features.gradients import GRADIENT_TYPES
 from dataflex.features.neighbors import EXACT_THRESHOLD, knn
 from dataflex.utils.io import atomic_write_bytes, sha256_json
 from dataflex.utils.logging import logger
@@ -215,3 +218,100 @@ def fill_to(picked: list[int], num_samples: int) -> list[int]:
     if len(picked) >= num_samples or not picked:
         return picked[:num_samples]
     return (picked * (num_samples // len(picked) + 1))[:num_samples]
+
+
+# ----------------------------------------------------------------------------- target-matching selectors
+
+# Columns of the tokenised rows (dataflex.data.processing): a subtask column names a raw-data column instead.
+PROCESSED_COLUMNS = ("input_ids", "labels", "sample_id", "domain_id", "source_row")
+
+SUBTASK_COLUMN_WHY = "aggregation is mean (over every target row); subtasks matter only to aggregation: max"
+
+
+def check_target_params(selector: str, params: Mapping[str, Any]) -> None:
+    """The checks `less`, `cluster_less` and `nice` share: gradient type, exclude_selected, subtask_column."""
+    gradient_type = params.get("gradient_type")
+    if gradient_type not in GRADIENT_TYPES:
+        raise ConfigError(
+            f"selector '{selector}': gradient_type must be one of {', '.join(GRADIENT_TYPES)}, got {gradient_type!r}"
+        )
+    if not isinstance(params.get("exclude_selected", False), bool):
+        raise ConfigError(
+            f"selector '{selector}': exclude_selected must be true or false, got {params['exclude_selected']!r}"
+        )
+    column = params.get("subtask_column")
+    if column is None:
+        return
+    if not isinstance(column, str) or not column.strip():
+        raise ConfigError(
+            f"selector '{selector}': subtask_column must name a column of the target's raw rows (e.g. subject), "
+            f"got {column!r}"
+        )
+    if column in PROCESSED_COLUMNS:
+        raise ConfigError(
+            f"selector '{selector}': subtask_column names a column of the target's raw rows (e.g. subject); "
+            f"{column!r} is a column of the tokenised rows"
+        )
+
+
+def target_subtasks(selector: str, eval_dataset: Any, column: str | None) -> list[int] | None:
+    """LESS's subtasks of the target rows (the groups of its max over subtasks): each eval set (`domain_id`), split
+    further by the value of the raw-data column `column` when it is set; None: all rows are one subtask."""
+    cols = list(getattr(eval_dataset, "column_names", None) or [])
+    sets = list(eval_dataset["domain_id"]) if "domain_id" in cols else None
+    if column is None:
+        return sets
+    if column not in cols:
+        raise ConfigError(
+            f"selector '{selector}': subtask_column {column!r} is not a column of the target rows; dynamic_select "
+            "and static_select carry it from the dev files' raw rows, a hand-built eval_dataset needs it as a column"
+        )
+    ids: dict[tuple[int, str], int] = {}
+    keys = zip(sets if sets is not None else [0] * len(eval_dataset), eval_dataset[column])
+    return [ids.setdefault((int(s), str(v)), len(ids)) for s, v in keys]
+
+
+class SelectionMemory:
+    """`exclude_selected`: a selection never picks a row that an earlier selection of the same flex epoch picked.
+
+    The memory (the rows picked so far and their flex epoch) is the selector's `state_dict`, carried in TrainState, so
+    a resumed run excludes exactly what the uninterrupted one did. It is per flex epoch (`flex_epoch`, which the
+    select mode sets before every `select`): a new flex epoch restarts the pass over the pool with an empty memory
+    (with update_times <= 0 and train_step > 0 the run is one flex epoch). When the rows left are fewer than the
+    budget, `take` is a ConfigError; dynamic_select checks that before training (`check_select_config`)."""
+
+    flex_epoch: int = 0
+    exclude_selected: bool = False
+    _memory_epoch: int = 0
+    _memory: frozenset[int] = frozenset()  # replaced, never mutated: the class default stays empty
+
+    def excluded(self) -> frozenset[int]:
+        """The rows this selection may not pick."""
+        if not self.exclude_selected or self._memory_epoch != self.flex_epoch:
+            return frozenset()
+        return self._memory
+
+    def take(self, selector: str, ranking: Iterable[int], num_samples: int) -> list[int]:
+        """The first `num_samples` rows of `ranking` (best first) that are not excluded, remembered. Without
+        exclusion a ranking shorter than the budget repeats (the selectors' behaviour before this option)."""
+        excluded = self.excluded()
+        picked = [int(i) for i in ranking if i not in excluded][:num_samples]
+        if not self.exclude_selected:
+            return fill_to(picked, num_samples)
+        if len(picked) < num_samples:
+            raise ConfigError(
+                f"selector '{selector}': exclude_selected leaves {len(picked)} unpicked rows in flex epoch "
+                f"{self.flex_epoch} but {num_samples} are asked for; lower update_step, update_times or the batch "
+                "size, or set exclude_selected: false"
+            )
+        self._memory, self._memory_epoch = excluded | frozenset(picked), self.flex_epoch
+        return picked
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.exclude_selected:
+            return {}  # nothing remembered: the state (and the selection cache key) of a selector without it
+        return {"selected_flex_epoch": self._memory_epoch, "selected_rows": sorted(self._memory)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._memory_epoch = int(state.get("selected_flex_epoch", 0))
+        self._memory = frozenset(int(i) for i in state.get("selected_rows", ()))

@@ -1,11 +1,15 @@
 """`less`: online LESS on the current model and the live Adam moments.
 
-`compute_features` stores Adam features of the pool and SGD features of `eval_dataset` (the target) in the
-gradient datastore (one batched pass each, keyed by content, so a re-run reuses them); `select` scores every
+`compute_features` stores Adam features of the pool (or `gradient_type: sgd` / `sign`: raw gradients or their
+elementwise sign, LESS's other two types; no optimizer state) and SGD features of `eval_dataset` (the target) in
+the gradient datastore (one batched pass each, keyed by content, so a re-run reuses them); `select` scores every
 pool sample by its cosine with the target examples, aggregated `mean` over all of them (DataFlex) or `max` over
-subtasks of the per-subtask mean (LESS; subtasks are the eval sets, `domain_id`), and takes the top
-`num_samples` (ties to the lower index). ε placement defaults to LESS's (inside the sqrt); DataFlex's is
-`adam_eps_placement: outside`. Betas and ε come from the run's optimizer, not hard-coded.
+subtasks of the per-subtask mean (LESS; the subtasks are the eval sets, `domain_id`, each split further by the
+values of the raw-data column `subtask_column` when set, e.g. `subject` for MMLU's 57 subjects in one dev file),
+and takes the top `num_samples` (ties to the lower index). `exclude_selected: true` never picks a row an earlier
+selection of the same flex epoch picked (the memory is in `state_dict`, so resume is exact); the default, false,
+is DataFlex's (its top-k repeats the same rows every update). ε placement defaults to LESS's (inside the sqrt);
+DataFlex's is `adam_eps_placement: outside`. Betas and ε come from the run's optimizer, not hard-coded.
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ from dataflex.features import FeatureSettings, GradientDatastore, less_scores, t
 from dataflex.features.matching import AGGREGATIONS
 
 from .base_selector import Selector
-from .embedding_common import SAVE_INTERVAL_WHY, notice_unused
+from .embedding_common import (
+    SAVE_INTERVAL_WHY,
+    SUBTASK_COLUMN_WHY,
+    SelectionMemory,
+    check_target_params,
+    notice_unused,
+    target_subtasks,
+)
 
 
 @register_selector("less")
-class LessSelector(Selector):
+class LessSelector(SelectionMemory, Selector):
     def __init__(
         self,
         dataset: Any,
@@ -41,6 +52,8 @@ class LessSelector(Selector):
         aggregation: str = "mean",
         batch_size: int = 16,
         save_interval: int | None = None,
+        exclude_selected: bool = False,
+        subtask_column: str | None = None,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         if eval_dataset is None or len(eval_dataset) == 0:
@@ -48,6 +61,10 @@ class LessSelector(Selector):
         self.check_params(locals())
         self.eval_dataset = eval_dataset
         notice_unused("less", "save_interval", save_interval, SAVE_INTERVAL_WHY)  # accepted for DataFlex's YAMLs
+        self.exclude_selected, self.subtask_column = exclude_selected, subtask_column
+        self.subtasks = target_subtasks("less", eval_dataset, subtask_column)
+        if aggregation == "mean":
+            notice_unused("less", "subtask_column", subtask_column, SUBTASK_COLUMN_WHY)
         self.settings = FeatureSettings(
             gradient_type=gradient_type,
             projector=projector,
@@ -62,6 +79,7 @@ class LessSelector(Selector):
     def check_params(cls, params: dict[str, Any]) -> None:
         if params["aggregation"] not in AGGREGATIONS:
             raise ConfigError(f"selector 'less': aggregation must be one of {', '.join(AGGREGATIONS)}")
+        check_target_params("less", params)
 
     def _store(self) -> GradientDatastore:
         return GradientDatastore(Path(self.cache_dir or "data/04_feature") / "datastore")
@@ -103,10 +121,9 @@ class LessSelector(Selector):
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
         train = GradientDatastore.load(feats["pool"]).features
         target = GradientDatastore.load(feats["target"]).features
-        subtasks = list(self.eval_dataset["domain_id"]) if "domain_id" in self.eval_dataset.column_names else None
-        scores = less_scores([train], [target], [1.0], subtasks, self.aggregation)
-        picked = top_k(scores, max_samples=num_samples)
-        if len(picked) < num_samples:  # more than the pool: repeat the ranking (top-k has no replacement)
-            picked = (picked * (num_samples // len(picked) + 1))[:num_samples]
+        scores = less_scores([train], [target], [1.0], self.subtasks, self.aggregation)
+        # The best num_samples rows outside the memory are among the best num_samples + |memory|.
+        ranking = top_k(scores, max_samples=min(len(scores), num_samples + len(self.excluded())))
+        picked = self.take("less", ranking, num_samples)  # more than the pool: the ranking repeats
         self.last_metric = {"train_eval_similarity": [float(scores[i]) for i in picked]}
         return picked

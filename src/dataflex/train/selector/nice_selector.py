@@ -6,7 +6,9 @@ Offline, once (content-cached table): `mc_samples` rollouts per target prompt fr
 (Adam transform really applied with `gradient_type: adam`) and the rollouts' SGD features of the current model,
 both through the gradient datastore; the target feature of a prompt is the reward-weighted sum of its rollouts'
 likelihood gradients, G(x) = (1/mc) Σ_m (r_m − b) ∇ Σ_t NLL(y_m) (`baseline: mean` sets b to the prompt's mean
-reward; `nll: mean` uses the token mean instead of the sum). Scores and top-k as `less`.
+reward; `nll: mean` uses the token mean instead of the sum). Scores and top-k as `less`, with its `gradient_type`
+(`adam`, `sgd` or `sign`), `aggregation`, `subtask_column` and `exclude_selected` (false: DataFlex's, whose top-k
+repeats the same rows every update; true: no row twice in a flex epoch, the memory in `state_dict`).
 
 DataFlex's parameters: `reward_model_path` (a local sequence-classification judge = `reward: <folder>`),
 `generation_temperature` (= `temperature`), `prompt_template`, `reward_prompt_with_ref` /
@@ -49,13 +51,16 @@ from dataflex.utils.logging import logger
 from .base_selector import Selector
 from .embedding_common import (
     SAVE_INTERVAL_WHY,
+    SUBTASK_COLUMN_WHY,
+    SelectionMemory,
     alias,
-    fill_to,
+    check_target_params,
     needs_target,
     notice_unused,
     positive_int,
     resolve_tokenizer,
     signature_default,
+    target_subtasks,
 )
 
 REWARD_BACKENDS = ("local", "local_vllm", "api")
@@ -68,7 +73,7 @@ def nice_target_features(rollout_features: torch.Tensor, weights: torch.Tensor) 
 
 
 @register_selector("nice")
-class NiceSelector(Selector):
+class NiceSelector(SelectionMemory, Selector):
     def __init__(
         self,
         dataset: Any,
@@ -100,11 +105,17 @@ class NiceSelector(Selector):
         reward_model_backend: str | None = None,
         reward_backend_params: dict[str, Any] | None = None,
         save_interval: int | None = None,
+        exclude_selected: bool = False,
+        subtask_column: str | None = None,
     ) -> None:
         super().__init__(dataset, accelerator, data_collator, cache_dir, seed=seed)
         self.eval_dataset = needs_target("nice", eval_dataset)
         self.check_params(locals())
         p = self.resolved(locals())
+        self.exclude_selected, self.subtask_column = exclude_selected, subtask_column
+        self.subtasks = target_subtasks("nice", self.eval_dataset, subtask_column)
+        if aggregation == "mean":
+            notice_unused("nice", "subtask_column", subtask_column, SUBTASK_COLUMN_WHY)
         self.policy_model_path, self.reward = str(policy_model_path), str(p["reward"])
         self.mc_samples = positive_int("nice", "mc_samples", mc_samples)
         self.max_new_tokens = positive_int("nice", "max_new_tokens", max_new_tokens)
@@ -237,6 +248,7 @@ class NiceSelector(Selector):
             raise ConfigError(f"selector 'nice': temperature must be > 0, got {temperature!r}")
         positive_int("nice", "mc_samples", params["mc_samples"])
         positive_int("nice", "max_new_tokens", params["max_new_tokens"])
+        check_target_params("nice", params)
 
     def _root(self) -> Path:
         return Path(self.cache_dir or "data/04_feature")
@@ -276,7 +288,8 @@ class NiceSelector(Selector):
         moments = optimizer if optimizer is not None else optimizer_state
         if self.settings.gradient_type == "adam" and moments is None:
             raise ConfigError(
-                "selector 'nice' with gradient_type adam needs the run's optimizer state (or set gradient_type: sgd)"
+                "selector 'nice' with gradient_type adam needs the run's optimizer state "
+                "(or set gradient_type: sgd or sign)"
             )
         table = self.rollouts(model, kwargs)
         keep, _ = rollout_weights(
@@ -322,10 +335,10 @@ class NiceSelector(Selector):
         feats = kwargs.get("features") or self.compute_features(model, step_id, **kwargs)
         train = GradientDatastore.load(feats["pool"]).features
         target = self.target_features(feats)
-        cols = self.eval_dataset.column_names if hasattr(self.eval_dataset, "column_names") else []
-        subtasks = list(self.eval_dataset["domain_id"]) if "domain_id" in cols else None
-        scores = less_scores([train], [target], [1.0], subtasks, self.aggregation)
-        picked = fill_to(top_k(scores, max_samples=num_samples), num_samples)
+        scores = less_scores([train], [target], [1.0], self.subtasks, self.aggregation)
+        # The best num_samples rows outside the memory are among the best num_samples + |memory|.
+        ranking = top_k(scores, max_samples=min(len(scores), num_samples + len(self.excluded())))
+        picked = self.take("nice", ranking, num_samples)
         self.last_metric = {
             "train_eval_similarity": [float(scores[i]) for i in picked],
             "mean_reward": feats.get("mean_reward"),
