@@ -116,3 +116,16 @@ def test_epochs_chained_in_one_trainer_equal_one_call_with_dropout(tiny_model_di
     a = {n: p for n, p in one_model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in chained_model.named_parameters() if p.requires_grad}
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_early_stopping_ends_a_dynamic_select_run_cleanly(tiny_model_dir, sft_pool, tmp_path):
+    """Rounds after the stop carry the stopped state: no more selections, the summary is the stop's."""
+    from dataflex.train.modes import select
+
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=-1, early_stopping_steps=1, early_stopping_min_delta=100.0)
+    flex = {"train_type": "dynamic_select", "component_name": "random", "warmup_step": 2, "update_step": 2}
+    cfg = RunConfig.from_params({**cfg.to_params(), "dataflex": {**flex, "update_times": 3}})
+    result = select.run_all(cfg, sft_pool, _evals(sft_pool))
+    assert result["global_step"] == 4 and result["stopped_early_at"] == 4 and result["best_step"] == 2
+    assert [s["step"] for s in result["selection_history"]] == [2]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

@@ -252,7 +252,10 @@ def train_segment(
     metrics_sink: MetricsSink | None = None,
 ) -> dict[str, Any]:
     """Train round `round_k` on `selection` (and any warm-up data of flex epochs starting inside it). The last
-    round also saves the trained adapter / model and carries the run's summary."""
+    round, or the round early stopping ended, also saves the trained adapter / model and carries the run's summary;
+    the rounds after an early stop carry that state unchanged."""
+    if previous is not None and previous.get("stopped"):
+        return {**previous, "round": round_k}
     mode = SelectMode(cfg, len(pool))
     run = Run(
         cfg, pool, mode, eval_sets=eval_sets, resume=previous and previous["checkpoint"], metrics_sink=metrics_sink
@@ -273,8 +276,9 @@ def train_segment(
         "step": result.global_step,
         "checkpoint": str(run.save_state()),
         "last_train_loss": result.final_train_loss,
+        "stopped": run.trainer.stopping(),
     }
-    if end >= mode.schedule.max_steps:
+    if end >= mode.schedule.max_steps or state["stopped"]:
         state["summary"] = run.finish(result, last_checkpoint=state["checkpoint"]).to_summary()
     return state
 
@@ -283,6 +287,8 @@ def train_segment(
 def compute_features(cfg: Any, pool: Any, eval_sets: Any, previous: dict[str, Any]) -> dict[str, Any]:
     """What the selector needs for round previous+1, from the model and optimizer at that point (cached by the
     selector); with num_processes > 1 computed by that many workers, each on a share of the pool."""
+    if previous.get("stopped"):
+        return {"features": {}}
     mode = SelectMode(cfg, len(pool))
     run = Run(cfg, pool, mode, eval_sets=eval_sets, resume=previous["checkpoint"])
     return _features(mode, run, previous)
@@ -304,6 +310,8 @@ def select_round(
 
     The selection is written to OUTPUT_DIR/selections/step_<g>.json and reused when the same model state, data,
     selector config and step come again. With num_processes > 1, features are computed on the workers."""
+    if previous.get("stopped"):  # early stopping ended the run: no more selections
+        return {"features": {}}, {"step": previous["step"], "skipped": True}
     mode = SelectMode(cfg, len(pool))
     has_features = hasattr(REGISTRY.get("selector", component_for(cfg.dataflex, "selector")[0]), "compute_features")
     launched = has_features and cfg.train.num_processes > 1
@@ -376,7 +384,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 def finalize(last: Mapping[str, Any], selections: list[Mapping[str, Any]]) -> dict[str, Any]:
     """The run's summary (from the last round) with the per-round selection composition (`selection_history`)."""
     composition = [
-        {"step": s["step"], "domain_counts": s["domain_counts"], "cache": s.get("cache")} for s in selections
+        {"step": s["step"], "domain_counts": s["domain_counts"], "cache": s.get("cache")}
+        for s in selections
+        if not s.get("skipped")
     ]
     return {**last["summary"], "selection_history": composition}
 
@@ -387,6 +397,8 @@ def run_all(cfg: Any, pool: Any, eval_sets: Any, metrics_sink: MetricsSink | Non
     state = train_segment(cfg, pool, eval_sets, 0, metrics_sink=metrics_sink)
     selections = []
     for k in range(1, n):
+        if state.get("stopped"):
+            break
         _, sel = select_round(cfg, pool, eval_sets, state)
         selections.append(sel)
         state = train_segment(cfg, pool, eval_sets, k, state, sel, metrics_sink)
