@@ -46,9 +46,11 @@ def test_launch_configs_are_checked_before_any_work(tmp_path):
     ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
     ds = tmp_path / "ds_z2.json"
     ds.write_text("{}")
-    with pytest.raises(ConfigError, match="FSDP is not supported yet"):
+    with pytest.raises(ConfigError, match="distributed_type FSDP is not used: set train.fsdp"):
         check_launch_config({"num_processes": 2, "accelerate_config": str(fsdp)})
-    with pytest.raises(ConfigError, match="DeepSpeed is not supported yet"):
+    check_launch_config({"num_processes": 2, "deepspeed": str(ds)})  # ZeRO-0 (no stage): plain DDP
+    ds.write_text('{"zero_optimization": {"stage": 5}}')
+    with pytest.raises(ConfigError, match="stage must be 0, 1, 2 or 3"):
         check_launch_config({"num_processes": 2, "deepspeed": str(ds)})
     with pytest.raises(ConfigError, match="has num_processes 4 but train.num_processes is 2"):
         check_launch_config({"num_processes": 2, "accelerate_config": str(ddp)})

@@ -124,15 +124,19 @@ def check_launch_config(params: Mapping[str, Any]) -> None:
             kind = "accelerate config YAML" if key == "accelerate_config" else "DeepSpeed JSON"
             raise ConfigError(f"{key} file {path} does not exist; give the path of an existing {kind}")
     if params.get("deepspeed"):
-        if int(params.get("num_processes") or 1) > 1:
-            raise ConfigError(_SHARDED.format(kind="DeepSpeed"))
-        # ZeRO partitions weights, gradients and optimizer state across processes: one process has nothing to
-        # partition and takes the same optimizer steps without it (DataFlex's example YAMLs all name a ZeRO file).
-        logger.warning(
-            "deepspeed %s: ZeRO shards across processes and this run has one, so it trains without DeepSpeed "
-            "(same updates; sharded multi-process training is not supported yet)",
-            params["deepspeed"],
-        )
+        from dataflex.distributed.fsdp import settings_from_deepspeed
+
+        settings = settings_from_deepspeed(params["deepspeed"])  # a bad JSON or stage is one line here
+        if int(params.get("num_processes") or 1) == 1:
+            # ZeRO partitions weights, gradients and optimizer state across processes: one process has nothing
+            # to partition and takes the same optimizer steps without it (DataFlex's example YAMLs name ZeRO files).
+            logger.warning(
+                "deepspeed %s: ZeRO shards across processes and this run has one, so it trains unsharded "
+                "(same updates)",
+                params["deepspeed"],
+            )
+        elif settings is not None:
+            logger.warning("%s", settings.notes[0])
     path = params.get("accelerate_config")
     if path:
         import yaml
@@ -153,11 +157,11 @@ def check_launch_config(params: Mapping[str, Any]) -> None:
             )
 
 
-# Accelerate would launch these, but TrainState checkpoints hold full unwrapped weights and a plain AdamW state:
-# sharded save / restore is not implemented (nor verifiable without GPUs), so refuse rather than write wrong ones.
+# Sharding is the loop's own (`dataflex.distributed.fsdp`, FSDP2 over the launched processes), so an accelerate
+# config that asks accelerate to shard is pointed at the run's keys instead.
 _SHARDED = (
-    "{kind} is not supported yet: TrainState checkpoints do not save sharded weights or optimizer "
-    "states; use the default DDP (unset deepspeed, or distributed_type: MULTI_GPU / MULTI_CPU)"
+    "an accelerate config with distributed_type {kind} is not used: set train.fsdp (FSDP2: full_shard | "
+    "shard_grad_op [offload]) or deepspeed (a ZeRO JSON, mapped onto FSDP2) with distributed_type MULTI_GPU / MULTI_CPU"
 )
 
 

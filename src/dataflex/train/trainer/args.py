@@ -4,7 +4,7 @@ checked once on construction (see dataflex.core.schema)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.schema import Schema, setting
@@ -92,8 +92,16 @@ class TrainingArguments(Schema):
     accelerate_config: str | None = setting(
         None, "an accelerate config YAML for the workers (DDP, multi-node); its num_processes must match"
     )
+    fsdp: str | None = setting(
+        None,
+        "FSDP2 sharding across the processes (HF's form): full_shard | shard_grad_op, optionally offload "
+        "(e.g. 'full_shard auto_wrap'); needs num_processes >= 2",
+    )
+    fsdp_config: dict[str, Any] = setting(
+        {}, "FSDP options: transformer_layer_cls_to_wrap (default: the model's decoder layer class)"
+    )
     deepspeed: str | None = setting(
-        None, "a DeepSpeed JSON (LLaMA-Factory's key): one process trains without it (a notice); several: refused"
+        None, "a DeepSpeed JSON (LLaMA-Factory's key): mapped onto FSDP2 (ZeRO-3 full_shard, ZeRO-2 shard_grad_op)"
     )
 
     def validate(self) -> None:
@@ -115,6 +123,16 @@ class TrainingArguments(Schema):
             raise ConfigError(
                 f"train.num_train_epochs must be > 0 (or set max_steps > 0), got {self.num_train_epochs!r}"
             )
+        if self.fsdp and self.num_processes < 2:
+            raise ConfigError(
+                "train.fsdp shards the model across processes but num_processes is 1: set num_processes >= 2, or "
+                "unset fsdp (one process trains unsharded)"
+            )
+        from dataflex.distributed.fsdp import parse_fsdp
+
+        parse_fsdp(self.fsdp, self.fsdp_config)  # unknown options are one line here, before any work
+        if self.fsdp and self.deepspeed:
+            raise ConfigError("set either fsdp or deepspeed, not both (a DeepSpeed JSON is mapped onto FSDP2)")
         if self.accelerate_config and self.deepspeed:
             raise ConfigError(
                 "set either accelerate_config or deepspeed, not both (a DeepSpeed JSON is mapped onto "

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from dataflex.core.errors import ConfigError
+from dataflex.distributed.fsdp import fsdp_settings, shard_model
 from dataflex.train.trainer.args import TrainingArguments
 from dataflex.train.trainer.callbacks import Callback, TrainContext
 from dataflex.train.trainer.losses import (
@@ -45,6 +46,7 @@ from dataflex.train.trainer.state import (
     prune_checkpoints,
     read_manifest,
     resolve_resume_path,
+    save_sharded_train_state,
     save_train_state,
 )
 from dataflex.utils.logging import logger
@@ -154,11 +156,10 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(args)
         sharded = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
         if sharded in ("FSDP", "DEEPSPEED"):
-            # TrainState saves unwrapped full weights and a plain optimizer state: sharded states would be wrong.
+            # The loop shards with FSDP2 itself (train.fsdp / deepspeed); accelerate's own sharding would wrap it twice.
             raise ConfigError(
-                f"{sharded} is launched but the loop's TrainState checkpoints do not support sharded "
-                "weights or optimizer states yet; use the default DDP (no accelerate_config / "
-                "deepspeed)"
+                f"accelerate launched {sharded}: the loop shards with FSDP2 itself; set train.fsdp (or deepspeed) and "
+                "launch plain data parallelism (distributed_type MULTI_GPU / MULTI_CPU)"
             )
         if self.accelerator.num_processes > 1 and self.accelerator.num_processes != args.num_processes:
             raise ConfigError(
@@ -189,9 +190,28 @@ class Trainer:
             manifest = read_manifest(self.resume_path)
             check_compatible(manifest, model, self.resume_path)
             check_base(manifest, model_fingerprint, self.resume_path, allow=args.allow_different_base)
+            saved = manifest.get("sharded_processes")
+            if saved and saved != self.accelerator.num_processes and self.accelerator.is_main_process:
+                logger.info(
+                    "resuming %s, sharded over %d processes, on %d: its shards are redistributed (DCP)",
+                    self.resume_path,
+                    saved,
+                    self.accelerator.num_processes,
+                )
+        # FSDP2 (train.fsdp, or a DeepSpeed JSON mapped onto it) shards the model itself, before the optimizer sees
+        # its parameters; otherwise accelerate wraps it in DDP.
+        self.fsdp = fsdp_settings(args) if self.accelerator.num_processes > 1 else None
+        if self.fsdp is not None:
+            model = shard_model(model, self.fsdp)
+            if self.accelerator.is_main_process:
+                for note in self.fsdp.notes:
+                    logger.info("%s", note)
         self.optimizer = make_optimizer(model, args)
         self.scheduler = make_scheduler(self.optimizer, args, self.plan.num_steps)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if self.fsdp is not None:
+            self.model = model
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.global_step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
@@ -208,6 +228,19 @@ class Trainer:
     def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
         """Save TrainState (main process only); other processes wait for it."""
         path = Path(path) if path else self.checkpoint_dir()
+        if self.fsdp is not None:  # every rank writes its shards
+            save_sharded_train_state(
+                path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                trainer_state=self._trainer_state(),
+                accelerator=self.accelerator,
+            )
+            if self.accelerator.is_main_process:
+                prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            self.accelerator.wait_for_everyone()
+            return path
         if self.accelerator.is_main_process:
             save_train_state(
                 path,
@@ -313,17 +346,33 @@ class Trainer:
 
     def result(self, runtime_s: float = 0.0, last_checkpoint: str | None = None) -> TrainResult:
         """The run's result so far (after `train`, or of a restored checkpoint)."""
-        last = next((h["loss"] for h in reversed(self.log_history) if "loss" in h), None)
         return TrainResult(
             global_step=self.global_step,
             train_samples_seen=self.samples_seen,
             train_tokens_seen=self.tokens_seen,
-            final_train_loss=last,
+            final_train_loss=self._final_train_loss(),
             train_loss_mean=self._loss_sum_all / self.global_step if self.global_step else None,
             runtime_s=runtime_s,
             log_history=self.log_history,
             last_checkpoint=last_checkpoint,
         )
+
+    def _final_train_loss(self) -> float | None:
+        """Mean loss of the run's last full `logging_steps` window, steps-weighted together with the shorter window
+        after it when max_steps is not a multiple of logging_steps: at least logging_steps steps are averaged (a last
+        window of 3 steps alone is noise), and the run's last steps still count."""
+        windows: list[tuple[int, float]] = []  # (steps, mean loss) per log line, oldest first
+        previous = 0
+        for h in self.log_history:
+            if "loss" in h:
+                windows.append((max(int(h["step"]) - previous, 1), float(h["loss"])))
+                previous = int(h["step"])
+        steps = total = 0.0
+        for n, loss in reversed(windows):
+            steps, total = steps + n, total + n * loss
+            if steps >= self.args.logging_steps:
+                break
+        return total / steps if steps else None
 
     def _notice_long_run(self, max_steps: int, step_seconds: float) -> None:
         """One line when the run is many passes over its data (e.g. a max_steps meant for a larger pool)."""
@@ -412,7 +461,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             ctx = self._context(i, n, max_steps)
             sync = i == n - 1 or acc.num_processes == 1
-            with acc.no_sync(model) if not sync else contextlib.nullcontext(), acc.autocast():
+            with self._gradient_sync(sync), acc.autocast():
                 losses = forward_losses(model, batch, window_tokens=window, num_processes=acc.num_processes)
                 if ghost:
                     self.loss.ghost(losses)
@@ -429,6 +478,13 @@ class Trainer:
             both = acc.reduce(torch.stack([step_loss, weighted]), reduction="sum")
             step_loss, weighted = both[0], both[1]
         return step_loss, weighted, n
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Reduce gradients across processes on this micro-batch (the last of the step) or not."""
+        if self.fsdp is not None:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
 
     def _log(self, interval: _Interval) -> dict[str, float]:
         tokens = interval.tokens

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dataflex.core.errors import CheckpointError
-from dataflex.utils.io import atomic_dir, atomic_write_json, sha256_file
+from dataflex.utils.io import atomic_dir, atomic_write_json, move_into_place, sha256_file
 
 FORMAT = "dataflex-trainstate"
 VERSION = 1
@@ -117,6 +117,47 @@ def save_train_state(
     return path
 
 
+def save_sharded_train_state(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    accelerator: Any,
+) -> Path:
+    """A TrainState of an FSDP2 run: every rank writes its shards of the model and optimizer state (`dcp/`), the
+    main process the rest and the manifest; all into one temp dir renamed into place when complete (collective)."""
+    from dataflex.distributed.fsdp import save_sharded
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.sharded.tmp")  # one name every rank knows without talking
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_sharded(tmp, model, optimizer)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rng_tensors, rng_meta = capture_rng()
+        state = {**trainer_state, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        atomic_write_json(tmp / "trainer_state.json", state)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "files": {name: sha256_file(tmp / name) for name in files},
+            "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+            "model_fingerprint": trainer_state.get("model_fingerprint"),
+            "sharded_processes": accelerator.num_processes,
+        }
+        atomic_write_json(tmp / "manifest.json", manifest)
+        move_into_place(tmp, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
 def read_manifest(path: str | Path, *, verify_hashes: bool = True) -> dict[str, Any]:
     """Check a checkpoint is complete and intact; CheckpointError (one line) otherwise."""
     path = Path(path)
@@ -178,15 +219,20 @@ def load_train_state(
     path = Path(path)
     manifest = read_manifest(path)
     check_compatible(manifest, model, path)
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].device, params[name].dtype))
     state = json.loads((path / "trainer_state.json").read_text())
-    # Optimizer.load_state_dict moves each state tensor to its parameter's device as the optimizer needs.
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(optimizer_from_flat(opt_tensors, state["optimizer"]))
+    if manifest.get("sharded_processes"):
+        from dataflex.distributed.fsdp import load_sharded
+
+        load_sharded(path, model, optimizer)  # resharded onto however many processes run now
+    else:
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        # Optimizer.load_state_dict moves each state tensor to its parameter's device as the optimizer needs.
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        optimizer.load_state_dict(optimizer_from_flat(opt_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     restore_rng(load_file(str(path / "rng.safetensors")), state["rng"])
     return state

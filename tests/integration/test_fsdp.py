@@ -1,0 +1,103 @@
+"""FSDP2 on CPU (gloo): sharded training on 2 processes equals 1 process at the same global batch (full fine-tuning
+and LoRA), sharded TrainState resumes on another process count, and DeepSpeed ZeRO JSONs map onto it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from dataflex.config import DEFAULTS, RunConfig
+from dataflex.core.errors import ConfigError
+from dataflex.train import run
+
+
+def _cfg(model_dir, out, processes, finetuning="full", **train):
+    model = {"model_name_or_path": str(model_dir), "finetuning_type": finetuning, "lora_rank": 4, "dtype": "fp32"}
+    base = {
+        **DEFAULTS["train"],
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2 // processes,
+        "num_processes": processes,
+        "learning_rate": 1e-3,
+        "max_steps": 6,
+        "logging_steps": 2,
+        "progress_bar": False,
+    }
+    if processes > 1 and "deepspeed" not in train:
+        base["fsdp"] = "full_shard auto_wrap"
+    return RunConfig.from_params({"model": model, "train": {**base, **train}})
+
+
+def _weights(out, finetuning="full"):
+    if finetuning == "lora":
+        return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def _close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_fsdp_on_two_processes_equals_one(finetuning, tiny_model_dir, sft_pool, tmp_path):
+    pool = sft_pool.select(range(48))
+    for p in (1, 2):
+        summary = run.train(_cfg(tiny_model_dir, tmp_path / f"p{p}", p, finetuning), pool, "static")
+        assert summary["global_step"] == 6
+    _close(_weights(tmp_path / "p1", finetuning), _weights(tmp_path / "p2", finetuning))
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process(tiny_model_dir, sft_pool, tmp_path):
+    """2 sharded processes save TrainStates at steps 3 and 6; 1 process resumes from step 3's (DCP reshards it) and
+    ends where an uninterrupted 1-process run ends. A half-written sharded save is never taken for a checkpoint."""
+    from dataflex.train.trainer.state import resolve_resume_path
+
+    pool = sft_pool.select(range(48))
+    run.train(_cfg(tiny_model_dir, tmp_path / "one", 1), pool, "static")
+    run.train(_cfg(tiny_model_dir, tmp_path / "two", 2, save_steps=3), pool, "static")
+    checkpoints = tmp_path / "two" / "checkpoints"
+    manifest = json.loads((checkpoints / "checkpoint-3" / "manifest.json").read_text())
+    assert manifest["sharded_processes"] == 2 and (checkpoints / "checkpoint-3" / "dcp" / ".metadata").is_file()
+    (checkpoints / ".checkpoint-9.sharded.tmp" / "dcp").mkdir(parents=True)  # a save killed mid-way
+    assert resolve_resume_path("latest", tmp_path / "two") == checkpoints / "checkpoint-6"
+    resumed = run.train(
+        _cfg(tiny_model_dir, tmp_path / "resumed", 1, resume_from_checkpoint=str(checkpoints / "checkpoint-3")),
+        pool,
+        "static",
+    )
+    assert resumed["global_step"] == 6
+    _close(_weights(tmp_path / "one"), _weights(tmp_path / "resumed"))
+
+
+def test_a_deepspeed_zero3_json_runs_as_fsdp(tiny_model_dir, sft_pool, tmp_path, caplog):
+    ds = tmp_path / "ds_z3_config.json"
+    ds.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "overlap_comm": False}}))
+    pool = sft_pool.select(range(48))
+    run.train(_cfg(tiny_model_dir, tmp_path / "p1", 1), pool, "static")
+    run.train(_cfg(tiny_model_dir, tmp_path / "ds", 2, deepspeed=str(ds)), pool, "static")
+    _close(_weights(tmp_path / "p1"), _weights(tmp_path / "ds"))
+
+
+def test_bad_sharding_settings_are_one_line(tmp_path, tiny_model_dir):
+    from dataflex.distributed.fsdp import settings_from_deepspeed
+
+    with pytest.raises(ConfigError, match="num_processes is 1"):
+        _cfg(tiny_model_dir, tmp_path, 1, fsdp="full_shard")
+    with pytest.raises(ConfigError, match="unknown option"):
+        _cfg(tiny_model_dir, tmp_path, 2, fsdp="hybrid_shard").train.validate()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 4}}')
+    with pytest.raises(ConfigError, match="stage must be 0, 1, 2 or 3"):
+        settings_from_deepspeed(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        settings_from_deepspeed(bad)
+    z2 = tmp_path / "z2.json"
+    z2.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "x": 1}))
+    settings = settings_from_deepspeed(z2)
+    assert settings.strategy == "shard_grad_op" and settings.offload and "ignored: x" in settings.notes[0]
