@@ -34,3 +34,15 @@ def ensure_demo_assets(demo: DemoConfig, data: DataConfig, model: ModelConfig) -
         logger.info("tiny model missing: building it in %s (a few minutes on 2 CPU cores)", model_dir)
         make_tiny_model(model_dir, data_dir, size=demo.model_size, seed=demo.seed, pretrain_steps=demo.pretrain_steps)
     return {"dataset_dir": str(data.dataset_dir), "model_name_or_path": str(model.model_name_or_path)}
+
+
+def ensure_demo_proxy(demo: DemoConfig, proxy_model: str) -> None:
+    """The demo's DoReMi proxy (a test-size tiny model) when the run's proxy is it and it is missing."""
+    if not (demo.build_if_missing and _same(proxy_model, demo.proxy_model_dir)):
+        return
+    if (Path(proxy_model) / "config.json").exists():
+        return
+    if not (Path(demo.data_dir) / "dataset_info.json").exists():
+        make_demo_data(demo.data_dir, seed=demo.seed)
+    logger.info("demo DoReMi proxy missing: building a test-size tiny model in %s", proxy_model)
+    make_tiny_model(proxy_model, demo.data_dir, size="test", seed=demo.seed, pretrain_steps=demo.pretrain_steps)

@@ -86,6 +86,14 @@ def test_evaluation_needs_eval_sets(tiny_model_dir, sft_pool, tmp_path):
         run.train(_cfg(tiny_model_dir, tmp_path), sft_pool, "static", eval_sets=None)
     with pytest.raises(ConfigError, match="need evaluations during training"):
         _cfg(tiny_model_dir, tmp_path, eval_strategy="no", early_stopping_steps=2)
+    from dataflex.config import validate
+
+    cfg = RunConfig.from_params(
+        {**_cfg(tiny_model_dir, tmp_path).to_params(), "data": {"dataset": "a", "eval_dataset": "b"}}
+    )
+    for pipeline in ("less", "static_select", "doremi"):
+        with pytest.raises(ConfigError, match=f"not supported in the {pipeline} pipeline"):
+            validate(cfg, check_paths=False, pipelines=(pipeline,))
 
 
 def test_epochs_chained_in_one_trainer_equal_one_call_with_dropout(tiny_model_dir, sft_pool, tokenizer, tmp_path):
@@ -129,3 +137,14 @@ def test_early_stopping_ends_a_dynamic_select_run_cleanly(tiny_model_dir, sft_po
     assert result["global_step"] == 4 and result["stopped_early_at"] == 4 and result["best_step"] == 2
     assert [s["step"] for s in result["selection_history"]] == [2]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_early_stopping_ends_a_dynamic_mix_run_cleanly(tiny_model_dir, sft_pool, tmp_path):
+    from dataflex.train.modes import mix
+
+    cfg = _cfg(tiny_model_dir, tmp_path, max_steps=-1, early_stopping_steps=1, early_stopping_min_delta=100.0)
+    flex = {"train_type": "dynamic_mix", "component_name": "random", "warmup_step": 2, "update_step": 2}
+    cfg = RunConfig.from_params({**cfg.to_params(), "dataflex": {**flex, "update_times": 3}})
+    result = mix.run_all(cfg, sft_pool, eval_sets=_evals(sft_pool))
+    assert result["global_step"] == 4 and result["stopped_early_at"] == 4
+    assert [m["step"] for m in result["mixture_history"]] == [0, 2]  # the initial mix and the update at step 2

@@ -1,4 +1,5 @@
-"""The train pool and the eval sets of a run, from the run's `data` group (cached by content)."""
+"""The train pool, the eval sets and the mixer's held-out sets of a run, from the run's `data` group (cached by
+content)."""
 
 from __future__ import annotations
 
@@ -82,11 +83,36 @@ def build_pools(data: DataConfig, tokenizer: Any, seed: int) -> tuple[datasets.D
     return train, datasets.DatasetDict(evals)
 
 
-def check_sources(data: DataConfig) -> None:
-    """Read and convert every raw row of the train and eval datasets (no tokenising): malformed lines, missing
-    columns and empty files are reported before any model is loaded. A name in both lists is read once."""
+def mixer_eval_names(mixer_eval_dataset: Any) -> list[str]:
+    """The `mixer_eval_dataset` names (one per domain, in the order of `dataset`), or [] when unset."""
+    if mixer_eval_dataset is None:
+        return []
+    return parse_dataset_names(mixer_eval_dataset, "mixer_eval_dataset")
+
+
+def build_mixer_eval_sets(data: DataConfig, mixer_eval_dataset: Any, tokenizer: Any, seed: int) -> datasets.DatasetDict:
+    """One tokenised set per `mixer_eval_dataset` name (keyed by it; empty when unset), built like the train
+    pool (same template, cutoff and stage) so a mixer's eval rows look like training rows."""
+    return datasets.DatasetDict(
+        {name: build_named([name], data, tokenizer, seed) for name in mixer_eval_names(mixer_eval_dataset)}
+    )
+
+
+def check_sources(data: DataConfig, mixer_eval_dataset: Any = None) -> None:
+    """Read and convert every raw row of the train, eval and `mixer_eval_dataset` datasets (no tokenising):
+    unknown names, malformed lines, missing columns and empty files are reported before any model is loaded. A
+    name in several lists is read once."""
+    from dataflex.core.errors import ConfigError
+
     train_names = parse_dataset_names(data.dataset)
     names = train_names + [n for n in eval_names(data) if n not in train_names]
+    mixer_names = mixer_eval_names(mixer_eval_dataset)
+    if mixer_names:
+        try:
+            resolve_datasets(mixer_names, data.dataset_dir, "mixer_eval_dataset")
+        except DataError as exc:  # say which setting named it: the message alone reads like a `dataset` typo
+            raise ConfigError(f"mixer_eval_dataset: {exc}") from None
+    names += [n for n in mixer_names if n not in names]
     convert = row_to_messages if data.stage == "sft" else row_to_text
     for attr in resolve_datasets(names, data.dataset_dir):
         rows = read_rows(attr, data.dataset_dir)

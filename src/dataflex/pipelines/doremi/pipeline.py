@@ -1,4 +1,6 @@
-"""`doremi`: process -> reference -> proxy -> final -> evaluate -> report, with no manual copying of weights."""
+"""`doremi`: process -> reference -> proxy -> final -> evaluate -> report, with no manual copying of weights.
+Reference and proxy train `doremi.proxy_model_name_or_path` (null: the final model), the final run
+`model_name_or_path`."""
 
 from __future__ import annotations
 

@@ -16,27 +16,24 @@ from dataflex.pipelines.reporting import create_pipeline as reporting
 
 from .nodes import all_rounds, compute_mixture, finalize, first_segment, next_segment, plot_mixture
 
-INPUTS = ["train_pool", "run_config"]
+INPUTS = ["train_pool", "mixer_eval_sets", "run_config"]
+TRAIN_INPUTS = ["train_pool", "mixer_eval_sets", "eval_sets", "run_config"]  # + evaluation during training
 
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds("dynamic_mix")
     plot = Node(plot_mixture, "train_result", "mixture_plot", name="dynamic_mix.plot_mixture")
     if n is None:  # the round count depends on the pool's size: all rounds in one node
-        run = Node(all_rounds, INPUTS, ["train_result", "mixture_history"], name="dynamic_mix.all_rounds")
+        run = Node(all_rounds, TRAIN_INPUTS, ["train_result", "mixture_history"], name="dynamic_mix.all_rounds")
         return data_processing() + Pipeline([run, plot], tags="dynamic_mix") + evaluation() + reporting()
-    first = Node(first_segment, INPUTS, "state", name="train_segment")
-    round_list = [Pipeline([first], namespace="dynamic_mix.round_0", inputs={"train_pool", "run_config"})]
+    first = Node(first_segment, TRAIN_INPUTS, "state", name="train_segment")
+    round_list = [Pipeline([first], namespace="dynamic_mix.round_0", inputs=set(TRAIN_INPUTS))]
     for k in range(1, n):
         nodes = [
             Node(compute_mixture, [*INPUTS, "prev_state"], "mixture", name="compute_mixture"),
-            Node(next_segment, [*INPUTS, "prev_state", "mixture"], "state", name="train_segment"),
+            Node(next_segment, [*TRAIN_INPUTS, "prev_state", "mixture"], "state", name="train_segment"),
         ]
-        inputs = {
-            "train_pool": "train_pool",
-            "run_config": "run_config",
-            "prev_state": f"dynamic_mix.round_{k - 1}.state",
-        }
+        inputs = {**{name: name for name in TRAIN_INPUTS}, "prev_state": f"dynamic_mix.round_{k - 1}.state"}
         round_list.append(Pipeline(nodes, namespace=f"dynamic_mix.round_{k}", inputs=inputs))
     mixtures = [f"dynamic_mix.round_{k}.mixture" for k in range(1, n)]
     last = f"dynamic_mix.round_{n - 1}.state"

@@ -14,17 +14,24 @@ count), `probs` (the current proportions; assigning it sets them), `sample_rule`
 proportions after each mix; here the sampler draws every step from the current proportions, so `rebuild()` only
 returns a snapshot to inspect. `snapshot()` is the rows drawn since `start_window()` (the data of the window that
 just ended: what DataFlex passed to `mix()` as `dataset`).
+
+`hold_out()` removes rows from training before the first draw (a mixer's eval sample split off the pool, as
+DataFlex's dynamic_moe does): `sources` and `sizes` then hold the training rows only, and `draw()` still returns
+rows of the domain as the pool has it. `mixer_eval_datasets` (DataFlex's name) is domain name -> the held-out
+per-domain set of `mixer_eval_dataset`, or None.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset as TorchDataset
 
-from dataflex.core.errors import ConfigError
+from dataflex.core.errors import CheckpointError, ConfigError
 
 RULES = ("mixture", "stratified", "uniform")
 
@@ -122,6 +129,9 @@ class MixedProportionManager:
         self.carry = np.zeros(k)  # rounding carried between steps
         self.window_start = [0] * k  # `drawn` when the current window began (see `snapshot`)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._kept: dict[int, np.ndarray] = {}  # domain -> its training rows (pool order) after `hold_out`
+        self.held_out: dict[str, list[int]] = {}
+        self.mixer_eval_datasets: dict[str, Any] | None = None
 
     # -- DataFlex's names ------------------------------------------------------------------------------
 
@@ -177,6 +187,40 @@ class MixedProportionManager:
             table.extend((d, int(r)) for r in rows)
         return MixedSnapshot(self.names, self.sources, [table[i] for i in rng.permutation(len(table))])
 
+    def hold_out(self, rows: Mapping[str, Sequence[int]]) -> None:
+        """Take `rows` (domain name -> row numbers within that domain) out of training, before any draw. The
+        sampler then draws each domain's remaining rows only; `sources` / `sizes` become the training rows."""
+        if any(self.drawn):
+            raise RuntimeError("hold_out must come before the first draw (it changes what every step samples)")
+        for name, taken in rows.items():
+            d = self.names.index(name)
+            if d in self._kept:
+                raise RuntimeError(f"domain '{name}' already has rows held out")
+            taken = sorted({int(r) for r in taken})
+            size = self._counts[d]
+            if taken and not 0 <= taken[0] <= taken[-1] < size:
+                raise ValueError(f"held-out rows of domain '{name}' must be in [0, {size})")
+            keep = np.setdiff1d(np.arange(size), np.asarray(taken, dtype=np.int64))
+            if keep.size < 1:
+                raise ConfigError(f"domain '{name}' has {size} rows: holding out {len(taken)} leaves none to train on")
+            self._kept[d] = keep
+            self._counts[d] = int(keep.size)
+            self.held_out[name] = taken
+            if self.sources is not None:
+                self.sources[name] = self.sources[name].select(keep.tolist())
+        self._perms.clear()
+
+    def _held_out_digest(self) -> str:
+        """What was held out, in a few characters (checkpoints must be resumed with the same split)."""
+        if not self.held_out:
+            return ""
+        return hashlib.sha256(json.dumps(self.held_out, sort_keys=True).encode()).hexdigest()[:16]
+
+    def pool_row(self, domain: int, row: int) -> int:
+        """Training row `row` of `domain` as a row of the domain in the pool (they differ after `hold_out`)."""
+        kept = self._kept.get(domain)
+        return int(kept[row]) if kept is not None else row
+
     def start_window(self) -> None:
         """Begin a new window here (a mixing round starts): `snapshot()` covers the draws from now on."""
         self.window_start = list(self.drawn)
@@ -205,7 +249,7 @@ class MixedProportionManager:
         counts = apportion(n, self.proportions, rng, self.carry)
         pairs = []
         for d, c in enumerate(counts.tolist()):
-            pairs.extend((d, self._row(d, self.drawn[d] + j)) for j in range(c))
+            pairs.extend((d, self.pool_row(d, self._row(d, self.drawn[d] + j))) for j in range(c))
             self.drawn[d] += c
         order = rng.permutation(len(pairs))
         return [pairs[i] for i in order]
@@ -219,14 +263,18 @@ class MixedProportionManager:
             "rule": self.rule,
             "seed": self.seed,
             "names": self.names,
+            "held_out": self._held_out_digest(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["names"] != self.names or state["seed"] != self.seed or state["rule"] != self.rule:
-            from dataflex.core.errors import CheckpointError
-
             raise CheckpointError(
                 "checkpoint was trained with other domains, seed or mixture rule; resume with the same"
+            )
+        if state.get("held_out", "") != self._held_out_digest():
+            raise CheckpointError(
+                "checkpoint held other rows out of training (a mixer's eval split: eval_samples or "
+                "mixer_eval_dataset changed); resume with the same settings"
             )
         self.proportions = np.asarray(state["proportions"], dtype=np.float64)
         self.drawn = [int(x) for x in state["drawn"]]

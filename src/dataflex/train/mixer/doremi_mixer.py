@@ -4,11 +4,15 @@ Every optimizer step, on the training forward (all micro-batches, all processes)
   excess_i = sum over domain-i tokens of max(l_proxy - l_ref, 0) / number of domain-i tokens
   alpha'   = alpha * exp(reweight_eta * excess)        (domains absent from the step keep their last excess)
   alpha    = (1 - reweight_eps) alpha' / sum(alpha') + reweight_eps / k
-and the proxy trains on the domain-weighted loss sum_b (alpha_d(b) / p_d(b)) * (token-sum loss of b) / window
-tokens, p being the sampling proportions (so alpha = p gives the standard loss). The run's result is the
-average of alpha over all updates (`average_weights`), which DoReMi step 3 trains on. Sampling itself stays
-at the configured proportions: `mix()` returns them unchanged. DataFlex never applied the weighted loss and
-updated alpha from one micro-batch every update_step steps.
+and the proxy trains on the domain-weighted loss of the DoReMi repository (`doremi/trainer.py`,
+`DoReMiTrainer.training_step`, the `doremiv1` branch), for each micro-batch:
+  w_d  = (alpha_d / p_d) / sum_j (alpha_j / p_j)          p = the sampling proportions
+  loss = sum_t w_d(t) l_t  /  (sum_t w_d(t) m_t / world_size)  /  gradient_accumulation_steps
+the sums running over the micro-batch's tokens t (l_t the token loss, m_t its mask), the normaliser over every
+process's micro-batch (all-reduced), so the loss is a w-weighted token mean whatever alpha is (alpha = p gives the
+micro-batch token mean). The run's result is the average of alpha over all updates (`average_weights`), which
+DoReMi step 3 trains on. Sampling itself stays at the configured proportions: `mix()` returns them unchanged.
+DataFlex never applied the weighted loss and updated alpha from one micro-batch every update_step steps.
 
 DataFlex's files are written to the run's output_dir in its formats: `doremi_weights.jsonl`, a line per update
 (`step`, `timestamp`, `domain_names`, `domain_weights` = alpha, `perdomain_scores` = excess), and at the end of the
@@ -27,7 +31,13 @@ import torch
 from dataflex.compat import StepLog, doremi_weights_entry, write_doremi_average_weights
 from dataflex.core.errors import ConfigError
 from dataflex.core.registry import register_mixer
-from dataflex.train.trainer.losses import IGNORE_INDEX, LossStrategy, per_token_losses
+from dataflex.train.trainer.losses import (
+    IGNORE_INDEX,
+    LossStrategy,
+    StepInputs,
+    count_supervised_tokens,
+    per_token_losses,
+)
 
 from .base_mixer import Mixer
 from .domain_losses import domain_sums, reduce_across_processes
@@ -55,6 +65,32 @@ def load_reference(path: str | None, device: torch.device | str) -> torch.nn.Mod
         raise ConfigError(f"mixer 'doremi': cannot load reference model '{path}': {exc}") from None
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def domain_loss_weights(alpha: np.ndarray, proportions: np.ndarray) -> np.ndarray:
+    """w = (alpha / p) / sum(alpha / p): the per-domain token weights of the proxy loss (DoReMi's trainer divides by
+    the sampling weights, then renormalises)."""
+    w = np.asarray(alpha, dtype=np.float64) / np.maximum(np.asarray(proportions, dtype=np.float64), 1e-12)
+    return w / w.sum()
+
+
+def weighted_mass(token_count: torch.Tensor, domain_id: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t w_d(t) m_t of one micro-batch: each row's supervised-token count times its domain's weight."""
+    return (weights[domain_id] * token_count.to(weights.dtype)).sum()
+
+
+def doremi_proxy_loss(
+    token_loss_sum: torch.Tensor,
+    domain_id: torch.Tensor,
+    weights: torch.Tensor,
+    normalizer: float | torch.Tensor,
+    gradient_accumulation_steps: int = 1,
+) -> torch.Tensor:
+    """sum_t w_d(t) l_t / normalizer / GA (doremi/trainer.py, DoReMiTrainer.training_step): a row's token losses
+    share its domain's weight, so the token sum is the row's loss sum times w. `normalizer` is the weighted mass
+    of the micro-batch over all processes divided by the world size (DDP averages the gradients)."""
+    w = weights.to(token_loss_sum.dtype)[domain_id]
+    return (w * token_loss_sum).sum() / normalizer / gradient_accumulation_steps
 
 
 def doremi_update(alpha: np.ndarray, excess: np.ndarray, eta: float, eps: float) -> np.ndarray:
@@ -98,8 +134,13 @@ class DoReMiMixer(Mixer):
     def loss_strategy(self) -> LossStrategy:
         return DoReMiLoss(self)
 
-    def proxy_loss(self, losses: Any, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The proxy's domain-weighted loss; also records this micro-batch's per-domain excess loss."""
+    def loss_weights(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The current per-domain token weights w = (alpha / p) / sum(alpha / p), float32 as in DoReMi's trainer."""
+        w = domain_loss_weights(self.alpha, self.mixture_manager.proportions)
+        return torch.as_tensor(w, dtype=torch.float32, device=device)
+
+    def record_excess(self, losses: Any, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Add this micro-batch's per-domain excess loss sum(max(l_proxy - l_ref, 0)) to the step's sums."""
         with torch.no_grad():
             ref_logits = self.reference(
                 input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False
@@ -108,10 +149,21 @@ class DoReMiMixer(Mixer):
             mask = (inputs["labels"][:, 1:] != IGNORE_INDEX).to(ref_tok.dtype)
             excess = ((losses.token_losses.detach() - ref_tok).clamp(min=0) * mask).sum(dim=1)
             self._step_sums += domain_sums(excess, losses.token_count, losses.domain_id, len(self.alpha)).cpu()
-        p = torch.as_tensor(self.mixture_manager.proportions, dtype=torch.float32, device=losses.token_loss_sum.device)
-        a = torch.as_tensor(self.alpha, dtype=torch.float32, device=p.device)
-        w = (a / p.clamp(min=1e-8))[losses.domain_id]
-        return (w * losses.token_loss_sum).sum() * losses.num_processes / max(losses.window_tokens, 1)
+
+    def proxy_loss(
+        self,
+        losses: Any,
+        inputs: Mapping[str, torch.Tensor],
+        normalizer: float | torch.Tensor | None = None,
+        gradient_accumulation_steps: int = 1,
+    ) -> torch.Tensor:
+        """The proxy's domain-weighted loss (`doremi_proxy_loss`); also records this micro-batch's excess loss.
+        Without `normalizer` (the loss strategy passes the all-process one) it is this micro-batch's own mass."""
+        self.record_excess(losses, inputs)
+        w = self.loss_weights(losses.token_loss_sum.device)
+        if normalizer is None:
+            normalizer = weighted_mass(losses.token_count, losses.domain_id, w).clamp(min=1e-10)
+        return doremi_proxy_loss(losses.token_loss_sum, losses.domain_id, w, normalizer, gradient_accumulation_steps)
 
     def on_step_end(self, ctx: Any, logs: dict[str, float]) -> None:
         sums = reduce_across_processes(self._step_sums, ctx.accelerator).numpy()
@@ -171,11 +223,36 @@ class DoReMiMixer(Mixer):
 
 
 class DoReMiLoss(LossStrategy):
-    """The DoReMi proxy's loss: each domain's token losses weighted by alpha / p (the mixer's current weights over
-    the sampling proportions)."""
+    """The DoReMi proxy's loss: each domain's token losses weighted by w = (alpha / p) / sum(alpha / p) and
+    normalised by the weights' mass, as doremi/trainer.py (DoReMiTrainer.training_step) does: per micro-batch,
+    mass all-reduced over processes and divided by the world size, the loss then divided by the accumulation
+    steps. The masses of every micro-batch of the step are reduced in one collective before its first forward."""
 
     def __init__(self, mixer: DoReMiMixer) -> None:
         self.mixer = mixer
+        self._normalizers: list[float] = []
+        self._grad_accum = 1
+        self._next = 0
+
+    def start_step(self, step: StepInputs) -> None:
+        acc = step.accelerator
+        device = acc.device if acc is not None else "cpu"
+        w = self.mixer.loss_weights(device)
+        # Micro-batch i of every process forms DoReMi's batch i (one dataloader batch over all GPUs).
+        n = max(step.gradient_accumulation_steps, len(step.batches))  # the same length on every process
+        local = torch.zeros(n, dtype=torch.float32, device=device)
+        if not step.ghost:
+            for i, batch in enumerate(step.batches):
+                count = count_supervised_tokens(batch["labels"]).to(device)
+                local[i] = weighted_mass(count, batch["domain_id"].to(device), w)
+        world = acc.num_processes if acc is not None else 1
+        mass = acc.reduce(local, reduction="sum") if world > 1 else local
+        self._normalizers = (mass.clamp(min=1e-10) / world).tolist()  # DoReMi's clip(min=1e-10) / world_size
+        self._grad_accum = step.gradient_accumulation_steps
+        self._next = 0
 
     def loss(self, losses: Any, ctx: Any, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.mixer.proxy_loss(losses, batch)
+        i = self._next
+        self._next += 1
+        normalizer = self._normalizers[i] if i < len(self._normalizers) else None
+        return self.mixer.proxy_loss(losses, batch, normalizer, self._grad_accum)

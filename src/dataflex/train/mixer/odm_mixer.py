@@ -1,14 +1,25 @@
-"""`odm` mixer: online data mixing as a multi-armed bandit (Albalak et al., 2023).
+"""`odm` mixer: online data mixing as a multi-armed bandit (Albalak et al., 2023, arXiv 2312.02406).
 
-Every optimizer step after `warmup_steps` (global steps), each domain's reward is its own token-mean training
-loss over that step (all micro-batches, all processes; the batches are mixtures, so every domain present is
-observed; DataFlex credited the whole micro-batch loss to the first sample's domain):
-  R_i <- alpha R_i + (1 - alpha) * reward_scale * L_i          (domains absent from the step keep R_i)
-  eps_t = max(min_exploration_rate, min(1/k, sqrt(ln k / (k t))))     t = steps since warmup
+Every optimizer step after `warmup_steps` (global steps), each domain's loss L_i is its token-mean training
+loss over that step (all micro-batches, all processes). The batches are mixtures, so every domain present in the
+step is observed; DataFlex credited the whole micro-batch loss to the first sample's domain. `reward` chooses the
+reward estimate (domains absent from the step keep R_i in both):
+  full_information (default)   R_i <- alpha R_i + (1 - alpha) * reward_scale * L_i
+  importance_weighted          R_i <- alpha R_i + (1 - alpha) * reward_scale * L_i / pi_i
+then, with t = steps since warmup,
+  eps_t = max(min_exploration_rate, min(1/k, sqrt(ln k / (k t))))
   pi_i  = (1 - k eps_t) softmax(eps_{t-1} R)_i + eps_t
 The policy is applied to the sampler at once (every step, as in the paper); `mix()` returns the current policy.
-Because every domain's loss is observed each step, the reward needs no 1/pi importance weight (the EXP3 estimator
-for bandit feedback); this follows the original repository's mixed-minibatch `SmoothedMeanWeightUpdater`.
+
+`full_information` is this project's variant: it uses every domain's own loss each step with no 1/pi weight,
+since mixed batches observe every arm (the EXP3 importance weight corrects for bandit feedback, which this
+is not). It is neither the paper's estimator nor the original repository's `SmoothedMeanWeightUpdater`
+(online-data-mixing, megatron/data/data_sampling_utils.py), which smooths exp(L), not L, and whose
+`group_update` normalises linearly rather than by softmax.
+`importance_weighted` is the paper's estimator (EXP3's importance weight inside ODM's moving average, the formula
+DataFlex's docstring gives): only sampled arms are credited, with L/pi_i, pi_i being the probability the arm was
+sampled with (the policy this step's rows were drawn from); the repository's `Exp3WeightUpdater` credits sampled
+arms the same way (L/pi, in a running sum). Here a domain counts as sampled when it has rows in the step.
 
 Each update is also a line of DataFlex's `odm_weights.jsonl` in the run's output_dir (`step`, `timestamp`,
 `domain_names`, `domain_weights`, `estimated_rewards`, `exploration_rate`, `alpha`); DataFlex wrote one per mix.
@@ -46,6 +57,27 @@ def exploration_rate(t: int, k: int, floor: float) -> float:
     return max(floor, min(1.0 / k, math.sqrt(math.log(k) / (k * max(t, 1)))))
 
 
+REWARDS = ("full_information", "importance_weighted")
+
+
+def odm_rewards(
+    rewards: np.ndarray,
+    losses: np.ndarray,
+    seen: np.ndarray,
+    pi: np.ndarray,
+    alpha: float,
+    reward_scale: float,
+    reward: str = "full_information",
+) -> np.ndarray:
+    """One EMA step of the estimated rewards from the step's per-domain mean losses; arms not `seen` keep theirs.
+    `pi` is the policy the step was sampled from (used by `importance_weighted` only)."""
+    r = reward_scale * np.asarray(losses, dtype=np.float64)
+    if reward == "importance_weighted":
+        # Floored as DataFlex does: a drawn arm can have pi = 0 only through the sampler's rounding carry.
+        r = r / np.maximum(np.asarray(pi, dtype=np.float64), 1e-8)
+    return np.where(seen, alpha * rewards + (1 - alpha) * r, rewards)
+
+
 @register_mixer("odm")
 class ODMMixer(Mixer):
     def __init__(
@@ -58,6 +90,7 @@ class ODMMixer(Mixer):
         min_exploration_rate: float = 0.03,
         initial_proportions: Sequence[float] | None = None,
         output_dir: str | None = None,
+        reward: str = "full_information",
     ) -> None:
         super().__init__(mixture_manager)
         k = len(mixture_manager.names)
@@ -69,6 +102,7 @@ class ODMMixer(Mixer):
         self.accelerator = accelerator
         self.alpha, self.warmup_steps = alpha, warmup_steps
         self.reward_scale, self.min_exploration_rate = reward_scale, min_exploration_rate
+        self.reward = reward
         if initial_proportions is not None:
             mixture_manager.set_proportions(check_proportions(initial_proportions, k, "odm initial_proportions"))
         self.rewards = np.zeros(k)
@@ -83,6 +117,8 @@ class ODMMixer(Mixer):
             raise ConfigError(
                 "mixer 'odm': need 0 <= alpha < 1, warmup_steps >= 0, reward_scale > 0, min_exploration_rate >= 0"
             )
+        if p["reward"] not in REWARDS:
+            raise ConfigError(f"mixer 'odm': unknown reward {p['reward']!r}; use one of {', '.join(REWARDS)}")
 
     def on_micro_batch(self, losses: Any, ctx: Any) -> None:
         if losses.domain_id is not None:
@@ -94,10 +130,11 @@ class ODMMixer(Mixer):
         self._step_sums.zero_()
         if ctx.global_step <= self.warmup_steps:
             return
-        seen = sums[1] > 0
+        seen = (sums[1] > 0).numpy()
         losses = (sums[0] / sums[1].clamp(min=1)).numpy()
-        reward = self.reward_scale * losses
-        self.rewards = np.where(seen.numpy(), self.alpha * self.rewards + (1 - self.alpha) * reward, self.rewards)
+        # The manager still holds the proportions this step's rows were drawn with: pi for the importance weight.
+        pi = self.mixture_manager.proportions
+        self.rewards = odm_rewards(self.rewards, losses, seen, pi, self.alpha, self.reward_scale, self.reward)
         eps_prev = self.eps
         self.eps = exploration_rate(ctx.global_step - self.warmup_steps, len(self.rewards), self.min_exploration_rate)
         policy = self.mixture_manager.set_proportions(odm_policy(self.rewards, eps_prev, self.eps))

@@ -33,7 +33,15 @@ def component_for(flex: Any, kind: str) -> tuple[str, dict[str, Any]]:
 
 
 # What the run passes to a component (never a user setting): left out of the record of its parameters.
-RUNTIME_OBJECTS = {"dataset", "eval_dataset", "accelerator", "data_collator", "mixture_manager", "output_dir"}
+RUNTIME_OBJECTS = {
+    "dataset",
+    "eval_dataset",
+    "accelerator",
+    "data_collator",
+    "mixture_manager",
+    "mixer_eval_dataset",
+    "output_dir",
+}
 
 
 def component_record(flex: Any, kind: str) -> dict[str, Any]:
