@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,notebook]"  # notebook: Jupyter, and the fresh-clone test executes the notebook
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -42,5 +42,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/bench_static_step.py
 
+# Everything the demo and the README's commands create (the data/*/.gitkeep files stay).
 clean-demo:
-	rm -rf data/01_raw/demo data/01_raw/tiny_llama data/02_intermediate/* data/06_models/* data/08_reporting/*
+	rm -rf data/01_raw/demo data/01_raw/tiny_llama data/02_intermediate/* data/03_primary/* data/04_feature/* \
+		data/05_model_input/* data/06_models/* data/07_model_output/* data/08_reporting/* mlflow.db mlruns saves

@@ -22,6 +22,23 @@ from dataflex.core.errors import ConfigError, DataFlexError
 # The project adds none: dataflex-cli is its own entry point (main below).
 cli = click.Group(name="dataflex", help="dataflex adds no kedro subcommands; use dataflex-cli.")
 
+# Third-party deprecation noise that every run printed and no user can act on: kedro and kedro-mlflow call omegaconf's
+# register_new_resolver, mlflow asks for type hints on a class it defines itself, peft calls a renamed transformers
+# method. Silenced by dataflex-cli and by the Kedro project settings (dataflex.settings); nothing else is.
+QUIET_WARNINGS = (
+    (UserWarning, r"register_new_resolver\(\) is deprecated"),
+    (UserWarning, r".*Add type hints to the `predict` method"),
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Filter QUIET_WARNINGS out (before the imports that would emit them)."""
+    import warnings
+
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
 
 def find_project_root(start: Path | None = None) -> Path:
     """The Kedro project to run in: the nearest parent with a dataflex pyproject, else this package's repo."""
@@ -73,11 +90,33 @@ def cmd_train(ns: argparse.Namespace) -> int:
     runtime = dict(params)
     if ns.mlflow_uri:
         runtime["mlflow_uri"] = ns.mlflow_uri
-    summary = run_kedro(project, ns.pipeline or params["dataflex"]["train_type"], runtime)
-    out = Path(params["train"]["output_dir"]) / "run_summary.json"
-    print(f"run summary: {out}")
-    if summary is not None:
-        print(f"global_step={summary.get('global_step')} final_train_loss={summary.get('final_train_loss')}")
+    # The project hook prints the end-of-run summary (outputs, numbers, eval table, MLflow run), as for `kedro run`.
+    run_kedro(project, ns.pipeline or params["dataflex"]["train_type"], runtime)
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """`dataflex-cli compare CONFIG.yaml`: the flat YAML's base config and its `compare_*` keys, every arm x seed
+    checked before Kedro starts (one line, exit 2), then `kedro run --pipelines=compare`."""
+    from dataflex.pipelines.compare.cells import plan_cells
+
+    project = Path(ns.project_dir).resolve() if ns.project_dir else find_project_root()
+    params = build_train_params(ns.config, ns.overrides, project=project)
+    params["demo"] = {
+        **params["demo"],
+        "data_dir": str(project / params["demo"]["data_dir"]),
+        "model_dir": str(project / params["demo"]["model_dir"]),
+    }
+    from dataflex.config import load_yaml_config, parse_overrides
+
+    if "output_dir" not in {**load_yaml_config(ns.config), **parse_overrides(ns.overrides)}:
+        # The library default is the static run's folder: a comparison gets its own, as `kedro run` gives it.
+        params["train"]["output_dir"] = str(Path.cwd() / "data" / "06_models" / "compare")
+    plan_cells(params)
+    runtime = dict(params)
+    if ns.mlflow_uri:
+        runtime["mlflow_uri"] = ns.mlflow_uri
+    run_kedro(project, "compare", runtime)
     return 0
 
 
@@ -143,14 +182,14 @@ def cmd_make_tiny_model(ns: argparse.Namespace) -> int:
     data = Path(ns.data)
     if not (data / "dataset_info.json").is_file():
         make_demo_data(data, seed=ns.seed)
-    out = make_tiny_model(ns.output, data, size=ns.size, seed=ns.seed, pretrain_steps=ns.steps)
+    out = make_tiny_model(ns.output, data, size=ns.size, arch=ns.arch, seed=ns.seed, pretrain_steps=ns.steps)
     print(f"tiny model written to {out}")
     return 0
 
 
 # LLaMA-Factory's merge YAML (`llamafactory-cli export`): what each key means here.
-EXPORT_KEYS = {"model_name_or_path", "adapter_name_or_path", "export_dir", "export_size", "export_device"}
-EXPORT_NOTICE_KEYS = {"template", "trust_remote_code", "export_legacy_format", "finetuning_type", "infer_dtype"}
+EXPORT_KEYS = {"model_name_or_path", "adapter_name_or_path", "export_dir", "export_size", "export_device", "template"}
+EXPORT_NOTICE_KEYS = {"trust_remote_code", "export_legacy_format", "finetuning_type", "infer_dtype"}
 
 
 def export_args(config: str) -> dict[str, Any]:
@@ -185,7 +224,7 @@ def export_args(config: str) -> dict[str, Any]:
         raise ConfigError(f"export_size must be an integer >= 1 (GB per shard), got {size!r}")
     ignored = sorted(k for k in EXPORT_NOTICE_KEYS & set(cfg) if k != "export_legacy_format")
     if ignored:  # the merge runs in fp32 on CPU and copies the tokenizer as saved: these change nothing
-        logger.info("export: %s change nothing here (fp32 merge on CPU, tokenizer copied)", ", ".join(ignored))
+        logger.info("export: %s change nothing here (fp32 merge on CPU)", ", ".join(ignored))
     places = [Path.cwd(), Path(config).resolve().parent]
 
     def find(value: str) -> str:
@@ -198,6 +237,7 @@ def export_args(config: str) -> dict[str, Any]:
         "output": str((Path.cwd() / str(cfg["export_dir"])).resolve()),
         "base": find(str(base)) if base else None,
         "max_shard_size": f"{size}GB",
+        "template": str(cfg["template"]) if cfg.get("template") else None,  # LF writes its chat template too
     }
 
 
@@ -207,11 +247,20 @@ def cmd_export(ns: argparse.Namespace) -> int:
     if ns.config:
         args = export_args(ns.config)
     elif ns.adapter and ns.output:
-        args = {"adapter": ns.adapter, "output": ns.output, "base": ns.base, "max_shard_size": "5GB"}
+        args = {"adapter": ns.adapter, "output": ns.output, "base": ns.base, "max_shard_size": "5GB", "template": None}
     else:
         raise ConfigError("export needs a LLaMA-Factory merge YAML, or --adapter and --output")
+    template = ns.template or args["template"]
+    if template is not None:
+        from dataflex.data.templates import get_template
+
+        get_template(template)  # an unknown name is one line before the merge
     out = merge_and_export(
-        args["adapter"], args["output"], base_model=args["base"], max_shard_size=args["max_shard_size"]
+        args["adapter"],
+        args["output"],
+        base_model=args["base"],
+        max_shard_size=args["max_shard_size"],
+        template=template,
     )
     print(f"merged model written to {out}")
     return 0
@@ -241,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("compare", help="equal-budget comparison of arms x seeds with a leaderboard")
+    p.add_argument("config", help="YAML config: flat DataFlex keys (the base) and compare_arms, compare_seeds, ...")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--project-dir", default=None, help="Kedro project to run in (default: found from the CWD)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("version", help="print versions")
     p.set_defaults(func=cmd_version)
 
@@ -252,10 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-rate", type=float, default=0.0)
     p.set_defaults(func=cmd_make_demo_data)
 
-    p = sub.add_parser("make-tiny-model", help="build and pre-train the tiny Llama on the demo corpus")
+    p = sub.add_parser("make-tiny-model", help="build and pre-train the tiny Llama (or MoE) on the demo corpus")
     p.add_argument("--output", required=True)
     p.add_argument("--data", default="data/01_raw/demo", help="demo corpus (built there if missing)")
     p.add_argument("--size", default="default", choices=["default", "test"])
+    p.add_argument(
+        "--arch", default="llama", choices=["llama", "moe"], help="llama, or moe: Mixtral-style, top-2 of 8 experts"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="pre-training steps")
     p.set_defaults(func=cmd_make_tiny_model)
@@ -269,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None)
     p.add_argument("--output", default=None)
     p.add_argument("--base", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="chat template to write (default: the one the run saved next to its adapter, its training template)",
+    )
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -276,10 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options (`train X.yaml --pipeline less key=value`); argparse's
     # parse_intermixed_args cannot take subcommands, so the overrides after an option are collected here.
+    quiet_known_warnings()
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     if extra:
-        if ns.command != "train" or any(e.startswith("-") or "=" not in e for e in extra):
+        if ns.command not in ("train", "compare") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         ns.overrides = [*ns.overrides, *extra]
     try:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: plots are files and MLflow artifacts
-import matplotlib.pyplot as plt  # noqa: E402
+# No backend is forced here: a notebook shows these figures inline; a pipeline run (dataflex.hooks) picks Agg.
+import matplotlib.pyplot as plt
 
 
 def metrics_table(eval_metrics: Mapping[str, Mapping[str, Any]]) -> str:
@@ -186,6 +184,86 @@ def selection_rounds_plot(history: list[Mapping[str, Any]], domains: list[str]) 
     ax.set_ylabel("fraction of the selection")
     ax.set_ylim(0, 1)
     ax.set_title("selected-domain composition per round")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def expert_load_heatmaps(names: list[str], panels: list[tuple[int, Any]]) -> plt.Figure:
+    """Per-domain expert loads (rows: domains, columns: experts; each row sums to 1), one heat map per
+    (step, loads) panel, e.g. the dynamic_moe mixer's first and last update, on one colour scale."""
+    import numpy as np
+
+    grids = [np.asarray(loads, dtype=float) for _, loads in panels]
+    top = max(float(g.max()) for g in grids)
+    width = max(4.0, 0.45 * grids[0].shape[1] + 2.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 0.5 * len(names) + 2.0), dpi=110)
+    axes = np.atleast_1d(axes)
+    for ax, (step, _), grid in zip(axes, panels, grids):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=top)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xticks(range(grid.shape[1]), [str(e) for e in range(grid.shape[1])], fontsize=7)
+        ax.set_xlabel("expert")
+        ax.set_title(f"expert load at step {step}")
+    fig.colorbar(image, ax=list(axes), label="share of the domain's routed tokens")
+    return fig
+
+
+def compare_metric_plot(rows: list[Mapping[str, Any]], metric: str) -> plt.Figure:
+    """A comparison's metric per arm (mean over eval sets, error bars: std over seeds), in leaderboard order."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 4), dpi=110)
+    arms = [r["arm"] for r in rows]
+    ax.bar(arms, [r["score_mean"] for r in rows], yerr=[r["score_std"] for r in rows], capsize=4, color="tab:blue")
+    ax.set_ylabel(f"mean {metric} over eval sets")
+    ax.set_title(f"{metric} per arm (error bars: std over seeds)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def _no_data(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in this comparison", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def compare_mixture_plot(histories: Mapping[str, list[Mapping[str, Any]]]) -> plt.Figure:
+    """Mixing arms' domain proportions over training, one panel per arm (one seed's history each)."""
+    fig, axes = plt.subplots(1, max(1, len(histories)), figsize=(5 * max(1, len(histories)), 4), dpi=110)
+    axes = list(axes) if len(histories) > 1 else [axes]
+    if not histories:
+        _no_data(axes[0], "mixer arms")
+    for ax, (arm, history) in zip(axes, histories.items()):
+        names = history[0]["names"]
+        steps = [h["step"] for h in history]
+        for d, name in enumerate(names):
+            ax.step(steps, [h["proportions"][d] for h in history], where="post", label=name)
+        ax.set_title(arm)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("sampling proportion")
+    fig.tight_layout()
+    return fig
+
+
+def compare_selection_plot(compositions: Mapping[str, Mapping[str, int]]) -> plt.Figure:
+    """Selecting arms' selected-domain composition (all selections of all seeds), stacked fractions per arm."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(compositions)), 4), dpi=110)
+    if not compositions:
+        _no_data(ax, "selector arms")
+        return fig
+    arms = list(compositions)
+    domains = list(dict.fromkeys(d for c in compositions.values() for d in c))
+    bottom = [0.0] * len(arms)
+    for name in domains:
+        vals = [compositions[a].get(name, 0) / max(1, sum(compositions[a].values())) for a in arms]
+        ax.bar(arms, vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("fraction of the selections")
+    ax.set_ylim(0, 1)
+    ax.set_title("selected-domain composition per arm")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     return fig

@@ -2,9 +2,14 @@
 
 import os
 
-from kedro.config import OmegaConfigLoader
+from dataflex.cli import quiet_known_warnings
 
-from dataflex.hooks import ProjectHooks
+# Known third-party deprecation noise out before the imports below (importing the hooks imports mlflow, which warns).
+quiet_known_warnings()
+
+from kedro.config import OmegaConfigLoader  # noqa: E402
+
+from dataflex.hooks import ProjectHooks, default_output_dir, mlflow_run_name  # noqa: E402
 
 HOOKS = (ProjectHooks(),)
 
@@ -19,7 +24,13 @@ def environment(name: str, default: str | None = None) -> str | None:
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
-    "custom_resolvers": {"env": environment},
+    "custom_resolvers": {
+        "env": environment,
+        # globals.yml: each pipeline's own default output folder (data/06_models/<pipeline>)
+        "dataflex_output_dir": default_output_dir,
+        # mlflow.yml: the run name says the mode, the component and the targets
+        "dataflex_run_name": mlflow_run_name,
+    },
     "config_patterns": {
         "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
     },

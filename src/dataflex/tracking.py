@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -119,3 +120,30 @@ def prepare_store(uri: str) -> None:
 
 def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def child_run(name: str, params: Mapping[str, Any] | None = None) -> Iterator[str | None]:
+    """A nested MLflow run under the active one (e.g. one per compare cell); yields its id, or None without an
+    active run or when tracking fails (never fatal: the work inside runs either way)."""
+    started = _start_child(name, params or {})
+    try:
+        yield started
+    finally:
+        if started is not None:
+            _end_child()
+
+
+@never_fatal
+def _start_child(name: str, params: Mapping[str, Any]) -> str | None:
+    if mlflow.active_run() is None:
+        return None
+    run = mlflow.start_run(run_name=name, nested=True)
+    if params:
+        mlflow.log_params({metric_key(k): str(v)[:500] for k, v in params.items()})
+    return run.info.run_id
+
+
+@never_fatal
+def _end_child() -> None:
+    mlflow.end_run()

@@ -360,3 +360,19 @@ def test_a_dataflex_merge_yaml_exports(checkout, tiny_model_dir, monkeypatch):
     path.write_text(yaml.safe_dump(merge))
     assert main(["export", "examples/merge_lora/llama3_lora_sft.yaml"]) == 0
     assert (checkout["root"] / "../dataflex_saves/merged/config.json").resolve().is_file()
+
+
+def test_dataflex_doremi_steps_with_a_zero3_json_on_two_processes(checkout, tiny_model_dir, monkeypatch):
+    """DataFlex's full-parameter DoReMi YAMLs name `deepspeed: examples/deepspeed/ds_z3_config.json`: on 2 CPU
+    processes it is mapped onto FSDP2 full_shard (sharded TrainState) and the steps run."""
+    monkeypatch.chdir(checkout["root"])
+    common = {**PT, **FULL, "warmup_step": 2, "update_step": 2, "update_times": 1, "num_processes": 2}
+    step1 = _train(checkout, tiny_model_dir, "ds_step1", {**common, "component_name": "static", "static_mix": True})
+    assert step1["global_step"] > 0
+    manifest = checkout["root"] / "../dataflex_saves/ds_step1/checkpoints"
+    assert not manifest.resolve().exists() or all(
+        json.loads((c / "manifest.json").read_text()).get("sharded_processes") == 2
+        for c in manifest.resolve().iterdir()
+        if c.name.startswith("checkpoint-")
+    )
+    assert (checkout["root"] / "../dataflex_saves/ds_step1/model/model.safetensors").resolve().is_file()

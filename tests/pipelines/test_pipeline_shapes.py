@@ -96,11 +96,10 @@ def test_the_catalog_owns_every_artefact_under_the_runs_output_dir(project_root,
 
     configure_project("dataflex")
     out = tmp_path / "run"
+    from dataflex.settings import CONFIG_LOADER_ARGS  # conf/ uses the project's resolvers
+
     loader = OmegaConfigLoader(
-        conf_source=str(project_root / "conf"),
-        base_env="base",
-        default_run_env="local",
-        runtime_params={"train": {"output_dir": str(out)}},
+        conf_source=str(project_root / "conf"), runtime_params={"train": {"output_dir": str(out)}}, **CONFIG_LOADER_ARGS
     )
     catalog = DataCatalog.from_config(loader["catalog"])
     kinds = {

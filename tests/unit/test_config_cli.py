@@ -277,15 +277,16 @@ def test_the_demos_component_settings_never_reach_a_cli_run(project_root):
 
     from dataflex.config import flat_to_grouped
     from dataflex.core.components_cfg import component_spec, load_components_cfg
+    from dataflex.settings import CONFIG_LOADER_ARGS  # conf/ uses the project's resolvers
 
     def merged(flat):
         runtime = flat_to_grouped(flat)
         loader = OmegaConfigLoader(
-            str(project_root / "conf"), base_env="base", default_run_env="local", runtime_params=runtime
+            str(project_root / "conf"), runtime_params=runtime, **CONFIG_LOADER_ARGS
         )  # the CLI passes every group as runtime params
         return loader["parameters"]["dataflex"]
 
-    demo = OmegaConfigLoader(str(project_root / "conf"), base_env="base", default_run_env="local")["parameters"]
+    demo = OmegaConfigLoader(str(project_root / "conf"), **CONFIG_LOADER_ARGS)["parameters"]
     demo_cfg = load_components_cfg(str(project_root / demo["dataflex"]["components_cfg_file"]), None)
     assert component_spec(demo_cfg, "mixer", "odm")[1] == {"warmup_steps": 20}  # the demo's own setting
     flex = merged({"component_name": "odm"})

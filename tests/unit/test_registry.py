@@ -175,3 +175,11 @@ def test_user_module_errors(tmp_path):
         import_user_modules([str(tmp_path / "nope.py")])
     with pytest.raises(ConfigError, match="cannot import user module"):
         import_user_modules("no_such_module_xyz")
+
+
+def test_an_unknown_component_name_gets_a_suggestion():
+    from dataflex.core.errors import ConfigError
+    from dataflex.core.registry import REGISTRY
+
+    with pytest.raises(ConfigError, match=r"unknown selector 'lesss' \(did you mean less\?\)"):
+        REGISTRY.get("selector", "lesss")

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from dataflex.core.errors import ConfigError
 from dataflex.core.schema import Schema, setting
+from dataflex.train.compare_config import CompareConfig
 from dataflex.train.dataset.mixed_proportion_manager import RULES as MIXTURE_SAMPLE_RULES
 from dataflex.train.doremi_config import DoremiConfig
 from dataflex.train.less_config import LessConfig
@@ -158,6 +159,9 @@ class DemoConfig(Schema):
     )
     data_dir: str = setting("data/01_raw/demo", "where the demo corpus lives")
     model_dir: str = setting("data/01_raw/tiny_llama", "where the demo tiny model lives")
+    proxy_model_dir: str = setting(
+        "data/01_raw/tiny_llama_proxy", "the demo's small DoReMi proxy (a test-size tiny model), built on first use"
+    )
     seed: int = setting(0, "seed of the demo corpus and tiny model", ge=0)
     model_size: str = setting("default", "tiny model size", choices=DEMO_MODEL_SIZES)
     pretrain_steps: int = setting(300, "pre-training steps of the tiny model", ge=0)
@@ -176,6 +180,7 @@ class RunConfig:
     less: LessConfig = dataclasses.field(default_factory=LessConfig)
     static_select: StaticSelectConfig = dataclasses.field(default_factory=StaticSelectConfig)
     doremi: DoremiConfig = dataclasses.field(default_factory=DoremiConfig)
+    compare: CompareConfig = dataclasses.field(default_factory=CompareConfig)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> RunConfig:

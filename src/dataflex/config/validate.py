@@ -49,6 +49,12 @@ def validate(run_config: RunConfig, *, check_paths: bool = True, pipelines: Coll
         from dataflex.distributed.launch import check_launch_config
 
         check_launch_config(rc.train.to_dict())
+    no_eval = sorted(set(pipelines) & {"less", "static_select", "doremi"})
+    if rc.train.eval_strategy != "no" and no_eval:
+        raise ConfigError(
+            f"eval_strategy: {rc.train.eval_strategy} is not supported in the {no_eval[0]} pipeline (its trainings "
+            "do not evaluate during training); set eval_strategy: no, or use a train_type run"
+        )
     if "less" in pipelines:
         check_less(rc.less, rc.data.dataset_dir)
     if "static_select" in pipelines:
@@ -87,6 +93,10 @@ def _check_dynamic(rc: RunConfig) -> None:
             mix_schedule(flex, rc.train, None)  # else its length depends on the pool: checked when it is known
     kind = KIND_OF_TRAIN_TYPE[flex.train_type]
     name, _ = component_for(flex, kind)
+    if kind == "mixer":
+        from dataflex.train.modes.mix import check_mixer_model
+
+        check_mixer_model(rc, name)
     if flex.train_type == "dynamic_select":
         from dataflex.train.modes.select import check_select_config
 
@@ -102,7 +112,7 @@ def _check_dynamic(rc: RunConfig) -> None:
 
 def _check_paths(rc: RunConfig) -> None:
     from dataflex.data.pools import check_sources
-    from dataflex.models.loader import check_lora_target, check_model_path
+    from dataflex.models.loader import check_lora_target, check_model_path, check_router
 
     model, data, demo = rc.model, rc.data, rc.demo
     will_build = demo.build_if_missing
@@ -112,8 +122,10 @@ def _check_paths(rc: RunConfig) -> None:
         check_model_path(model.model_name_or_path)
         if model.finetuning_type == "lora" and Path(model.model_name_or_path).is_dir():
             check_lora_target(model.model_name_or_path, model.lora_target)
+        if model.freeze_gate and Path(model.model_name_or_path).is_dir():
+            check_router(model.model_name_or_path, "freeze_gate")
     if not (will_build and demo_data and not (Path(data.dataset_dir) / "dataset_info.json").exists()):
-        check_sources(data)
+        check_sources(data, rc.dataflex.mixer_eval_dataset)
     from dataflex.train.trainer.state import read_manifest, resolve_resume_path
 
     resume = resolve_resume_path(rc.train.resume_from_checkpoint, rc.train.output_dir)

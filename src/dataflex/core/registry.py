@@ -68,9 +68,12 @@ class Registry:
         try:
             return self._store[kind][name]
         except KeyError:
+            from dataflex.core.schema import did_you_mean
+
             valid = ", ".join(sorted(self._store[kind])) or "(none registered)"
+            hint = did_you_mean(name, self._store[kind])
             raise ConfigError(
-                f"unknown {kind} '{name}'; registered {SECTIONS[kind]}: {valid} "
+                f"unknown {kind} '{name}'{hint}; registered {SECTIONS[kind]}: {valid} "
                 f"(register your own with @register_{kind}('{name}') in a module listed in user_modules)"
             ) from None
 

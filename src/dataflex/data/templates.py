@@ -14,6 +14,7 @@ here every response ends with an eos token in the input too.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -105,6 +106,64 @@ class Template:
                     word,
                 )
 
+    # ---------------------------------------------------------------- export
+    def to_jinja(self) -> str | None:
+        """This template as a Hugging Face chat template (Jinja), so that `tokenizer.apply_chat_template(messages)`
+        renders what training rendered (an exported model keeps its prompt format). Like LLaMA-Factory's export,
+        the assistant header is part of the user turn, so `add_generation_prompt` changes nothing. None for the
+        `tokenizer` template: training used the tokenizer's own chat template, which then stays as it is; None too when
+        no fixed text separates a prompt from its response (`empty`): training tokenised the two apart, and one
+        string's tokenisation may merge across them (`5 - 3` + `2` is not `5 - 32`)."""
+        if self.use_tokenizer_template:
+            return None
+        if self.format_user.endswith("{{content}}") and self.format_assistant.startswith("{{content}}"):
+            return None
+        prompt_roles = _jinja_list(
+            ["user", "observation", *(k for k, v in _ROLE_ALIASES.items() if v in _PROMPT_ROLES)]
+        )
+        observation_roles = _jinja_list(["observation", *(k for k, v in _ROLE_ALIASES.items() if v == "observation")])
+        first = ""
+        if self.add_bos:
+            first += "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
+        if self.system_in_user:
+            first += (
+                "{%- if ns.system -%}{%- set content = "
+                + _jinja_expr(self.format_system, "ns.system")
+                + " + content -%}{%- endif -%}"
+            )
+        else:
+            first += "{%- if ns.system -%}{{ " + _jinja_expr(self.format_system, "ns.system") + " }}{%- endif -%}"
+        later = "{{ " + _jinja_expr(self.format_separator, "content") + " }}" if self.format_separator else ""
+        user = "{{ " + _jinja_expr(self.format_user, "content") + " }}"
+        if self.format_observation:
+            observation = "{{ " + _jinja_expr(self.format_observation, "content") + " }}"
+            user = (
+                f"{{%- if message['role'] in {observation_roles} -%}}{observation}{{%- else -%}}{user}{{%- endif -%}}"
+            )
+        thought = ""
+        if self.thought_words:
+            opening, closing = (_jinja_literal(w.strip()) for w in self.thought_words)
+            empty = _jinja_literal(self.thought_words[0] + self.thought_words[1])
+            thought = (
+                f"{{%- if {opening} not in content and {closing} not in content -%}}{{{{ {empty} }}}}{{%- endif -%}}"
+            )
+        return (
+            "{%- set ns = namespace(system=" + _jinja_literal(self.default_system) + ") -%}"
+            "{%- set loop_messages = messages -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set ns.system = messages[0]['content'] or '' -%}{%- set loop_messages = messages[1:] -%}"
+            "{%- endif -%}"
+            "{%- for message in loop_messages -%}"
+            "{%- set content = message['content'] or '' -%}"
+            f"{{%- if message['role'] in {prompt_roles} -%}}"
+            f"{{%- if loop.first -%}}{first}{{%- else -%}}{later}{{%- endif -%}}"
+            f"{user}"
+            "{%- else -%}"
+            f"{thought}{{{{ {_jinja_expr(self.format_assistant, 'content')} }}}}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
     # ---------------------------------------------------------------- rendering
     def render(
         self, tokenizer: Any, messages: list[dict[str, str]], system: str | None = None
@@ -195,6 +254,33 @@ def _fill(fmt: str, content: str, tokenizer: Any) -> list[Piece]:
         elif part:
             pieces.append(part.replace("{{content}}", content))
     return pieces
+
+
+def _jinja_literal(text: str) -> str:
+    # A double-quoted Jinja string: the escapes JSON writes (newline, quote, backslash) are ones Jinja's lexer decodes.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _jinja_list(items: list[str]) -> str:
+    return "[" + ", ".join(_jinja_literal(i) for i in dict.fromkeys(items)) + "]"
+
+
+def _jinja_expr(fmt: str, variable: str) -> str:
+    """A format string as a Jinja expression: its text, `variable` for `{{content}}`, the tokenizer's bos / eos
+    token text for the markers (the tokenizer maps that text back to the same ids training inserted)."""
+    parts: list[str] = []
+    for part in _MARKER.split(fmt):
+        if part == "{{bos_token}}":
+            parts.append("(bos_token or '')")
+        elif part == "{{eos_token}}":
+            parts.append("eos_token")
+        elif part:
+            for i, text in enumerate(part.split("{{content}}")):
+                if i:
+                    parts.append(variable)
+                if text:
+                    parts.append(_jinja_literal(text))
+    return " + ".join(parts) or "''"
 
 
 def _has_thought(content: str, thought_words: tuple[str, str]) -> bool:

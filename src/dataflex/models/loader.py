@@ -214,7 +214,9 @@ def _resolve_lora_targets(model: nn.Module, lora_target: str | list[str]) -> lis
     if not requested:
         raise ConfigError(f"lora_target is empty: use 'all' or a comma list of {', '.join(available)}")
     if requested == ["all"]:
-        return available
+        # Routers are never adapted unless named: LoRA on a gate changes which experts see which tokens.
+        only_in_routers = _router_linear_names(model)
+        return [a for a in available if a not in only_in_routers]
     unknown = [t for t in requested if t not in available]
     if unknown:
         raise ConfigError(
@@ -222,6 +224,104 @@ def _resolve_lora_targets(model: nn.Module, lora_target: str | list[str]) -> lis
             f"{', '.join(available)}"
         )
     return requested
+
+
+# ---------------------------------------------------------------------------------------------------- MoE routers
+# Router classes of models that do not declare one for `router_logits`: LLaMA-MoE's TopKBalancedNoisyGate,
+# JetMoE's TopKGating, HunYuan's Gate, ... (matched on the class name, never on a parameter name: a dense MLP's
+# `gate_proj` and Mixtral's fused `experts.gate_up_proj` are not routers).
+_ROUTER_CLASS = re.compile(r"(Router|Gate|Gating)$")
+# Config keys holding how many experts each token is routed to, in the order models use them.
+_TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_top_k", "num_selected_experts", "top_k")
+
+
+def _recorded_router_classes(model: nn.Module) -> tuple[type, ...]:
+    """The module classes whose output a transformers model records as `router_logits`."""
+    classes = []
+    for module in model.modules():
+        spec = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
+        target = getattr(spec, "target_class", spec)
+        if isinstance(target, type):
+            classes.append(target)
+    return tuple(dict.fromkeys(classes))
+
+
+def find_router_modules(model: nn.Module) -> list[str]:
+    """Module names (on the transformers model inside a PeftModel) of the MoE routers / gates, outermost only."""
+    base = _unwrap(model)
+    recorded = _recorded_router_classes(base)
+    names: list[str] = []
+    for name, module in base.named_modules():
+        if not name or any(name.startswith(f"{r}.") for r in names):
+            continue
+        if (recorded and isinstance(module, recorded)) or _ROUTER_CLASS.search(type(module).__name__):
+            names.append(name)
+    return names
+
+
+def _router_linear_names(model: nn.Module) -> set[str]:
+    """Suffix names of linear layers that exist only inside routers (what `lora_target: all` leaves out)."""
+    routers = find_router_modules(model)
+    inside: set[str] = set()
+    outside: set[str] = set()
+    for name, module in _unwrap(model).named_modules():
+        if isinstance(module, nn.Linear):
+            in_router = any(name == r or name.startswith(f"{r}.") for r in routers)
+            (inside if in_router else outside).add(name.split(".")[-1])
+    return inside - outside
+
+
+def router_top_k(config: object) -> int | None:
+    """Experts per token of an MoE config (its text config for multimodal ones); None when it names none."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in _TOP_K_KEYS:
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                return value
+    return None
+
+
+def exposes_router_logits(model: nn.Module) -> bool:
+    """The model returns each MoE layer's router logits when called with `output_router_logits=True`."""
+    return bool(_recorded_router_classes(_unwrap(model)))
+
+
+def check_router(model_name_or_path: str, why: str, *, needs_loads: bool = False) -> None:
+    """`why` (freeze_gate, a mixer) needs a mixture-of-experts model: checked on a weightless (meta-device) copy
+    built from config.json, before anything is loaded. `needs_loads`: the router's expert loads must be readable
+    (router_logits with a known top-k)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path, local_files_only=is_offline())
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001  # any failure to build the architecture is this path's config problem
+        raise ConfigError(
+            f"{why}: cannot build the model of {model_name_or_path!r}: {' '.join(str(exc).split())}"
+        ) from None
+    arch = type(skeleton).__name__
+    if not find_router_modules(skeleton):
+        raise ConfigError(
+            f"{why} needs a mixture-of-experts model with a router (gate); {model_name_or_path} ({arch}) has none"
+        )
+    if needs_loads and exposes_router_logits(skeleton) and router_top_k(config) is None:
+        raise ConfigError(
+            f"{why}: {arch} returns router_logits but its config names no experts-per-token "
+            f"({', '.join(_TOP_K_KEYS)}), so its top-k routing cannot be counted"
+        )
+
+
+def freeze_routers(model: nn.Module, names: list[str]) -> int:
+    """requires_grad=False on every parameter of the named router modules (their LoRA layers too, when a
+    lora_target named a router's linear); the number of parameters frozen."""
+    base = _unwrap(model)
+    count = 0
+    for name in names:
+        for p in base.get_submodule(name).parameters():
+            p.requires_grad_(False)
+            count += p.numel()
+    return count
 
 
 @contextlib.contextmanager
@@ -256,6 +356,7 @@ def load_model(
     is_trainable: bool = True,
     seed: int | None = None,
     from_scratch: bool = False,
+    freeze_gate: bool = False,
 ) -> nn.Module:
     """Load a causal LM and prepare it for `finetuning_type`; `from_scratch` builds the architecture of its
     config.json with a random init seeded by `seed` (LLaMA-Factory's train_from_scratch: pre-training).
@@ -263,6 +364,8 @@ def load_model(
     - "lora": wrap with a fresh LoRA adapter (alpha defaults to 2*rank, as in LLaMA-Factory), or load
       `adapter_path` (trainable when is_trainable). Only adapter weights require grad.
     - "full": every parameter requires grad (when is_trainable).
+    - `freeze_gate` (MoE models): the routers' parameters never require grad, in either mode; ConfigError when the
+      model has no router.
     The model is loaded and wrapped on CPU, then moved to `device` (default: cuda if available): LoRA init with a
     given `seed` is thus identical on every device, and the global RNG is left untouched.
     """
@@ -294,6 +397,12 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=is_offline())
 
+    routers = find_router_modules(model) if freeze_gate else []
+    if freeze_gate and not routers:
+        raise ConfigError(
+            f"freeze_gate needs a mixture-of-experts model with a router (gate); {name} ({type(model).__name__}) "
+            "has none: remove freeze_gate or use an MoE model"
+        )
     if finetuning_type == "full":
         for p in model.parameters():
             p.requires_grad_(is_trainable)
@@ -317,6 +426,9 @@ def load_model(
                 for p in model.parameters():
                     p.requires_grad_(False)
 
+    if routers:
+        frozen = freeze_routers(model, routers)
+        logger.info("freeze_gate: %d router parameters in %d modules stay frozen", frozen, len(routers))
     model.to(dev)
     model.train(is_trainable)
     trainable, total = _count_params(model)
@@ -336,18 +448,51 @@ def load_model(
 
 # ---------------------------------------------------------------------------------------------------- save / merge
 def save_trained(
-    model: nn.Module, output_dir: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    template: str | None = None,
 ) -> Path:
     """Atomically save a trained model: the LoRA adapter only (peft format, safetensors) for a peft model,
-    the whole model otherwise; plus the tokenizer when given. Returns the directory."""
+    the whole model otherwise; plus the tokenizer when given, whose chat template is then the training `template`'s
+    (see `set_chat_template`), so the saved folder and what `merge_and_export` makes of it prompt as training did.
+    Returns the directory."""
     if not hasattr(model, "save_pretrained"):
         raise ConfigError(f"cannot save a {type(model).__name__}: expected a transformers or peft model")
     with atomic_dir(output_dir) as tmp:
-        # PeftModel.save_pretrained writes only adapter_config.json + adapter_model.safetensors.
-        model.save_pretrained(tmp)
+        # PeftModel.save_pretrained writes only adapter_config.json + adapter_model.safetensors; `state_dict`: the
+        # full tensors of a sharded (FSDP2) model, gathered by the caller.
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            original = getattr(tokenizer, "chat_template", None)
+            if template is not None:
+                set_chat_template(tokenizer, template)
+            try:
+                tokenizer.save_pretrained(tmp)
+            finally:
+                tokenizer.chat_template = original  # the caller's tokenizer is left as it was
     return Path(output_dir)
+
+
+def set_chat_template(tokenizer: PreTrainedTokenizerBase, template: str) -> None:
+    """Give `tokenizer` the chat template of dataflex's `template`, so `apply_chat_template` gives the token ids
+    training's rendering gave. The `tokenizer` template keeps the tokenizer's own (training used it); a template
+    with no chat-template form leaves none, with a note (a base model's template would be a wrong one)."""
+    from dataflex.data.templates import get_template
+
+    tpl = get_template(template)
+    if tpl.use_tokenizer_template:
+        return
+    jinja = tpl.to_jinja()
+    if jinja is None:
+        logger.info(
+            "template %r has no chat-template form: the saved tokenizer carries no chat template (render prompts with "
+            "dataflex.data.templates.get_template(%r).encode_prompt)",
+            template,
+            template,
+        )
+    tokenizer.chat_template = jinja
 
 
 def merge_and_export(
@@ -356,9 +501,11 @@ def merge_and_export(
     base_model: str | None = None,
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
+    template: str | None = None,
 ) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model + tokenizer (like `llamafactory-cli export`),
-    as safetensors shards of at most `max_shard_size`.
+    as safetensors shards of at most `max_shard_size`. The tokenizer's chat template is `template`'s when given,
+    else the one the run saved next to its adapter (its training template).
 
     The merge runs on CPU in fp32 (exact), then weights are cast to `dtype` (None/auto: the base config's dtype,
     else fp32) before saving. The base defaults to adapter_config.json's base_model_name_or_path.
@@ -390,6 +537,12 @@ def merge_and_export(
     # Prefer the tokenizer saved next to the adapter (it may have been extended), else the base one.
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(tok_src)
+    if template is not None:
+        set_chat_template(tokenizer, template)
+    elif tok_src == base:
+        logger.info(
+            "export: no tokenizer next to the adapter; the base model's chat template is kept (--template sets it)"
+        )
     with atomic_dir(output_dir) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)

@@ -56,7 +56,7 @@ class LessConfig(Schema):
     feature_batch_size: int = setting(16, "samples per batched backward pass", ge=1)
     shard_size: int = setting(1024, "samples per datastore shard (the unit of resume)", ge=1)
     datastore_dir: str = setting("data/04_feature", "the gradient datastore (shared by every run)")
-    warmup_dir: str = setting("data/06_models/less/warmup", "warm-up checkpoints, keyed by content")
+    warmup_dir: str = setting("data/06_models/warmup/less", "warm-up checkpoints, keyed by content")
     final_epochs: int = setting(4, "epochs of the final training on the selection", ge=1)
 
 

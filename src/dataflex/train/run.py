@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from dataflex.core.errors import ConfigError
 from dataflex.data import DataCollatorForCausalLM, domain_names
+from dataflex.distributed.fsdp import full_state_dict, is_sharded
 from dataflex.distributed.launch import MetricsSink, distributable
 from dataflex.models import load_model, load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.trainer import Callback, LossStrategy, Trainer, TrainingArguments, TrainResult, make_accelerator
@@ -54,6 +55,7 @@ def build_model(model: ModelConfig, seed: int, adapter_path: str | None = None) 
         dtype=model.dtype,
         adapter_path=adapter_path,
         seed=seed,
+        freeze_gate=model.freeze_gate,
         from_scratch=model.train_from_scratch and adapter_path is None,
     )
 
@@ -149,8 +151,10 @@ class Run:
         eval_sets: Any = None,
         resume: str | None = None,
         metrics_sink: MetricsSink | None = None,
+        evaluate: bool = True,
     ) -> None:
         self.cfg, self.pool, self.eval_sets = cfg, pool, eval_sets
+        self.evaluate = evaluate  # False: the run only restores a model state (a mixture update), it does not train
         self.mode = mode or Mode(cfg, len(pool))
         args = self.mode.args()
         self.args = replace(args, resume_from_checkpoint=resume) if resume is not None else args
@@ -181,7 +185,7 @@ class Run:
 
     def _evaluator(self) -> Evaluator | None:
         """Evaluation during training (eval_strategy), on the run's eval sets."""
-        if self.args.eval_strategy == "no":
+        if self.args.eval_strategy == "no" or not self.evaluate:
             return None
         if not self.eval_sets:
             raise ConfigError(f"eval_strategy: {self.args.eval_strategy} needs eval sets; set eval_dataset or val_size")
@@ -213,8 +217,15 @@ class Run:
             if self.args.load_best_model_at_end and best is not None:
                 load_trainable(self.model, best)  # HF's load_best_model_at_end: the saved model is the best one
         finished = RunResult(self.mode.name, self.cfg, result or self.trainer.result(), self.domains, dict(extra))
+        full = full_state_dict(self.model) if is_sharded(self.model) else None  # every process takes part
         if self.accelerator.is_main_process:
-            save_trained(self.model, Path(self.args.output_dir) / finished.kind, tokenizer=self.tokenizer)
+            save_trained(
+                self.model,
+                Path(self.args.output_dir) / finished.kind,
+                tokenizer=self.tokenizer,
+                state_dict=full,
+                template=self.cfg.data.template,  # the saved tokenizer prompts as training did
+            )
         self.accelerator.wait_for_everyone()
         return finished
 

@@ -30,7 +30,7 @@ class StaticSelectConfig(Schema):
         0, "> 0: LESS's cached warm-up first (model state and Adam moments for cluster_less / nice)", ge=0
     )
     warmup_percentage: float = setting(0.05, "random share of the pool for that warm-up", gt=0, le=1)
-    warmup_dir: str = setting("data/06_models/static_select/warmup", "warm-up checkpoints")
+    warmup_dir: str = setting("data/06_models/warmup/static_select", "warm-up checkpoints")
     cache_dir: str = setting(
         "data/04_feature/static_select", "selector artefacts: embeddings, neighbours, clusters, datastore"
     )

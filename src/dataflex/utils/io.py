@@ -53,6 +53,20 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give `root` and everything under it the modes an ordinary mkdir / open() would (0755 / 0644 under umask 022):
+    mkdtemp makes 0700 and safetensors' writer 0600, which would keep teammates on a shared filesystem out."""
+    root = Path(root)
+    paths = [root, *root.rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        wanted = 0o777 & ~_UMASK if p.is_dir() else (0o666 | (mode & 0o111)) & ~_UMASK
+        if mode & 0o777 != wanted:
+            os.chmod(p, wanted)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp dir next to `path`; on success it replaces `path` whole, on error it is removed."""
@@ -61,16 +75,22 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        apply_umask(tmp)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`, replacing a previous `path` whole (it is gone at once)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}.tmp")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
