@@ -15,7 +15,7 @@ from dataflex.pipelines.params import current_params
 from .cells import cell_names
 from .nodes import cell_at, leaderboard, plan
 
-SHARED = {"train_pool", "eval_sets", "compare.plan"}
+SHARED = {"train_pool", "eval_sets", "compare_plan"}
 OUTPUTS = [
     "compare.leaderboard_csv",
     "compare.leaderboard_md",
@@ -28,10 +28,10 @@ OUTPUTS = [
 
 def create_pipeline(cells: list[tuple[str, int]] | None = None, **kwargs: Any) -> Pipeline:
     grid = cells if cells is not None else cell_names(current_params())
-    head = Pipeline([Node(plan, "run_config", "compare.plan", name="compare.plan")])
+    head = Pipeline([Node(plan, "run_config", "compare_plan", name="plan", namespace="compare")])
     per_cell = [
         Pipeline(
-            [Node(cell_at(arm, seed), ["train_pool", "eval_sets", "compare.plan"], "summary", name="run_cell")],
+            [Node(cell_at(arm, seed), ["train_pool", "eval_sets", "compare_plan"], "summary", name="run_cell")],
             namespace=f"compare.{arm}.seed_{seed}",
             inputs=SHARED,
         )
@@ -39,6 +39,14 @@ def create_pipeline(cells: list[tuple[str, int]] | None = None, **kwargs: Any) -
     ]
     summaries = [f"compare.{arm}.seed_{seed}.summary" for arm, seed in grid]
     tail = Pipeline(
-        [Node(leaderboard, ["run_config", "compare.plan", *summaries], OUTPUTS, name="compare.leaderboard")]
+        [
+            Node(
+                leaderboard,
+                ["run_config", "compare_plan", *summaries],
+                OUTPUTS,
+                name="leaderboard",
+                namespace="compare",
+            )
+        ]
     )
     return data_processing() + Pipeline([head, *per_cell, tail], tags="compare")

@@ -20,15 +20,22 @@ PARAMS = ["train_pool", "run_config"]
 def create_pipeline(**kwargs: Any) -> Pipeline:
     steps = Pipeline(
         [
-            Node(reference, PARAMS, "doremi.reference_result", name="doremi.reference"),
+            Node(reference, PARAMS, "doremi.reference_result", name="reference", namespace="doremi"),
             Node(
                 proxy,
                 [*PARAMS, "doremi.reference_result"],
                 ["doremi.proxy_result", "doremi.weights"],
-                name="doremi.proxy",
+                name="proxy",
+                namespace="doremi",
             ),
-            Node(final, [*PARAMS, "doremi.proxy_result"], ["train_result", "mixture_history"], name="doremi.final"),
-            Node(plot, "doremi.proxy_result", "doremi_plot", name="doremi.plot_weights"),
+            Node(
+                final,
+                [*PARAMS, "doremi.proxy_result"],
+                ["train_result", "mixture_history"],
+                name="final",
+                namespace="doremi",
+            ),
+            Node(plot, "doremi.proxy_result", "doremi_plot", name="plot_weights", namespace="doremi"),
         ],
         tags="doremi",
     )

@@ -22,9 +22,11 @@ TRAIN_INPUTS = ["train_pool", "mixer_eval_sets", "eval_sets", "run_config"]  # +
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds("dynamic_mix")
-    plot = Node(plot_mixture, "train_result", "mixture_plot", name="dynamic_mix.plot_mixture")
+    plot = Node(plot_mixture, "train_result", "mixture_plot", name="plot_mixture", namespace="dynamic_mix")
     if n is None:  # the round count depends on the pool's size: all rounds in one node
-        run = Node(all_rounds, TRAIN_INPUTS, ["train_result", "mixture_history"], name="dynamic_mix.all_rounds")
+        run = Node(
+            all_rounds, TRAIN_INPUTS, ["train_result", "mixture_history"], name="all_rounds", namespace="dynamic_mix"
+        )
         return data_processing() + Pipeline([run, plot], tags="dynamic_mix") + evaluation() + reporting()
     first = Node(first_segment, TRAIN_INPUTS, "state", name="train_segment")
     round_list = [Pipeline([first], namespace="dynamic_mix.round_0", inputs=set(TRAIN_INPUTS))]
@@ -39,7 +41,13 @@ def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     last = f"dynamic_mix.round_{n - 1}.state"
     wrap_up = Pipeline(
         [
-            Node(finalize, [last, *mixtures], ["train_result", "mixture_history"], name="dynamic_mix.finalize"),
+            Node(
+                finalize,
+                [last, *mixtures],
+                ["train_result", "mixture_history"],
+                name="finalize",
+                namespace="dynamic_mix",
+            ),
             plot,
         ]
     )

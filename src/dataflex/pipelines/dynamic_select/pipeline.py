@@ -22,10 +22,10 @@ SHARED = {"train_pool": "train_pool", "eval_sets": "eval_sets", "run_config": "r
 
 def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
     n = n_rounds if n_rounds is not None else rounds("dynamic_select")
-    plot = Node(plot_selection, "train_result", "selection_plot", name="dynamic_select.plot_selection")
+    plot = Node(plot_selection, "train_result", "selection_plot", name="plot_selection", namespace="dynamic_select")
     if n is None:  # the round count depends on the pool's size: all rounds in one node
         outputs = ["train_result", "selection_history"]
-        run = Node(all_rounds, INPUTS, outputs, name="dynamic_select.all_rounds")
+        run = Node(all_rounds, INPUTS, outputs, name="all_rounds", namespace="dynamic_select")
         return data_processing() + Pipeline([run, plot], tags="dynamic_select") + evaluation() + reporting()
     first = Node(first_segment, INPUTS, "state", name="train_segment")
     round_list = [Pipeline([first], namespace="dynamic_select.round_0", inputs=SHARED)]
@@ -44,7 +44,8 @@ def create_pipeline(n_rounds: int | None = None, **kwargs: Any) -> Pipeline:
                 finalize,
                 [last, *selections],
                 ["train_result", "selection_history"],
-                name="dynamic_select.finalize",
+                name="finalize",
+                namespace="dynamic_select",
             ),
             plot,
         ]

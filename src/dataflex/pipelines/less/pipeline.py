@@ -24,7 +24,7 @@ from .nodes import (
     warmup,
 )
 
-FEATURE_INPUTS = ["less.warmup_result", "run_config"]
+FEATURE_INPUTS = ["warmup_result", "run_config"]  # inside ckpt_<k>: mapped onto the less.* datasets below
 
 
 def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline:
@@ -35,13 +35,15 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
                 prepare_targets,
                 ["raw_inputs", "run_config"],
                 "less.target_sets",
-                name="less.prepare_targets",
+                name="prepare_targets",
+                namespace="less",
             ),
             Node(
                 warmup,
                 ["train_pool", "run_config"],
                 "less.warmup_result",
-                name="less.warmup",
+                name="warmup",
+                namespace="less",
             ),
         ]
     )
@@ -51,13 +53,18 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
                 Node(train_features_at(k), ["train_pool", *FEATURE_INPUTS], "train_features", name="train_features"),
                 Node(
                     target_features_at(k),
-                    ["less.target_sets", *FEATURE_INPUTS],
+                    ["target_sets", *FEATURE_INPUTS],
                     "target_features",
                     name="target_features",
                 ),
             ],
             namespace=f"less.ckpt_{k}",
-            inputs={"train_pool", "less.target_sets", "less.warmup_result", "run_config"},
+            inputs={
+                "train_pool": "train_pool",
+                "target_sets": "less.target_sets",
+                "warmup_result": "less.warmup_result",
+                "run_config": "run_config",
+            },
         )
         for k in range(n)
     ]
@@ -68,16 +75,20 @@ def create_pipeline(n_checkpoints: int | None = None, **kwargs: Any) -> Pipeline
                 select,
                 ["train_pool", "less.target_sets", "less.warmup_result", "run_config", *refs],
                 "less.selection",
-                name="less.select",
+                name="select",
+                namespace="less",
             ),
             Node(
                 final_train,
                 ["train_pool", "less.selection", "run_config"],
                 "train_result",
-                name="less.final_train",
+                name="final_train",
+                namespace="less",
             ),
-            Node(plot_composition, "less.selection", "less.composition_plot", name="less.plot_composition"),
-            Node(plot_scores, "less.selection", "less.score_histogram", name="less.plot_scores"),
+            Node(
+                plot_composition, "less.selection", "less.composition_plot", name="plot_composition", namespace="less"
+            ),
+            Node(plot_scores, "less.selection", "less.score_histogram", name="plot_scores", namespace="less"),
         ]
     )
     return data_processing() + Pipeline([head, *checkpoints, tail], tags="less") + evaluation() + reporting()
