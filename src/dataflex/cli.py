@@ -33,11 +33,24 @@ QUIET_WARNINGS = (
 
 
 def quiet_known_warnings() -> None:
-    """Filter QUIET_WARNINGS out (before the imports that would emit them)."""
+    """Filter QUIET_WARNINGS out (before the imports that would emit them). Also as a filter of the `py.warnings`
+    logger Kedro routes warnings to: mlflow emits its warning inside its own `catch_warnings()` with
+    `simplefilter("once")`, which outranks any `filterwarnings` made before."""
+    import logging
+    import re
     import warnings
 
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    patterns = [re.compile(message) for _, message in QUIET_WARNINGS]
+
+    def known(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(p.search(text) for p in patterns)
+
+    logger = logging.getLogger("py.warnings")
+    if not any(getattr(f, "__name__", "") == "known" for f in logger.filters):
+        logger.addFilter(known)
 
 
 def find_project_root(start: Path | None = None) -> Path:
