@@ -155,8 +155,11 @@ def call_with_accepted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 
 def batch_of(pool: Any, ids: Sequence[int], collator: Callable[..., Any], device: Any) -> dict[str, torch.Tensor]:
-    """The micro-batch of pool rows `ids`, collated and on `device` (as the loop built it)."""
-    rows = [pool[int(i)] for i in ids]
+    """The micro-batch of the pool's samples `ids` (their `sample_id`s), collated and on `device` (as the loop built
+    it). A pool built by the pipeline numbers its rows 0..N-1; a subset keeps its samples' ids, so map them."""
+    sample_ids = pool["sample_id"]
+    row_of = {int(s): r for r, s in enumerate(sample_ids)} if list(sample_ids) != list(range(len(pool))) else None
+    rows = [pool[row_of[int(i)] if row_of is not None else int(i)] for i in ids]
     return {k: v.to(device) for k, v in collator(rows).items()}
 
 

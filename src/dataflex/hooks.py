@@ -21,7 +21,8 @@ from dataflex.utils.logging import logger
 _PARAMS: dict[str, Any] | None = None
 # Pipelines that read a run's inputs or outputs but start no run: they may share an output_dir with one.
 NOT_TRAINING = {"data_processing", "evaluation", "reporting"}
-RESUMABLE = ("checkpoints", "rounds", "adapter", "model")  # what a failed run keeps for its resume
+# What a failed run keeps for its resume (compare: the finished cells, each with its run_summary.json).
+RESUMABLE = ("checkpoints", "rounds", "adapter", "model", "compare")
 
 
 DEFAULT_PIPELINE = "static"  # what a bare `kedro run` (`__default__`) runs
@@ -136,6 +137,12 @@ class ProjectHooks:
         if _PARAMS is not None and groups:
             # Paths were read when the context was created; this adds the pipeline's own group (less.targets, ...).
             _validate(_PARAMS, lambda p: validate_params(p, check_paths=False, pipelines=groups))
+        if _PARAMS is not None and "compare" in names:
+            # Every arm x seed checked as the run it will be (unknown component, different base, budget): one line
+            # here rather than a failure of the compare plan node.
+            from dataflex.pipelines.compare.cells import plan_cells
+
+            _validate(_PARAMS, plan_cells)
         modes = [n for n in names if n in TRAIN_TYPES and n != "static"]
         if _PARAMS is not None and modes:
             _validate({**_PARAMS, "dataflex": {**_PARAMS["dataflex"], "train_type": modes[0]}})

@@ -156,3 +156,153 @@ def test_cli_refuses_bad_compare_config_in_one_line(project_root, tmp_path, caps
     code = main(["compare", str(config), "--project-dir", str(project_root)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "duplicate arm name 'static'" in err[0]
+
+
+def _summaries(project: Path, arms: list[str], seeds: list[int]) -> dict:
+    root = project / "data" / "06_models" / "compare" / "compare"
+    return {(a, s): json.loads((root / a / f"seed-{s}" / "run_summary.json").read_text()) for a in arms for s in seeds}
+
+
+def test_compare_selector_arms_share_the_less_caches(kedro_project, tiny_model_dir, demo_dir, monkeypatch):
+    """Two LESS arms (differing only in percentage) x 2 seeds: one warm-up and one pool datastore for all four
+    cells; a static_select (near) arm and a dynamic_weight arm run next to them at the same budget."""
+    project = kedro_project
+    monkeypatch.chdir(project)
+    params = _params(project, tiny_model_dir, demo_dir)
+    less = {"pipeline": "less", "less_warmup_epochs": 1, "less_warmup_percentage": 0.25, "less_proj_dim": 64}
+    params["compare"].update(
+        budget_steps=2,
+        baseline="less_a",
+        arms=[
+            {"name": "less_a", **less, "less_percentage": 0.25},
+            {"name": "less_b", **less, "less_percentage": 0.5},
+            {"name": "near", "pipeline": "static_select", "static_select_selector": "near"}
+            | {"static_select_percentage": 0.25},
+            {"name": "weight", "train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 1},
+        ],
+    )
+    _run(project, params)
+
+    summaries = _summaries(project, ["less_a", "less_b", "near", "weight"], [0, 1])
+    assert all(s["global_step"] == 2 for s in summaries.values())  # the equal budget, whatever the arm
+    caches = [summaries[(a, s)]["caches"] for a in ("less_a", "less_b") for s in (0, 1)]
+    # The first LESS cell computes the warm-up and the pool's datastore; the other three reuse both.
+    assert sorted(c["warmup_cache"] for c in caches) == ["hit", "hit", "hit", "miss"]
+    assert sorted(c["datastore_hits"] for c in caches) == [0, 1, 1, 1]
+    assert all(c["datastore_checkpoints"] == 1 for c in caches)
+    sizes = {a: sum(summaries[(a, 0)]["selection_composition"].values()) for a in ("less_a", "less_b", "near")}
+    assert sizes["less_b"] > sizes["less_a"] > 0 and sizes["near"] > 0
+    assert summaries[("weight", 0)]["train_type"] == "dynamic_weight"
+    assert all(s["feature_seconds"] > 0 for k, s in summaries.items() if k[0] != "weight")
+
+
+def test_compare_mixer_arms(kedro_project, tiny_model_dir, demo_dir, monkeypatch):
+    """Mixers on the demo's text domains at one 4-step budget: static-uniform, the DoReMi recipe (reference and
+    proxy are the arm's feature cost), and the odm and doremi mixers of dynamic_mix."""
+    project = kedro_project
+    monkeypatch.chdir(project)
+    params = _params(project, tiny_model_dir, demo_dir)
+    params["data"].update(
+        stage="pt",
+        cutoff_len=32,
+        dataset=["text_stories_train", "text_numbers_train", "text_noisy_train"],
+        eval_dataset=["text_noisy_test"],
+    )
+    mix = {"train_type": "dynamic_mix", "warmup_step": 2, "update_step": 1, "update_times": 2}
+    reference = {"reference_model_path": str(tiny_model_dir)}
+    params["compare"].update(
+        budget_steps=4,
+        seeds=[0],
+        arms=[
+            {"name": "static", "train_type": "dynamic_mix", "static_mix": True},
+            {"name": "doremi", "pipeline": "doremi", "doremi_proxy_model_name_or_path": str(tiny_model_dir)},
+            {"name": "odm", **mix, "component_name": "odm"},
+            {"name": "doremi_mixer", **mix, "component_name": "doremi"}
+            | {"components": {"mixers": {"doremi": {"name": "doremi", "params": reference}}}},
+        ],
+    )
+    _run(project, params)
+
+    summaries = _summaries(project, ["static", "doremi", "odm", "doremi_mixer"], [0])
+    assert all(s["global_step"] == 4 for s in summaries.values())
+    for arm in ("doremi", "odm", "doremi_mixer"):
+        assert summaries[(arm, 0)]["mixture_history"], arm
+    assert summaries[("doremi", 0)]["feature_seconds"] > 0
+    assert "text_noisy_test" in summaries[("static", 0)]["eval"]
+
+
+@pytest.mark.parametrize(
+    "arm, message",
+    [
+        ({"name": "x", "train_type": "dynamic_select", "component_name": "nope"}, "compare arm 'x': unknown selector"),
+        ({"name": "x", "dataset": "arith_train"}, "trains a different base model or pool than arm 'static'"),
+        ({"name": "x", "train_type": "dynamic_weight", "component_name": "loss", "warmup_step": 5}, "budget_steps=3"),
+    ],
+)
+def test_kedro_run_bad_compare_arm_is_one_line(arm, message, kedro_project, untrained_model_dir, demo_dir, monkeypatch):
+    """Arm-level mistakes under `kedro run --pipelines=compare`: the hook's one line before any node runs."""
+    project = kedro_project
+    monkeypatch.chdir(project)
+    params = _params(project, untrained_model_dir, demo_dir)
+    params["compare"]["arms"].append(arm)
+    with pytest.raises(SystemExit) as exc:
+        _run(project, params)
+    text = str(exc.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not (project / "data" / "06_models" / "compare" / "compare").exists()  # no cell started
+
+
+@pytest.mark.parametrize("example", ["demo.yaml", "mixers.yaml", "selectors.yaml"])
+def test_compare_examples_plan(example, project_root, untrained_model_dir, demo_dir, tmp_path, monkeypatch, capsys):
+    """Each example's arms x seeds pass every check (planned only: running them is minutes), and a bad key on
+    its command line is one line, exit 2."""
+    from dataflex.cli import build_train_params, main
+
+    monkeypatch.chdir(tmp_path)
+    config = project_root / "examples" / "compare" / example
+    paths = [f"model_name_or_path={untrained_model_dir}", f"dataset_dir={demo_dir}"]
+    paths.append(f"doremi_proxy_model_name_or_path={untrained_model_dir}")
+    cells = plan_cells(build_train_params(str(config), paths))
+    arms = yaml.safe_load(config.read_text())["compare_arms"]
+    assert len(cells) == 3 * len(arms) and all(c.params["train"]["max_steps"] > 0 for c in cells)
+
+    code = main(["compare", str(config), "compare_metrc=loss", "--project-dir", str(project_root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "compare_metrc" in err[0]
+
+
+def test_killed_comparison_reruns_only_the_missing_cells(kedro_project, tiny_model_dir, demo_dir, monkeypatch):
+    """A comparison that dies in its second cell (half of that cell written) keeps the finished cell; the re-run
+    runs the three others only, and the leaderboard has all four."""
+    from dataflex.pipelines.compare import cells as lib
+
+    project = kedro_project
+    monkeypatch.chdir(project)
+    params = _params(project, tiny_model_dir, demo_dir)
+    real, ran = lib.run_cell, []
+
+    def dies_in_the_second(cell, *args, **kwargs):
+        ran.append(cell.key)
+        if len(ran) == 2:
+            Path(cell.output_dir).mkdir(parents=True)
+            (Path(cell.output_dir) / "train_result.json").write_text("{")  # what a killed cell leaves
+            raise RuntimeError("killed")
+        return real(cell, *args, **kwargs)
+
+    monkeypatch.setattr(lib, "run_cell", dies_in_the_second)
+    with pytest.raises(Exception, match="killed"):
+        _run(project, params)
+    root = project / "data" / "06_models" / "compare" / "compare"
+    keys = ("static/seed-0", "static/seed-1", "random/seed-0", "random/seed-1")
+    finished = [k for k in keys if (root / k / "run_summary.json").is_file()]
+    assert finished == [ran[0]]
+    first = (root / ran[0] / "run_summary.json").stat().st_mtime_ns
+
+    ran.clear()
+    monkeypatch.setattr(lib, "run_cell", lambda cell, *a, **kw: ran.append(cell.key) or real(cell, *a, **kw))
+    _run(project, params)
+    assert len(ran) == 3 and finished[0] not in ran
+    assert (root / finished[0] / "run_summary.json").stat().st_mtime_ns == first
+    reports = project / "data" / "08_reporting" / "compare"
+    cells = list(csv.DictReader(io.StringIO((reports / "cells.csv").read_text())))
+    assert len(cells) == 4

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
+from torch.distributed.tensor import DTensor
 
 from dataflex.core.errors import ConfigError, DataError
 from dataflex.distributed.collectives import (
@@ -96,7 +97,10 @@ class FeatureSet:
 
 
 def _digest(h: Any, tensor: torch.Tensor) -> None:
-    t = tensor.detach().contiguous().cpu()
+    t = tensor.detach()
+    if isinstance(t, DTensor):  # a parameter sharded by FSDP2: hash the whole tensor (every rank gathers)
+        t = t.full_tensor()
+    t = t.contiguous().cpu()
     h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 

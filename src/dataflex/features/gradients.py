@@ -14,7 +14,8 @@ DoRA magnitudes) fall back to a per-sample autograd loop with a notice: correct,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -325,7 +326,8 @@ def _hooked_features(
             # Differentiate w.r.t. the input embeddings: the hooks see every LoRA output gradient, and the
             # batch-summed parameter gradients (which nothing here uses) are never formed.
             if embed is not None:
-                embeds = embed(input_ids).detach().requires_grad_(True)
+                with _unsharded(model):
+                    embeds = embed(input_ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, use_cache=False).logits
                 loss = (per_token_losses(logits, lab).sum(dim=1) / count_supervised_tokens(lab).clamp(min=1)).sum()
                 torch.autograd.grad(loss, embeds)
@@ -336,6 +338,22 @@ def _hooked_features(
             if fused:
                 proj.project_all_into(acc["features"], transform.all(names, acc.pop("grads")), scratch=True)
             out[torch.tensor(rows)] = acc["features"].to(out.dtype).cpu()
+
+
+@contextlib.contextmanager
+def _unsharded(model: torch.nn.Module) -> Iterator[None]:
+    """The root's own parameters (embeddings) gathered while a module of it is called outside its forward: under
+    FSDP2 they are shards until the root unshards them; the decoder layers keep their own sharding."""
+    from dataflex.distributed.fsdp import is_sharded
+
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _loop_features(

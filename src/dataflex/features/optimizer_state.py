@@ -25,6 +25,15 @@ class AdamMoments:
     eps: float
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A moment as one fp32 tensor: FSDP2 keeps each rank's shard (a DTensor); the per-sample transform needs the
+    whole parameter's (gathered once per extraction; every rank calls this in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    return (t.full_tensor() if isinstance(t, DTensor) else t).float()
+
+
 def _from_optimizer(opt: torch.optim.Optimizer, model: torch.nn.Module) -> AdamMoments:
     names = {id(p): n for n, p in model.named_parameters()}
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -33,7 +42,7 @@ def _from_optimizer(opt: torch.optim.Optimizer, model: torch.nn.Module) -> AdamM
         for p in group["params"]:
             state = opt.state.get(p, {})
             if id(p) in names and "exp_avg" in state:
-                moments[names[id(p)]] = (state["exp_avg"].detach().float(), state["exp_avg_sq"].detach().float())
+                moments[names[id(p)]] = (_whole(state["exp_avg"]), _whole(state["exp_avg_sq"]))
                 betas, eps = tuple(group["betas"]), float(group["eps"])
     if betas is None:
         raise ConfigError("the optimizer has no Adam moments yet (it has not stepped); train at least one step first")

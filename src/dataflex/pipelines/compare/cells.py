@@ -38,6 +38,9 @@ class Cell:
     pipeline: str
     params: dict[str, Any]
     output_dir: str
+    # The train.seed of the arm's feature stage (LESS / static_select warm-up, datastore, targets): the comparison's
+    # first seed for every cell, so those caches are computed once for all seeds; the seeds vary the training.
+    feature_seed: int = 0
 
     @property
     def key(self) -> str:
@@ -117,9 +120,10 @@ def plan_cells(params: Mapping[str, Any], check_paths: bool = True) -> list[Cell
         try:
             arm_cfg = RunConfig.from_params(arm_p)
             groups = [pipeline] if pipeline in PIPELINE_GROUPS else []
-            validate(arm_cfg, check_paths=check_paths, pipelines=groups)
+            # The budget before the modes' own checks: they would name train_step, here the comparison's budget.
             _check_component(arm_cfg, pipeline)
             _check_budget(arm_cfg, pipeline, cmp.budget_steps)
+            validate(arm_cfg, check_paths=check_paths, pipelines=groups)
         except DataFlexError as exc:
             raise ConfigError(f"{label}: {exc}") from None
         ident = (arm_cfg.model.model_name_or_path, _names(arm_cfg.data.dataset), arm_cfg.data.max_samples)
@@ -134,7 +138,7 @@ def plan_cells(params: Mapping[str, Any], check_paths: bool = True) -> list[Cell
             out = root / arm["name"] / f"seed-{seed}"
             # Every arm's (final) training runs exactly the budget's optimizer steps; epochs no longer decide it.
             cell_p = _merge(arm_p, {"train": {"seed": int(seed), "output_dir": str(out)}})
-            cells.append(Cell(arm["name"], int(seed), pipeline, cell_p, str(out)))
+            cells.append(Cell(arm["name"], int(seed), pipeline, cell_p, str(out), int(cmp.seeds[0])))
     return cells
 
 
@@ -258,10 +262,12 @@ def _train(cell: Cell, cfg: Any, pool: Any, eval_sets: Any, sink: Any) -> tuple[
         cfg = replace(cfg, dataflex=replace(cfg.dataflex, train_type=p))
         res = mix.run_all(cfg, pool, metrics_sink=sink, mixer_eval_sets=_mixer_sets(cfg))
         return res, 0.0, {"mixture_history": res.get("mixture_history") or []}
+    # The feature stage runs at the comparison's first seed whatever the cell's (shared caches, see Cell).
+    feat = replace(cfg, train=replace(cfg.train, seed=cell.feature_seed))
     if p == "less":
-        return _less(cfg, pool, sink)
+        return _less(cfg, feat, pool, sink)
     if p == "static_select":
-        return _static_select(cfg, pool, sink)
+        return _static_select(cfg, feat, pool, sink)
     return _doremi(cell, pool, sink)
 
 
@@ -297,18 +303,18 @@ def _composition(selection: Mapping[str, Any]) -> dict[str, int]:
     return _sum_counts(t.get("domain_counts") or {} for t in selection["targets"].values())
 
 
-def _less(cfg: Any, pool: Any, sink: Any) -> tuple[dict[str, Any], float, dict]:
+def _less(cfg: Any, feat: Any, pool: Any, sink: Any) -> tuple[dict[str, Any], float, dict]:
     from dataflex.models import load_tokenizer
     from dataflex.train.modes import less as lib
 
     start = time.perf_counter()
     less = cfg.less
-    warm = lib.warmup(cfg, pool, less.warmup_percentage, less.warmup_epochs, less.warmup_dir)
-    targets = lib.build_targets(cfg.data, less.targets, load_tokenizer(cfg.model.model_name_or_path), cfg.train.seed)
-    local = replace(cfg, train=replace(cfg.train, num_processes=1))
+    warm = lib.warmup(feat, pool, less.warmup_percentage, less.warmup_epochs, less.warmup_dir)
+    targets = lib.build_targets(cfg.data, less.targets, load_tokenizer(cfg.model.model_name_or_path), feat.train.seed)
+    local = replace(feat, train=replace(feat.train, num_processes=1))
     train_refs, target_refs, hits = [], [], 0
     for k in range(len(warm["checkpoints"])):
-        train_refs.append(lib.checkpoint_features(cfg, pool, warm, k, "train", "pool", progress=False))
+        train_refs.append(lib.checkpoint_features(feat, pool, warm, k, "train", "pool", progress=False))
         target_refs.append(
             {t: lib.checkpoint_features(local, targets[t], warm, k, "target", t, progress=False) for t in targets}
         )
@@ -321,7 +327,7 @@ def _less(cfg: Any, pool: Any, sink: Any) -> tuple[dict[str, Any], float, dict]:
     return result, seconds, {"selection_composition": _composition(selection), "caches": caches}
 
 
-def _static_select(cfg: Any, pool: Any, sink: Any) -> tuple[dict[str, Any], float, dict]:
+def _static_select(cfg: Any, feat: Any, pool: Any, sink: Any) -> tuple[dict[str, Any], float, dict]:
     from dataflex.models import load_tokenizer
     from dataflex.train.modes import less as less_lib
     from dataflex.train.modes import static_select as lib
@@ -329,11 +335,11 @@ def _static_select(cfg: Any, pool: Any, sink: Any) -> tuple[dict[str, Any], floa
     start = time.perf_counter()
     ss = cfg.static_select
     targets = less_lib.build_targets(
-        cfg.data, ss.targets, load_tokenizer(cfg.model.model_name_or_path), seed=cfg.train.seed
+        cfg.data, ss.targets, load_tokenizer(cfg.model.model_name_or_path), seed=feat.train.seed
     )
-    warm = lib.warmup(cfg, pool)
-    feats = lib.compute_features(cfg, pool, targets, warm)
-    selection = lib.select(cfg, pool, targets, warm, feats)
+    warm = lib.warmup(feat, pool)
+    feats = lib.compute_features(feat, pool, targets, warm)
+    selection = lib.select(feat, pool, targets, warm, feats)
     seconds = time.perf_counter() - start
     result = {**_train_on(cfg, pool, selection, "static_select", sink), "selector": selection["selector"]}
     return result, seconds, {"selection_composition": _composition(selection)}
