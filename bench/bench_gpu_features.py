@@ -9,6 +9,11 @@ minutes of device time:
 
     python bench/bench_gpu_features.py --out bench/RESULTS.md          # on the GPU machine
     .venv/bin/python bench/bench_gpu_features.py --small               # a CPU smoke run of the script itself
+
+With `--fsdp`, run under torchrun (`torchrun --nproc_per_node N bench/bench_gpu_features.py --fsdp`): the model
+is sharded with the project's FSDP2 (`dataflex.distributed.fsdp`, full_shard over NCCL, or gloo on CPU) and each
+rank extracts the features of its share of the samples on the sharded model, against a plain forward+backward of
+the same share; rank 0 reports the slowest rank's times.
 """
 
 from __future__ import annotations
@@ -95,11 +100,14 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="tiny sizes: a smoke run of the script (CPU is fine)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--loop-samples", type=int, default=64, help="the bs=1 loop runs on this many (per-sample time)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: features on the FSDP2-sharded model")
     args = p.parse_args()
     args.hidden, args.layers, args.inter, args.vocab, args.seq = 1024, 24, 2816, 32000, 512
     if args.small:
         args.hidden, args.layers, args.inter, args.vocab, args.seq = 128, 2, 256, 500, 64
         args.samples, args.loop_samples = 32, 8
+    if args.fsdp:
+        return sharded(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -157,6 +165,49 @@ def main() -> None:
         f"T {args.seq}, SJLT k 8192."
     )
     report(args.out, "Gradient features on a GPU (~0.5B random Llama)", context, ["run", "seconds"], results, ratios)
+
+
+def sharded(args: argparse.Namespace) -> None:
+    """Features on the FSDP2-sharded model, each rank on its contiguous share of the samples."""
+    import os
+
+    import torch.distributed as dist
+
+    from dataflex.distributed.fsdp import FsdpSettings, shard_model
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = shard_model(build(args, device), FsdpSettings("full_shard"))
+    gen = torch.Generator().manual_seed(1)
+    masked = args.seq // 8
+    rows = []
+    for _ in range(args.samples):
+        ids = torch.randint(3, args.vocab, (args.seq,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * masked + ids[masked:]})
+    share = rows[rank * len(rows) // world : (rank + 1) * len(rows) // world]
+    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    proj = Projector("sjlt", [(n, q.numel()) for n, q in named], proj_dim=8192, seed=0)
+    plain(model, share[:8], 8, device)  # warm-up
+    t_plain, _ = timed(device, lambda: plain(model, share, 16, device))
+    t_ours, _ = timed(device, lambda: per_sample_gradient_features(model, share, projector=proj, batch_size=16))
+    times = torch.tensor([t_plain, t_ours], device=device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        t_plain, t_ours = times.tolist()
+        what = torch.cuda.get_device_name() if cuda else machine_label()
+        context = (
+            f"Command: `torchrun --nproc_per_node {world} bench/bench_gpu_features.py --fsdp`. {what} x {world}, "
+            f"FSDP2 full_shard, {len(rows)} samples x T {args.seq}, SJLT k 8192, slowest rank."
+        )
+        results = [("plain forward+backward on the sharded model, bs 16", t_plain), ("ours, SGD, bs 16", t_ours)]
+        ratio = f"ours / plain on the sharded model: **{t_ours / t_plain:.2f}**"
+        report(args.out, "Gradient features on a sharded model (FSDP2)", context, ["run", "seconds"], results, ratio)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
