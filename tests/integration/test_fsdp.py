@@ -73,6 +73,16 @@ def test_a_sharded_checkpoint_resumes_on_one_process(tiny_model_dir, sft_pool, t
     assert resumed["global_step"] == 6
     _close(_weights(tmp_path / "one"), _weights(tmp_path / "resumed"))
 
+    # a sharded checkpoint missing one rank's file is refused in one line before anything is loaded
+    from dataflex.core.errors import CheckpointError
+    from dataflex.train.trainer.state import read_manifest
+
+    rank_file = sorted((checkpoints / "checkpoint-3" / "dcp").glob("*.distcp"))[-1]
+    rank_file.unlink()
+    with pytest.raises(CheckpointError) as err:
+        read_manifest(checkpoints / "checkpoint-3")
+    assert "\n" not in str(err.value) and "checkpoint-3" in str(err.value)
+
 
 def test_a_deepspeed_zero3_json_runs_as_fsdp(tiny_model_dir, sft_pool, tmp_path, caplog):
     ds = tmp_path / "ds_z3_config.json"
