@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from dataflex.config import DEFAULTS, RunConfig
@@ -184,3 +185,47 @@ def test_doremi_and_odm_on_sharded_processes_equal_one_process(tiny_model_dir, s
             assert weights == pytest.approx(out[2]["doremi"]["average_weights"], abs=1e-6)
             assert max(weights) - min(weights) > 1e-4, "the weights moved from uniform"
         _close(_weights(tmp_path / name / "p1", "lora"), _weights(tmp_path / name / "p2", "lora"))
+
+
+def test_load_best_model_at_end_on_sharded_processes(tiny_model_dir, sft_pool, tmp_path):
+    """The best TrainState of a sharded run is DCP shards; the saved adapter is that model, reassembled."""
+    from dataflex.distributed.fsdp import read_sharded
+
+    pool = sft_pool.select(range(48))
+    evals = {"dev": sft_pool.select(range(48, 56))}
+    train = {
+        "eval_strategy": "steps",
+        "eval_steps": 2,
+        "early_stopping_steps": 1,
+        "early_stopping_min_delta": 100.0,
+        "load_best_model_at_end": True,
+    }
+    summary = run.train(_cfg(tiny_model_dir, tmp_path / "p2", 2, "lora", **train), pool, "static", eval_sets=evals)
+    assert summary["best_step"] == 2 and summary["stopped_early_at"] == 4
+    best = tmp_path / "p2" / "best"
+    manifest = json.loads((best / "manifest.json").read_text())
+    expected = read_sharded(best, manifest["trainable"], "model")
+    saved = _weights(tmp_path / "p2", "lora")
+    assert len(saved) == len(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(saved[name.replace(".default", "")], tensor), name
+
+
+def test_the_less_warmup_and_features_on_sharded_processes(tiny_model_dir, sft_pool, tmp_path):
+    """The `less` pipeline's warm-up writes sharded TrainStates; its checkpoint features read the adapter and the
+    Adam moments back from the DCP shards and equal those of a 1-process warm-up (to fp32 noise)."""
+    from dataflex.features import GradientDatastore
+    from dataflex.train.modes import less
+
+    pool = _pool(sft_pool)
+    feats = {}
+    for p in (1, 2):
+        out = tmp_path / f"p{p}"
+        cfg = _lora_cfg(tiny_model_dir, out, p, {}, max_steps=-1)
+        less_cfg = {**DEFAULTS["less"], "datastore_dir": str(out / "ds"), "warmup_dir": str(out / "wu"), "proj_dim": 64}
+        cfg = RunConfig.from_params({**cfg.to_params(), "less": less_cfg})
+        warm = less.warmup(cfg, pool, 0.5, 2, str(out / "wu"))
+        ref = less.checkpoint_features(cfg, pool, warm, 1, "train", "pool", False)
+        feats[p] = GradientDatastore.load(ref).features
+    assert json.loads((tmp_path / "p2" / "wu").rglob("manifest.json").__next__().read_text())["sharded_processes"] == 2
+    assert torch.allclose(feats[1], feats[2], rtol=1e-4, atol=1e-3 * float(feats[1].abs().max()) * 1e-2)

@@ -206,3 +206,24 @@ def fsdp_settings(args: Any) -> FsdpSettings | None:
     if settings is None and args.deepspeed and int(args.num_processes) > 1:
         settings = settings_from_deepspeed(args.deepspeed)
     return settings
+
+
+def read_sharded(path: Path, shapes: dict[str, list[int]], kind: str) -> dict[str, torch.Tensor]:
+    """Whole tensors from a sharded TrainState without a process group (DCP reassembles the shards): `kind` "model"
+    reads parameters `{name: shape}`; "exp_avg" / "exp_avg_sq" read those Adam moments of the same parameters."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    if kind == "model":
+        state: dict[str, Any] = {"model": {n: torch.empty(s) for n, s in shapes.items()}}
+    else:
+        state = {"optimizer": {"state": {n: {kind: torch.empty(s)} for n, s in shapes.items()}}}
+    try:
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=True)
+    except Exception as exc:  # a missing rank file or other shapes: one line
+        raise CheckpointError(
+            f"sharded checkpoint '{path}' cannot be read: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    if kind == "model":
+        return state["model"]
+    return {n: entry[kind] for n, entry in state["optimizer"]["state"].items()}

@@ -54,7 +54,15 @@ def _from_train_state(path: Path) -> AdamMoments:
 
     from dataflex.train.trainer.state import read_manifest
 
-    read_manifest(path)
+    manifest = read_manifest(path)
+    if manifest.get("sharded_processes"):  # an FSDP2 run's TrainState: the moments are DCP shards
+        from dataflex.distributed.fsdp import read_sharded
+
+        args = json.loads((path / "trainer_state.json").read_text())["args"]
+        shapes = manifest["trainable"]
+        m, v = read_sharded(path, shapes, "exp_avg"), read_sharded(path, shapes, "exp_avg_sq")
+        betas = (float(args["adam_beta1"]), float(args["adam_beta2"]))
+        return AdamMoments({n: (m[n].float(), v[n].float()) for n in shapes}, betas, float(args["adam_epsilon"]))
     meta = json.loads((path / "trainer_state.json").read_text())["optimizer"]
     names = meta.get("param_names")
     if not names:

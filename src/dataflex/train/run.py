@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from dataflex.core.errors import ConfigError
 from dataflex.data import DataCollatorForCausalLM, domain_names
-from dataflex.distributed.fsdp import full_state_dict, is_sharded
+from dataflex.distributed.fsdp import full_state_dict, is_sharded, read_sharded
 from dataflex.distributed.launch import MetricsSink, distributable
 from dataflex.models import load_model, load_tokenizer, model_fingerprint, save_trained
 from dataflex.train.trainer import Callback, LossStrategy, Trainer, TrainingArguments, TrainResult, make_accelerator
@@ -69,8 +69,17 @@ def load_checkpoint_model(model: ModelConfig, checkpoint: str | Path, seed: int)
 
 def load_trainable(net: torch.nn.Module, checkpoint: str | Path) -> None:
     """A TrainState's trainable weights into `net` (checked to be the same model first)."""
-    check_compatible(read_manifest(checkpoint), net, checkpoint)
-    weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
+    manifest = read_manifest(checkpoint)
+    check_compatible(manifest, net, checkpoint)
+    if manifest.get("sharded_processes"):  # an FSDP2 run's TrainState: DCP shards, reassembled here
+        weights = read_sharded(Path(checkpoint), manifest["trainable"], "model")
+    else:
+        weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
+    if is_sharded(net):  # an FSDP2 model: every rank hands the whole tensors over, each keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(net, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     params = dict(net.named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
