@@ -99,6 +99,8 @@ def test_bad_sharding_settings_are_one_line(tmp_path, tiny_model_dir):
 
     with pytest.raises(ConfigError, match="num_processes is 1"):
         _cfg(tiny_model_dir, tmp_path, 1, fsdp="full_shard")
+    with pytest.raises(ConfigError, match="loss scaler cannot unscale"):
+        _cfg(tiny_model_dir, tmp_path, 2, fsdp="full_shard offload", mixed_precision="fp16")
     with pytest.raises(ConfigError, match="unknown option"):
         _cfg(tiny_model_dir, tmp_path, 2, fsdp="hybrid_shard").train.validate()
     bad = tmp_path / "bad.json"

@@ -130,7 +130,12 @@ class TrainingArguments(Schema):
             )
         from dataflex.distributed.fsdp import parse_fsdp
 
-        parse_fsdp(self.fsdp, self.fsdp_config)  # unknown options are one line here, before any work
+        sharding = parse_fsdp(self.fsdp, self.fsdp_config)  # unknown options are one line here, before any work
+        if sharding is not None and sharding.offload and self.mixed_precision == "fp16":
+            raise ConfigError(
+                "train.fsdp offload keeps gradients on the CPU, where fp16's loss scaler cannot unscale them; use "
+                "bf16: true, or drop offload"
+            )
         if self.fsdp and self.deepspeed:
             raise ConfigError("set either fsdp or deepspeed, not both (a DeepSpeed JSON is mapped onto FSDP2)")
         if self.accelerate_config and self.deepspeed:
