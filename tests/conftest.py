@@ -85,6 +85,35 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def lora_model_params(model_dir: Path, **kw) -> dict:
+    """The `model` group the integration tests train: LoRA r 4 on every linear layer, fp32, no dropout."""
+    return {
+        "model_name_or_path": str(model_dir),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "dtype": "fp32",
+        **kw,
+    }
+
+
+def train_params(out: Path, **kw) -> dict:
+    """The `train` group the integration tests use: micro-batch 4, lr 2e-3, a log line every 2 steps, no bar."""
+    from dataflex.config import DEFAULTS
+
+    return {
+        **DEFAULTS["train"],
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 2e-3,
+        "logging_steps": 2,
+        "progress_bar": False,
+        **kw,
+    }
+
+
 def copy_project(root: Path, dest: Path) -> Path:
     """A copy of the Kedro project (pyproject + conf) at dest/project with an empty src/: the package is installed
     already, so a run there uses the code under test with a project folder of its own."""

@@ -10,6 +10,7 @@ import json
 import textwrap
 
 import pytest
+from conftest import lora_model_params, train_params
 
 from dataflex.config import DEFAULTS, RunConfig
 from dataflex.train.modes import mix, select
@@ -166,23 +167,8 @@ def user_module(tmp_path_factory):
 
 
 def _cfg(tmp_path, model_dir, train_type, section, name, params, user_modules=(), **flex):
-    model = {
-        "model_name_or_path": str(model_dir),
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "dtype": "fp32",
-    }
-    train_args = {
-        **DEFAULTS["train"],
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 2e-3,
-        "logging_steps": 2,
-        "progress_bar": False,
-    }
+    model = lora_model_params(model_dir)
+    train_args = train_params(tmp_path / "out")
     base = {
         **DEFAULTS["dataflex"],
         "train_type": train_type,

@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import lora_model_params, train_params
 from safetensors.torch import load_file
 
 from dataflex.config import DEFAULTS, RunConfig
@@ -19,30 +20,12 @@ from dataflex.train.modes import mix, select
 
 
 def _model(tiny_model_dir):
-    return {
-        "model_name_or_path": str(tiny_model_dir),
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "dtype": "fp32",
-    }
+    return lora_model_params(tiny_model_dir)
 
 
 def _train(out, processes, **kw):
     """Global batch 8 either way: 1 process x B 4 x A 2, or 2 processes x B 4 x A 1."""
-    return {
-        **DEFAULTS["train"],
-        "output_dir": str(out),
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 2 // processes,
-        "num_processes": processes,
-        "learning_rate": 2e-3,
-        "logging_steps": 2,
-        "progress_bar": False,
-        **kw,
-    }
+    return train_params(out, gradient_accumulation_steps=2 // processes, num_processes=processes, **kw)
 
 
 def _cfg(model, train, flex=None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import lora_model_params, train_params
 from safetensors.torch import load_file
 
 from dataflex.core.errors import ConfigError, DataError
@@ -385,23 +386,8 @@ def test_near_inside_dynamic_select_and_one_shot_static_select(sft_pool, demo_di
     from dataflex.train.modes.less import build_targets
     from dataflex.train.static_select_config import check_config
 
-    model = {
-        "model_name_or_path": str(tiny_model_dir),
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "dtype": "fp32",
-    }
-    train = {
-        **DEFAULTS["train"],
-        "output_dir": str(tmp_path / "dyn"),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 2e-3,
-        "logging_steps": 2,
-        "progress_bar": False,
-    }
+    model = lora_model_params(tiny_model_dir)
+    train = train_params(tmp_path / "dyn")
     params = {"encoder": "model", "max_K": 20}
     flex = {
         **DEFAULTS["dataflex"],

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from conftest import lora_model_params, train_params
 from safetensors.torch import load_file
 
 from dataflex.config import DEFAULTS, RunConfig
@@ -28,23 +29,8 @@ def _setup(demo_dir, tiny_model_dir, sft_pool, tmp_path, tokenizer, component="r
             stage="sft",
         )
     }
-    model = {
-        "model_name_or_path": str(tiny_model_dir),
-        "finetuning_type": "lora",
-        "lora_target": "all",
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "dtype": "fp32",
-    }
-    train = {
-        **DEFAULTS["train"],
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 2e-3,
-        "logging_steps": 2,
-        "progress_bar": False,
-    }
+    model = lora_model_params(tiny_model_dir)
+    train = train_params(tmp_path / "out")
     comps = {"selectors": {component: {"name": component, "params": params or {}}}}
     flex = {
         **DEFAULTS["dataflex"],
