@@ -307,7 +307,7 @@ def main() -> None:
     if args.matching_child:
         return matching_child(args.matching_child, args.dim)
     parts = args.parts.split(",")
-    report = [f"## Scale model ({time.strftime('%Y-%m-%d')}, {machine_label()})", ""]
+    report = [f"# Scale model ({time.strftime('%Y-%m-%d')}, {machine_label()})", ""]
     if "sharding" in parts:
         rows = sharding(args.size, args.steps)
         report += [

@@ -105,8 +105,10 @@ def prepare_store(uri: str) -> None:
     from dataflex.core.errors import ConfigError
     from dataflex.utils.lock import RunLock
 
-    db = sqlite_path(uri)
-    if db is None or (db.is_file() and db.stat().st_size > 0):
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///") :])
+    if db.is_file() and db.stat().st_size > 0:
         return
     db.parent.mkdir(parents=True, exist_ok=True)
     with RunLock(db, wait=True):  # the second run waits here until the first has built the schema
@@ -116,10 +118,6 @@ def prepare_store(uri: str) -> None:
             mlflow.tracking.MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # an unusable store is the user's to fix: one line, before training
             raise ConfigError(f"MLflow store {uri} cannot be created: {' '.join(str(exc).split())[:300]}") from None
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager

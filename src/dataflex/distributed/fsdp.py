@@ -193,12 +193,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def saved_processes(path: Path) -> int | None:
-    """How many processes wrote a sharded checkpoint (from its manifest), None for an unsharded one."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    return manifest.get("sharded_processes")
-
-
 def fsdp_settings(args: Any) -> FsdpSettings | None:
     """The run's FSDP2 settings: `train.fsdp`, else a DeepSpeed JSON's equivalent when several processes train
     (one process has nothing to shard); None for DDP."""
